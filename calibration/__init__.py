@@ -1,0 +1,1 @@
+"""pocketfusion.calibration — see README.md for the stage this package holds."""

@@ -1,0 +1,1 @@
+"""pocketfusion.compress — see README.md for the stage this package holds."""

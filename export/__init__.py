@@ -1,0 +1,1 @@
+"""pocketfusion.export — see README.md for the stage this package holds."""

@@ -1,0 +1,205 @@
+"""The ``pocketfusion`` command line. Thin: parse, build a config, call one library function.
+
+Only the standard library is imported at module level, so ``pocketfusion --help`` never loads torch.
+Exit status: 0 success, 2 bad input or usage (one ``error:`` line on stderr), anything else a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("pocketfusion")
+
+SHOWCASE_PROMPTS = (
+    "a large red circle on a blue background, center",
+    "a small yellow square on a black background, top left",
+    "a large white triangle on a green background, bottom right",
+    "a small blue circle on a yellow background, top right",
+    "a large green square on a white background, bottom left",
+    "a small black triangle on a red background, center",
+    "a large yellow triangle on a blue background, top left",
+    "a small red square on a white background, bottom right",
+    "a large blue triangle on a red background, top right",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse would print usage too)
+        sys.stderr.write(f"error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="diffusers folder (default: the bundled demo model)")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin/.ckpt weights (read with weights_only=True)")
+
+
+def _gen_args(p: argparse.ArgumentParser, *, seed: int = 0) -> None:
+    from_defaults = {"steps": 50, "guidance": 4.0}
+    p.add_argument("--steps", type=int, default=from_defaults["steps"], help="sampling steps (default 50)")
+    p.add_argument("--guidance", type=float, default=from_defaults["guidance"], help="classifier-free guidance scale (default 4.0)")
+    p.add_argument("--seed", type=int, default=seed, help="seed of the first image; image i uses seed+i")
+
+
+def _gen_config(args, batch_size: int = 16):
+    from pocketfusion.generate import GenerateConfig
+
+    return GenerateConfig(steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=batch_size)
+
+
+def _load(args):
+    from pocketfusion.checkpoint import load_model
+
+    return load_model(args.model, allow_pickle=args.allow_pickle)
+
+
+def _check_output(path: Path, suffixes: tuple[str, ...]) -> None:
+    from pocketfusion.errors import UserError
+
+    if path.suffix.lower() not in suffixes:
+        raise UserError(f"output {path} must end in {' or '.join(suffixes)}")
+    if path.exists() and path.is_dir():
+        raise UserError(f"output {path} is a directory")
+
+
+def cmd_generate(args) -> int:
+    from pocketfusion.generate import generate_images, grid, save_png
+
+    out = Path(args.output)
+    _check_output(out, (".png",))
+    cfg = _gen_config(args)
+    model = _load(args)
+    images, sec = generate_images(model, args.prompt, cfg, progress=True)
+    save_png(grid(images), out)
+    print(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, {sec:.2f} s per image)")
+    return 0
+
+
+def _eval_json(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "images"}
+
+
+def cmd_eval(args) -> int:
+    from pocketfusion.artifact import atomic_write_text
+    from pocketfusion.generate import evaluate
+
+    out = Path(args.output) if args.output else None
+    if out is not None:
+        _check_output(out, (".json",))
+    model = _load(args)
+    model.require_pipeline()
+    result = evaluate(model, _gen_config(args), args.prompts, progress=True)
+    report = _eval_json(result)
+    report["model"] = str(model.path)
+    for attr, acc in report["per_attribute"].items():
+        print(f"{attr:<11} {acc:7.1%}")
+    print(f"{'all five':<11} {report['all_correct']:7.1%}   ({report['n']} held-out prompts)")
+    if out is not None:
+        atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from pocketfusion.info import describe, format_table
+
+    model = _load(args)
+    info = describe(model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(format_table(info))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from pocketfusion.run import RunConfig, run
+
+    cfg = RunConfig(steps=args.steps, guidance=args.guidance, seed=args.seed, eval_prompts=args.prompts)
+    model = _load(args)
+    summary = run(model, cfg, Path(args.output), showcase=SHOWCASE_PROMPTS)
+    print(summary)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pocketfusion import __version__
+
+    ap = _Parser(prog="pocketfusion", description="Compress, export and benchmark Stable-Diffusion-style models for phones.")
+    ap.add_argument("--version", action="version", version=f"pocketfusion {__version__}")
+    ap.add_argument("--verbose", "-v", action="store_true", help="log more, and show tracebacks")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("run", help="the main job end to end: load, generate a grid, evaluate, write an artifact directory")
+    _model_arg(p)
+    _gen_args(p)
+    p.add_argument("--prompts", type=int, default=None, help="evaluate on the first N held-out prompts (default: all 240)")
+    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("generate", help="text to image; several --prompt give a grid")
+    _model_arg(p)
+    p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
+    _gen_args(p)
+    p.add_argument("-o", "--output", required=True, help="output PNG")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="prompt accuracy per attribute on the demo grammar's held-out prompts")
+    _model_arg(p)
+    _gen_args(p)
+    p.add_argument("--prompts", type=int, default=None, help="use the first N held-out prompts (default: all 240)")
+    p.add_argument("-o", "--output", default=None, help="report JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("info", help="components, parameters, dtype and MACs per call")
+    _model_arg(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_info)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.command is None:
+        ap.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        _quiet_third_party()
+    from pocketfusion.errors import UserError
+
+    try:
+        return args.func(args)
+    except UserError as e:
+        if args.verbose:
+            raise
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130
+
+
+def _quiet_third_party() -> None:
+    import os
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for name in ("transformers", "diffusers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def entry() -> None:
+    raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,1 @@
+"""pocketfusion.runtimes — see README.md for the stage this package holds."""
