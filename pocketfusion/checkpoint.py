@@ -173,6 +173,11 @@ def load_component(folder: str | Path, *, allow_pickle: bool = False, expect: tu
     sd = _read_state_dict(files, is_st)
     model = _build(class_name, config, folder)
     own = model.state_dict()
+    for k, v in own.items():
+        if k not in sd:
+            continue
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{folder}: weight {k} has shape {tuple(sd[k].shape)} but config.json implies {tuple(v.shape)}")
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own and not k.endswith("position_ids")]
     if missing or unexpected:
@@ -182,9 +187,6 @@ def load_component(folder: str | Path, *, allow_pickle: bool = False, expect: tu
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         raise CheckpointError(f"{folder}: weights do not match config.json: {'; '.join(parts)}")
-    for k, v in own.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{folder}: weight {k} has shape {tuple(sd[k].shape)} but config.json implies {tuple(v.shape)}")
     model.load_state_dict({k: sd[k] for k in own}, strict=True)
     dtypes = {v.dtype for v in sd.values() if v.is_floating_point()}
     if len(dtypes) == 1 and (dtype := next(iter(dtypes))) != model.dtype:

@@ -90,9 +90,10 @@ def cmd_eval(args) -> int:
     out = Path(args.output) if args.output else None
     if out is not None:
         _check_output(out, (".json",))
+    cfg = _gen_config(args)
     model = _load(args)
     model.require_pipeline()
-    result = evaluate(model, _gen_config(args), args.prompts, progress=True)
+    result = evaluate(model, cfg, args.prompts, progress=True)
     report = _eval_json(result)
     report["model"] = str(model.path)
     for attr, acc in report["per_attribute"].items():

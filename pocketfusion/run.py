@@ -23,8 +23,11 @@ class RunConfig:
     eval_prompts: int | None = None
 
     def __post_init__(self) -> None:
+        from pocketfusion.generate import GenerateConfig
+
         if self.eval_prompts is not None and self.eval_prompts < 1:
             raise UserError(f"--prompts must be >= 1, got {self.eval_prompts}")
+        GenerateConfig(steps=self.steps, guidance=self.guidance, seed=self.seed)  # validates
 
     def to_dict(self) -> dict:
         return asdict(self)

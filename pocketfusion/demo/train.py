@@ -5,7 +5,7 @@
 
 Phases (each resumes from the previous one's checkpoint in ``--work``):
 
-1. ``vae``     — AutoencoderKL on rendered scenes (MSE + L1 + tiny KL); latent scale = 1/std.
+1. ``vae``     — AutoencoderKL on rendered scenes (MSE + L1 + edge L1 + tiny KL); latent scale = 1/std.
 2. ``unet``    — UNet2DConditionModel and the CLIP text encoder, jointly, on VAE latents with the
                  epsilon objective, min-SNR-5 loss weighting, 10 % prompt dropout (for CFG) and an
                  EMA of the weights.
@@ -77,7 +77,9 @@ def train_vae(work: Path, *, seed: int, steps: int, batch: int, n_images: int, d
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device)
         rec = vae.decode(z).sample
         kl = post.kl().mean() / x[0].numel()
-        loss = (rec - x).pow(2).mean() + 0.5 * (rec - x).abs().mean() + 1e-4 * kl
+        # Pixel MSE + L1, plus an L1 on image gradients: sharp shape edges decide the shape attribute.
+        grad = (rec.diff(dim=2) - x.diff(dim=2)).abs().mean() + (rec.diff(dim=3) - x.diff(dim=3)).abs().mean()
+        loss = (rec - x).pow(2).mean() + 0.5 * (rec - x).abs().mean() + 0.5 * grad + 1e-4 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--phase", choices=["all", "vae", "unet", "package"], default="all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--vae-steps", type=int, default=700)
+    ap.add_argument("--vae-steps", type=int, default=2500)
     ap.add_argument("--unet-steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)

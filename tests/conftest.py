@@ -1,0 +1,29 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """A complete tiny SD-1.5-family diffusers folder with random weights (built once per run)."""
+    from pocketfusion.testing.fixtures import save_tiny_pipeline
+
+    path = tmp_path_factory.mktemp("tiny") / "sd15"
+    save_tiny_pipeline(path, "sd15")
+    return path

@@ -1,0 +1,119 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pocketfusion import artifact
+from pocketfusion.errors import ManifestError
+
+
+def _make(tmp_path, name="out"):
+    dest = tmp_path / name
+    with artifact.staged_dir(dest) as d:
+        (d / "a.bin").write_bytes(b"hello")
+        (d / "sub").mkdir()
+        (d / "sub" / "b.txt").write_text("world")
+        artifact.write_manifest(d, stage="test", settings={"x": 1}, source={"path": "/src", "sha256": "0" * 64}, metrics={"err": 0.5})
+    return dest
+
+
+def test_manifest_round_trip(tmp_path):
+    dest = _make(tmp_path)
+    m = artifact.load_manifest(dest)
+    assert m.stage == "test" and m.settings == {"x": 1} and m.metrics == {"err": 0.5}
+    assert set(m.files) == {"a.bin", "sub/b.txt"}
+    assert m.files["a.bin"]["size"] == 5
+    assert m.files["a.bin"]["sha256"] == "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+    again = artifact.Manifest.from_dict(json.loads((dest / "manifest.json").read_text()))
+    assert again == m
+    assert artifact.Manifest.from_dict(m.to_dict()) == m
+
+
+def test_checksum_failure_names_file(tmp_path):
+    dest = _make(tmp_path)
+    (dest / "sub" / "b.txt").write_text("wurld")  # same size, different bytes
+    with pytest.raises(ManifestError, match=r"checksum mismatch for sub/b.txt"):
+        artifact.load_manifest(dest)
+    artifact.load_manifest(dest, verify=False)  # explicit opt-out still reads it
+
+
+def test_missing_and_resized_files(tmp_path):
+    dest = _make(tmp_path)
+    (dest / "a.bin").write_bytes(b"hello!")
+    with pytest.raises(ManifestError, match="a.bin has 6 bytes"):
+        artifact.load_manifest(dest)
+    (dest / "a.bin").unlink()
+    with pytest.raises(ManifestError, match="a.bin listed in the manifest is missing"):
+        artifact.load_manifest(dest)
+
+
+def test_unknown_schema_version_rejected(tmp_path):
+    dest = _make(tmp_path)
+    data = json.loads((dest / "manifest.json").read_text())
+    data["schema_version"] = 99
+    (dest / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="schema_version 99 is not supported"):
+        artifact.load_manifest(dest)
+    (dest / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        artifact.load_manifest(dest)
+
+
+def test_exception_leaves_nothing_behind(tmp_path):
+    dest = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with artifact.staged_dir(dest) as d:
+            (d / "half.bin").write_bytes(b"x" * 100)
+            raise RuntimeError("boom")
+    assert not dest.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_keeps_previous_result(tmp_path):
+    dest = _make(tmp_path)
+    before = artifact.load_manifest(dest)
+    with pytest.raises(KeyboardInterrupt):
+        with artifact.staged_dir(dest) as d:
+            (d / "new.bin").write_bytes(b"new")
+            raise KeyboardInterrupt
+    assert artifact.load_manifest(dest) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_killed_process_never_leaves_finished_looking_dir(tmp_path):
+    # A writer killed with SIGKILL mid-stage (no cleanup can run) leaves at most a hidden
+    # ".out.*.partial" directory, never "out" itself.
+    code = textwrap.dedent(f"""
+        import time, pathlib
+        from pocketfusion import artifact
+        with artifact.staged_dir(pathlib.Path({str(tmp_path / 'out')!r})) as d:
+            (d / "part.bin").write_bytes(b"x" * 1000)
+            print("writing", flush=True)
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    names = [p.name for p in tmp_path.iterdir()]
+    assert "out" not in names
+    assert all(n.startswith(".out.") and n.endswith(".partial") for n in names)
+
+
+def test_atomic_write_text_replaces(tmp_path):
+    p = tmp_path / "r.json"
+    artifact.atomic_write_text(p, "1")
+    artifact.atomic_write_text(p, "2")
+    assert p.read_text() == "2" and [x.name for x in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_content_hash_changes_with_content(tmp_path):
+    dest = _make(tmp_path)
+    h = artifact.content_hash(dest)
+    assert h == artifact.content_hash(dest)
+    (dest / "a.bin").write_bytes(b"hellO")
+    assert artifact.content_hash(dest) != h
