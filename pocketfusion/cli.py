@@ -12,7 +12,10 @@ import logging
 import sys
 from pathlib import Path
 
+from pocketfusion.errors import UserError  # stdlib-only module
+
 logger = logging.getLogger("pocketfusion")
+
 
 SHOWCASE_PROMPTS = (
     "a large red circle on a blue background, center",
@@ -58,8 +61,6 @@ def _load(args):
 
 
 def _check_output(path: Path, suffixes: tuple[str, ...]) -> None:
-    from pocketfusion.errors import UserError
-
     if path.suffix.lower() not in suffixes:
         raise UserError(f"output {path} must end in {' or '.join(suffixes)}")
     if path.exists() and path.is_dir():
@@ -72,10 +73,43 @@ def cmd_generate(args) -> int:
     out = Path(args.output)
     _check_output(out, (".png",))
     cfg = _gen_config(args)
-    model = _load(args)
-    images, sec = generate_images(model, args.prompt, cfg, progress=True)
+    if args.runtime:
+        from pocketfusion.pipeline import RuntimePipeline
+
+        if args.model is None:
+            raise UserError("--runtime needs an export directory (pocketfusion export ... -o DIR)")
+        pipe = RuntimePipeline(args.model, args.runtime)
+        images, sec = pipe.generate(args.prompt, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed)
+        where = f" on {pipe.device}"
+    else:
+        images, sec = generate_images(_load(args), args.prompt, cfg, progress=True)
+        where = ""
     save_png(grid(images), out)
-    print(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, {sec:.2f} s per image)")
+    print(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, {sec:.2f} s per image{where})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pocketfusion.export.api import export_model
+    from pocketfusion.export.base import ExportConfig
+
+    targets = tuple(t.strip() for t in args.target.split(",") if t.strip())
+    components = tuple(c.strip() for c in args.components.split(",") if c.strip())
+    cfg = ExportConfig(
+        targets=targets, components=components, onnx_opset=args.opset, coreml_deployment_target=args.coreml_target,
+        coreml_precision=args.coreml_precision, max_delegates=args.max_delegates, rewrite=not args.no_rewrite,
+        check_parity=not args.no_parity,
+    )
+    model = _load(args)
+    manifest = export_model(model, cfg, Path(args.output))
+    print(f"wrote {args.output}/")
+    for key, e in manifest.metrics["components"].items():
+        p = e.get("parity", {})
+        err = f"rel err {p['rel']:.2e} ({p['status']})" if "rel" in p else f"parity {p.get('status', 'skipped')}"
+        extra = ""
+        if "delegation" in e:
+            extra = f", {e['delegation'].get('delegate_blobs')} XNNPACK blobs"
+        print(f"  {key:<26} {e['size_bytes'] / 1e6:8.2f} MB  {e['export_seconds']:6.1f} s  {err}{extra}")
     return 0
 
 
@@ -146,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p)
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
     _gen_args(p)
+    p.add_argument("--runtime", choices=["onnxruntime", "onnx", "executorch", "litert", "tflite", "coreml"], default=None,
+                   help="run an export directory's components in this runtime instead of PyTorch")
     p.add_argument("-o", "--output", required=True, help="output PNG")
     p.set_defaults(func=cmd_generate)
 
@@ -155,6 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=None, help="use the first N held-out prompts (default: all 240)")
     p.add_argument("-o", "--output", default=None, help="report JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="export text encoder, U-Net and VAE decoder to ONNX / ExecuTorch / TFLite / Core ML")
+    _model_arg(p)
+    p.add_argument("--target", default="onnx,executorch,tflite,coreml", help="comma-separated targets (default: all)")
+    p.add_argument("--components", default="text_encoder,unet,vae_decoder", help="comma-separated components")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--coreml-target", default="iOS17", choices=["iOS17", "iOS18"], help="Core ML deployment target")
+    p.add_argument("--coreml-precision", default="fp16", choices=["fp16", "fp32"], help="Core ML compute precision")
+    p.add_argument("--max-delegates", type=int, default=8, help="fail when the ExecuTorch U-Net splits into more XNNPACK blobs")
+    p.add_argument("--no-rewrite", action="store_true", help="skip the delegation rewrites (for comparison)")
+    p.add_argument("--no-parity", action="store_true", help="skip running the exports against PyTorch")
+    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="components, parameters, dtype and MACs per call")
     _model_arg(p)
@@ -172,8 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         _quiet_third_party()
-    from pocketfusion.errors import UserError
-
     try:
         return args.func(args)
     except UserError as e:
@@ -190,11 +237,13 @@ def _quiet_third_party() -> None:
     import os
     import warnings
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
+    # Converters warn a lot about things that do not concern the user (tracer notes, deprecations,
+    # optional kernels missing on CPU); --verbose shows them.
+    warnings.simplefilter("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    for name in ("transformers", "diffusers"):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name in ("transformers", "diffusers", "torchao", "torch", "coremltools", "executorch", "onnxscript", "absl"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

@@ -9,7 +9,8 @@ cannot share a bias with the model it scores.
 * colour — median of the pixels the shape covers fully, snapped to the palette (not the background);
 * position — coverage-weighted centroid, nearest canonical centre;
 * size — side of the shape's bounding box (``small`` ≈ 18 px, ``large`` ≈ 32 px at 64 px);
-* shape — coverage over bounding-box area: square ≈ 1, circle ≈ π/4, triangle ≈ ½.
+* shape — nearest template: each shape rendered at the measured bounding box, compared with the
+  observed coverage (sum of squared differences).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pocketfusion.demo.scenes import _CENTRES, _SIZE_PX, ATTRIBUTES, COLORS, Scene
+from pocketfusion.demo.scenes import _CENTRES, _SIZE_PX, ATTRIBUTES, COLORS, SHAPES, Scene, shape_mask
 
 _NAMES = tuple(COLORS)
 _PALETTE = np.array([COLORS[n] for n in _NAMES], dtype=np.float32)
@@ -71,18 +72,21 @@ def read_attributes(image: np.ndarray) -> dict[str, str]:
     cx = float((coverage * (xs + 0.5)).sum() / total) / w
     position = min(_CENTRES, key=lambda p: (_CENTRES[p][0] - cx) ** 2 + (_CENTRES[p][1] - cy) ** 2)
 
-    box = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(np.float32)
-    fill = float(box.sum() / (bh * bw))
-    # Triangles also put their mass low in the box; squares and circles are symmetric.
-    top = box[: bh // 2].sum()
-    bottom = box[bh - bh // 2 :].sum()
-    skew = float(bottom / max(top, 1e-6))
-    if fill < 0.64 or skew > 1.8:
+    # Shape: nearest template. Render each shape at the measured box (and ±10 % in size) and keep
+    # the one closest to the observed coverage; robust to the rounded corners of a blurry decoder.
+    bx = (cols[0] + cols[-1] + 1) / 2.0
+    by = (rows[0] + rows[-1] + 1) / 2.0
+    best = (np.inf, "none")
+    for name in SHAPES:
+        for f in (0.9, 1.0, 1.1):
+            err = float(np.square(coverage - shape_mask(name, bx, by, max(bh, bw) * f, w)).sum())
+            best = min(best, (err, name))
+    shape = best[1]
+    # A blurred small triangle can look round, but it always keeps most of its mass low in its box.
+    box = coverage[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    top, bottom = box[: bh // 2].sum(), box[bh - bh // 2 :].sum()
+    if bottom > 1.45 * max(top, 1e-6):
         shape = "triangle"
-    elif fill < 0.89:
-        shape = "circle"
-    else:
-        shape = "square"
     return {"shape": shape, "color": color, "background": background, "size": size, "position": position}
 
 

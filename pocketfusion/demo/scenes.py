@@ -128,8 +128,6 @@ def render(scene: Scene, resolution: int = 64, rng: random.Random | None = None)
     With ``rng`` the centre and size are jittered a little (training data); without it the scene
     is drawn at its canonical geometry.
     """
-    from PIL import Image, ImageDraw
-
     scale = resolution / 64.0
     cx, cy = _CENTRES[scene.position]
     side = _SIZE_PX[scene.size] * scale
@@ -137,23 +135,31 @@ def render(scene: Scene, resolution: int = 64, rng: random.Random | None = None)
         cx += rng.uniform(-_JITTER, _JITTER)
         cy += rng.uniform(-_JITTER, _JITTER)
         side *= 1.0 + rng.uniform(-_SIZE_JITTER, _SIZE_JITTER)
-    cx *= resolution
-    cy *= resolution
+    return np.asarray(_draw(scene.shape, cx * resolution, cy * resolution, side, resolution, "RGB", COLORS[scene.color], COLORS[scene.background]), dtype=np.uint8)
+
+
+def _draw(shape: str, cx: float, cy: float, side: float, resolution: int, mode: str, fill, background):
+    from PIL import Image, ImageDraw
+
     h = side / 2.0
-    # Supersample 4x for anti-aliased edges, then downsample.
-    ss = 4
-    img = Image.new("RGB", (resolution * ss, resolution * ss), COLORS[scene.background])
+    ss = 4  # supersample for anti-aliased edges, then box-downsample
+    img = Image.new(mode, (resolution * ss, resolution * ss), background)
     draw = ImageDraw.Draw(img)
     box = [(cx - h) * ss, (cy - h) * ss, (cx + h) * ss, (cy + h) * ss]
-    fill = COLORS[scene.color]
-    if scene.shape == "circle":
+    if shape == "circle":
         draw.ellipse(box, fill=fill)
-    elif scene.shape == "square":
+    elif shape == "square":
         draw.rectangle(box, fill=fill)
-    else:  # upright isosceles triangle filling its bounding square
+    elif shape == "triangle":  # upright isosceles triangle filling its bounding square
         draw.polygon([(cx * ss, (cy - h) * ss), ((cx + h) * ss, (cy + h) * ss), ((cx - h) * ss, (cy + h) * ss)], fill=fill)
-    img = img.resize((resolution, resolution), Image.Resampling.BOX)
-    return np.asarray(img, dtype=np.uint8)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return img.resize((resolution, resolution), Image.Resampling.BOX)
+
+
+def shape_mask(shape: str, cx: float, cy: float, side: float, resolution: int) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1] of ``shape`` with bounding square ``side`` centred at (cx, cy) px."""
+    return np.asarray(_draw(shape, cx, cy, side, resolution, "L", 255, 0), dtype=np.float32) / 255.0
 
 
 def make_dataset(scenes: list[Scene], n: int, resolution: int = 64, seed: int = 0) -> tuple[np.ndarray, list[str]]:

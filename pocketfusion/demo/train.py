@@ -206,13 +206,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--vae-steps", type=int, default=2500)
-    ap.add_argument("--unet-steps", type=int, default=4000)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--unet-steps", type=int, default=4500)
+    ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--images", type=int, default=20000)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (results are reproducible per thread count)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     a.work.mkdir(parents=True, exist_ok=True)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k not in ("work", "out", "phase")}
     if a.phase in ("all", "vae"):
         train_vae(a.work, seed=a.seed, steps=a.vae_steps, batch=32, n_images=a.images, device=a.device)

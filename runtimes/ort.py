@@ -1,0 +1,32 @@
+"""onnxruntime adapter (CPU execution provider here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pocketfusion.runtimes.base import check_feeds, require
+
+
+class OrtSession:
+    runtime = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int | None = None):
+        ort = require("onnxruntime", "onnx")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self._s = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self.input_names = tuple(i.name for i in self._s.get_inputs())
+        self.output_names = tuple(o.name for o in self._s.get_outputs())
+        self.device = f"onnxruntime {ort.__version__} {self._s.get_providers()[0]}"
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self, feeds)
+        outs = self._s.run(None, {n: feeds[n] for n in self.input_names})
+        return dict(zip(self.output_names, outs))
+
+
+def load(path: Path, threads: int | None = None) -> OrtSession:
+    return OrtSession(path, threads)
