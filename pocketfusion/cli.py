@@ -139,6 +139,37 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from pocketfusion.runtimes.bench import BenchConfig, bench, format_table
+
+    runtimes = tuple(r.strip() for r in args.runtime.split(",") if r.strip()) if args.runtime else None
+    rounds = args.rounds if args.rounds is not None else (3 if len(args.artifacts) > 1 else 1)
+    cfg = BenchConfig(runtimes=runtimes, threads=args.threads, runs=args.runs, warmup=args.warmup, rounds=rounds,
+                      steps=args.steps, end_to_end=not args.no_end_to_end)
+    dirs = [Path(d) for d in args.artifacts]
+    for d in dirs:
+        if not d.is_dir():
+            raise UserError(f"artifact directory {d} does not exist")
+    if args.json:
+        _check_output(Path(args.json), (".json",))
+    res = bench(dirs, cfg)
+    print(format_table(res))
+    if args.json:
+        from pocketfusion.artifact import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(res, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pocketfusion.runtimes.report import write_report
+
+    write_report([Path(p) for p in args.results], Path(args.output))
+    print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_info(args) -> int:
     from pocketfusion.info import describe, format_table
 
@@ -154,7 +185,8 @@ def cmd_info(args) -> int:
 def cmd_run(args) -> int:
     from pocketfusion.run import RunConfig, run
 
-    cfg = RunConfig(steps=args.steps, guidance=args.guidance, seed=args.seed, eval_prompts=args.prompts)
+    targets = tuple(t.strip() for t in args.target.split(",") if t.strip()) if args.target is not None else None
+    cfg = RunConfig(steps=args.steps, guidance=args.guidance, seed=args.seed, eval_prompts=args.prompts, targets=targets)
     model = _load(args)
     summary = run(model, cfg, Path(args.output), showcase=SHOWCASE_PROMPTS)
     print(summary)
@@ -173,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p)
     _gen_args(p)
     p.add_argument("--prompts", type=int, default=None, help="evaluate on the first N held-out prompts (default: all 240)")
+    p.add_argument("--target", default=None, help="export targets (default: every installed one; '' for none)")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     p.set_defaults(func=cmd_run)
 
@@ -204,6 +237,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-parity", action="store_true", help="skip running the exports against PyTorch")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="latency and peak memory of export directories on this host (each run in its own process)")
+    p.add_argument("artifacts", nargs="+", help="export directories; several are measured interleaved and compared")
+    p.add_argument("--runtime", default=None, help="comma-separated runtimes (default: all the artifact has)")
+    p.add_argument("--threads", type=int, default=None, help="threads per runtime (default: the runtime's own)")
+    p.add_argument("--runs", type=int, default=20, help="timed runs per component (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up runs (default 3)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: 1, or 3 when comparing)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps of the end-to-end measurement")
+    p.add_argument("--no-end-to-end", action="store_true", help="time components only")
+    p.add_argument("--json", default=None, help="write results JSON here")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="self-contained HTML report (plots inlined) from bench results")
+    p.add_argument("results", nargs="+", help="bench results JSON files")
+    p.add_argument("-o", "--output", required=True, help="output .html")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("info", help="components, parameters, dtype and MACs per call")
     _model_arg(p)

@@ -1,8 +1,9 @@
 """The main job, end to end, on one model; writes one artifact directory.
 
-Today: load → generate a showcase grid → evaluate prompt accuracy on the held-out prompts →
-time one image → write ``grid.png``, ``eval.png``, ``eval.json`` and ``manifest.json``.
-Later stages (compress → export → bench) extend this same job.
+load → generate a showcase grid → evaluate prompt accuracy on the held-out prompts → time one
+image → export every component to each target whose backend is installed (parity measured) →
+write ``grid.png``, ``eval.png``, ``eval.json``, ``export/`` and ``manifest.json``.
+Targets whose backend is missing are listed in the manifest with the extra that installs them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class RunConfig:
     guidance: float = 4.0
     seed: int = 0
     eval_prompts: int | None = None
+    targets: tuple[str, ...] | None = None  # None: every target whose backend is installed
 
     def __post_init__(self) -> None:
         from pocketfusion.generate import GenerateConfig
@@ -28,6 +30,11 @@ class RunConfig:
         if self.eval_prompts is not None and self.eval_prompts < 1:
             raise UserError(f"--prompts must be >= 1, got {self.eval_prompts}")
         GenerateConfig(steps=self.steps, guidance=self.guidance, seed=self.seed)  # validates
+        from pocketfusion.export.base import TARGETS
+
+        bad = [t for t in self.targets or () if t not in TARGETS]
+        if bad:
+            raise UserError(f"unknown target {', '.join(bad)}; available: {', '.join(TARGETS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,6 +65,9 @@ def run(model, cfg: RunConfig, out: Path, *, showcase: Sequence[str]) -> str:
             "macs_per_call": {k: v["macs"]["total"] for k, v in info["components"].items()},
             "parameters": {k: v["parameters"] for k, v in info["components"].items()},
         }
+        exported = _export(model, cfg, tmp / "export")
+        if exported is not None:
+            metrics["export"] = exported
         artifact.atomic_write_text(tmp / "eval.json", json.dumps(result, indent=2) + "\n")
         artifact.write_manifest(tmp, stage="run", settings=cfg.to_dict(), source=source, metrics=metrics)
     lines = [f"wrote {out}/ (grid.png, eval.png, eval.json, manifest.json)"]
@@ -65,4 +75,30 @@ def run(model, cfg: RunConfig, out: Path, *, showcase: Sequence[str]) -> str:
         lines.append(f"  {attr:<11} {acc:6.1%}")
     lines.append(f"  all five    {metrics['all_attributes_correct']:6.1%}  over {metrics['eval_prompts']} held-out prompts")
     lines.append(f"  {per_image:.2f} s per {cfg.steps}-step CFG image (batch 1, this machine)")
+    for key, e in metrics.get("export", {}).get("components", {}).items():
+        p = e.get("parity", {})
+        err = f"rel err {p['rel']:.1e}" if "rel" in p else f"parity: {p.get('status', 'skipped')}"
+        lines.append(f"  export {key:<24} {e['size_bytes'] / 1e6:7.2f} MB  {err}")
+    for target, why in metrics.get("export", {}).get("skipped", {}).items():
+        lines.append(f"  export {target}: skipped ({why})")
     return "\n".join(lines)
+
+
+_BACKENDS = {"onnx": ("onnxruntime", "onnx"), "executorch": ("executorch", "executorch"),
+             "tflite": ("litert_torch", "tflite"), "coreml": ("coremltools", "coreml")}
+
+
+def _export(model, cfg: RunConfig, out: Path) -> dict | None:
+    import importlib.util
+
+    from pocketfusion.export.api import export_model
+    from pocketfusion.export.base import TARGETS, ExportConfig
+
+    wanted = cfg.targets if cfg.targets is not None else TARGETS
+    skipped = {t: f"not installed: pip install 'pocketfusion[{_BACKENDS[t][1]}]'" for t in wanted
+               if importlib.util.find_spec(_BACKENDS[t][0]) is None}
+    targets = tuple(t for t in wanted if t not in skipped)
+    if not targets:
+        return {"components": {}, "skipped": skipped}
+    manifest = export_model(model, ExportConfig(targets=targets), out)
+    return {"components": manifest.metrics["components"], "skipped": skipped}

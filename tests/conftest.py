@@ -27,3 +27,16 @@ def tiny_sd(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "sd15"
     save_tiny_pipeline(path, "sd15")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_export(tiny_sd, tmp_path_factory):
+    """The tiny pipeline exported to ONNX (all three components), once per run."""
+    pytest.importorskip("onnxruntime")
+    from pocketfusion.checkpoint import load_model
+    from pocketfusion.export.api import export_model
+    from pocketfusion.export.base import ExportConfig
+
+    out = tmp_path_factory.mktemp("onnx") / "exp"
+    export_model(load_model(tiny_sd), ExportConfig(targets=("onnx",)), out, progress=False)
+    return out

@@ -17,10 +17,8 @@ from pocketfusion.testing.fixtures import FAMILIES, tiny_unet
 
 
 @pytest.fixture(scope="module")
-def onnx_export(tiny_sd, tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx") / "exp"
-    export_model(load_model(tiny_sd), ExportConfig(targets=("onnx",)), out, progress=False)
-    return out
+def onnx_export(tiny_onnx_export):
+    return tiny_onnx_export
 
 
 def test_export_dir_is_a_verified_artifact(onnx_export):

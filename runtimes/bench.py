@@ -1,0 +1,268 @@
+"""``bench``: latency and memory of exported artifacts on this host, each measurement in its own process.
+
+Results JSON (schema ``pocketfusion.bench``, version 1)::
+
+    {
+      "schema": "pocketfusion.bench", "schema_version": 1,
+      "created": ISO-8601, "host": {"machine", "processor", "cpus", "os", "python", "peak_gflops_fp32"},
+      "versions": {"pocketfusion", "onnxruntime", "executorch", "ai-edge-litert", ...},
+      "settings": {"threads", "runs", "warmup", "rounds", "steps"},
+      "artifacts": [{"path", "manifest_sha256", "label"}],
+      "results": [{
+          "artifact": label, "runtime", "component", "device", "load_ms",
+          "latency_ms": {"median", "p90", "min", "max", "runs"}, "latencies_ms": [...],
+          "peak_rss_mib", "rss_growth_mib", "size_bytes", "macs", "roofline_fraction"
+      }],
+      "ratios": {"<label>": {"<runtime>/<component>": median_first / median_this}}   # compare mode
+    }
+
+Comparison mode (several artifact directories) interleaves the measurements round by round, so
+drift of this machine's speed hits every artifact alike, and reports ratios to the first.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pocketfusion.errors import UserError
+
+SCHEMA = "pocketfusion.bench"
+SCHEMA_VERSION = 1
+_TARGET_RUNTIME = {"onnx": "onnxruntime", "executorch": "executorch", "tflite": "litert", "coreml": "coreml"}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    runtimes: tuple[str, ...] | None = None  # None: every runtime the artifact has and this host runs
+    threads: int | None = None
+    runs: int = 20
+    warmup: int = 3
+    rounds: int = 1
+    steps: int = 50  # end-to-end sampling steps
+    end_to_end: bool = True
+
+    def __post_init__(self) -> None:
+        if self.runs < 1 or self.warmup < 0 or self.rounds < 1 or self.steps < 1:
+            raise UserError("--runs, --rounds and --steps must be >= 1, --warmup >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {self.threads}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def host_info(measure_peak: bool = True) -> dict:
+    import os
+
+    info = {
+        "machine": platform.machine(), "processor": _cpu_name(), "cpus": os.cpu_count(),
+        "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+    }
+    if measure_peak:
+        info["peak_gflops_fp32"] = host_peak_gflops()
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host_peak_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """Measured fp32 matmul throughput of this host (best of ``repeats``), in GFLOP/s."""
+    import time
+
+    import torch
+
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("pocketfusion", "torch", "onnxruntime", "executorch", "ai-edge-litert", "coremltools", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _jobs(root: Path, cfg: BenchConfig) -> list[dict]:
+    from pocketfusion import artifact
+    from pocketfusion.runtimes.base import canonical
+
+    m = artifact.load_manifest(root)
+    if m.stage != "export":
+        raise UserError(f"{root} is a {m.stage!r} artifact; bench needs an export directory")
+    wanted = {canonical(r) for r in cfg.runtimes} if cfg.runtimes else None
+    jobs = []
+    by_runtime: dict[str, list[str]] = {}
+    for key, e in m.metrics["components"].items():
+        runtime = _TARGET_RUNTIME[e["target"]]
+        if wanted is not None and runtime not in wanted:
+            continue
+        if runtime == "coreml" and sys.platform != "darwin":
+            continue  # reported once in notes
+        jobs.append({"root": str(root), "runtime": runtime, "component": e["component"], "path": e["path"],
+                     "size_bytes": e["size_bytes"]})
+        by_runtime.setdefault(runtime, []).append(e["component"])
+    if cfg.end_to_end:
+        for runtime, comps in by_runtime.items():
+            if {"text_encoder", "unet", "vae_decoder"} <= set(comps):
+                jobs.append({"root": str(root), "runtime": runtime, "component": "end_to_end", "path": None, "size_bytes": None})
+    if not jobs:
+        raise UserError(f"{root}: nothing to benchmark for runtimes {sorted(wanted) if wanted else 'any'} on this host")
+    return jobs
+
+
+def _run_child(job: dict, cfg: BenchConfig, runs: int) -> dict:
+    payload = dict(job, threads=cfg.threads, runs=runs, warmup=cfg.warmup, steps=cfg.steps)
+    if job["component"] == "end_to_end":
+        payload["runs"] = max(1, min(runs, 3))
+        payload["warmup"] = min(cfg.warmup, 1)
+    p = subprocess.run([sys.executable, "-m", "pocketfusion.runtimes.measure", json.dumps(payload)], capture_output=True, text=True)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    err = (p.stderr.strip().splitlines() or ["no output"])[-1]
+    raise RuntimeError(f"measurement of {job['runtime']}/{job['component']} failed: {err}")
+
+
+def _macs(root: Path) -> dict:
+    """MACs per call of each component, from the source model when it is still on disk."""
+    from pocketfusion import artifact
+
+    m = artifact.load_manifest(root, verify=False)
+    src = (m.source or {}).get("path")
+    if not src or not Path(src).exists():
+        return {}
+    try:
+        from pocketfusion.checkpoint import load_model
+        from pocketfusion.macs import component_callable, component_inputs, count_macs
+
+        model = load_model(src, verify=False)
+        out = {}
+        for name in ("text_encoder", "unet", "vae_decoder"):
+            batch = 2 if name == "unet" else 1
+            args, kwargs = component_inputs(model, name, batch=batch)
+            out[name] = count_macs(component_callable(model, name), args, kwargs)["total"]
+        return out
+    except Exception:  # MACs are an annotation; a source that no longer loads does not stop the bench
+        return {}
+
+
+def bench(dirs: list[Path], cfg: BenchConfig, *, progress: bool = True) -> dict:
+    """Measure every (artifact, runtime, component) in a child process; returns the results dict."""
+    import datetime as dt
+
+    from tqdm import tqdm
+
+    from pocketfusion import artifact
+
+    labels = _labels(dirs)
+    jobs_per_dir = {label: _jobs(d, cfg) for label, d in zip(labels, dirs)}
+    samples: dict[tuple[str, str, str], list[dict]] = {}
+    per_round = max(1, cfg.runs // cfg.rounds)
+    total = sum(len(j) for j in jobs_per_dir.values()) * cfg.rounds
+    bar = tqdm(total=total, desc="bench", disable=not progress, unit="run")
+    for _ in range(cfg.rounds):
+        for label in labels:  # interleaved: every artifact once per round
+            for job in jobs_per_dir[label]:
+                bar.set_postfix_str(f"{label}:{job['runtime']}/{job['component']}")
+                samples.setdefault((label, job["runtime"], job["component"]), []).append(_run_child(job, cfg, per_round))
+                bar.update()
+    bar.close()
+    host = host_info()
+    results = []
+    for label, d in zip(labels, dirs):
+        macs = _macs(d)
+        for job in jobs_per_dir[label]:
+            runs = samples[(label, job["runtime"], job["component"])]
+            lat = [x for r in runs for x in r["latencies_ms"]]
+            med = float(np.median(lat))
+            entry = {
+                "artifact": label, "runtime": job["runtime"], "component": job["component"], "device": runs[0]["device"],
+                "load_ms": float(np.median([r["load_ms"] for r in runs])),
+                "latency_ms": {"median": med, "p90": float(np.percentile(lat, 90)), "min": min(lat), "max": max(lat), "runs": len(lat)},
+                "latencies_ms": lat,
+                "peak_rss_mib": max(r["peak_rss_mib"] for r in runs), "rss_growth_mib": max(r["rss_growth_mib"] for r in runs),
+                "size_bytes": job["size_bytes"],
+            }
+            if job["component"] in macs:
+                entry["macs"] = macs[job["component"]]
+                entry["gflops"] = 2 * macs[job["component"]] / (med / 1e3) / 1e9
+                entry["roofline_fraction"] = entry["gflops"] / host["peak_gflops_fp32"]
+            results.append(entry)
+    out = {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": host, "versions": versions(), "settings": cfg.to_dict(),
+        "artifacts": [{"label": lb, "path": str(d.resolve()), "manifest_sha256": artifact.sha256_file(d / artifact.MANIFEST)}
+                      for lb, d in zip(labels, dirs)],
+        "results": results, "notes": [],
+    }
+    if sys.platform != "darwin":
+        out["notes"].append("Core ML artifacts are not timed: Core ML runs only on macOS")
+    if len(dirs) > 1:
+        out["ratios"] = ratios(out)
+    return out
+
+
+def _labels(dirs: list[Path]) -> list[str]:
+    labels, seen = [], set()
+    for d in dirs:
+        lb = d.resolve().name
+        while lb in seen:
+            lb += "'"
+        seen.add(lb)
+        labels.append(lb)
+    return labels
+
+
+def ratios(res: dict) -> dict:
+    """Median latency of the first artifact over each other's, per runtime/component (>1: faster)."""
+    first = res["artifacts"][0]["label"]
+    base = {(r["runtime"], r["component"]): r["latency_ms"]["median"] for r in res["results"] if r["artifact"] == first}
+    out: dict[str, dict[str, float]] = {}
+    for r in res["results"]:
+        key = (r["runtime"], r["component"])
+        if r["artifact"] != first and key in base:
+            out.setdefault(r["artifact"], {})[f"{key[0]}/{key[1]}"] = base[key] / r["latency_ms"]["median"]
+    return out
+
+
+def format_table(res: dict) -> str:
+    head = f"{'artifact':<14} {'runtime':<12} {'component':<13} {'median ms':>10} {'p90 ms':>9} {'min ms':>8} {'load ms':>8} {'peak MiB':>9} {'+MiB':>7} {'roofline':>9}"
+    lines = [f"{res['host']['processor']} ({res['host']['cpus']} cpus), peak {res['host']['peak_gflops_fp32']:.0f} GFLOP/s fp32 matmul", head, "-" * len(head)]
+    for r in res["results"]:
+        lat = r["latency_ms"]
+        roof = f"{r['roofline_fraction']:8.1%}" if "roofline_fraction" in r else f"{'-':>8}"
+        lines.append(f"{r['artifact'][:14]:<14} {r['runtime']:<12} {r['component']:<13} {lat['median']:10.2f} {lat['p90']:9.2f} "
+                     f"{lat['min']:8.2f} {r['load_ms']:8.1f} {r['peak_rss_mib']:9.1f} {r['rss_growth_mib']:7.1f} {roof}")
+    for label, rs in res.get("ratios", {}).items():
+        lines.append(f"speed-up of {res['artifacts'][0]['label']} over {label}: " + ", ".join(f"{k} {v:.2f}x" for k, v in rs.items()))
+    lines += [f"note: {n}" for n in res.get("notes", [])]
+    return "\n".join(lines)
+

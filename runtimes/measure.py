@@ -1,0 +1,105 @@
+"""One measurement in a fresh process (``python -m pocketfusion.runtimes.measure JSON``).
+
+The parent (``pocketfusion.runtimes.bench``) starts one of these per (artifact, runtime, component)
+so that one runtime's memory never counts against another's. Prints one line ``RESULT {json}``:
+load time, per-call latencies, and memory read from ``/proc/self/status`` — ``VmHWM`` (the
+resident high-water mark) and its growth over the baseline taken after the runtime's Python
+package is imported but before the artifact is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _peak_kib() -> int:
+    hwm = _status_kib("VmHWM")
+    if hwm is not None:
+        return hwm
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss // 1024 if sys.platform == "darwin" else rss
+
+
+def _feeds(root: Path, component: str) -> dict:
+    from safetensors.numpy import load_file
+
+    g = load_file(str(root / "golden" / f"{component}.safetensors"))
+    return {k.split(".in.", 1)[1]: v for k, v in g.items() if k.startswith("0.in.")}
+
+
+def measure(job: dict) -> dict:
+    import importlib
+
+    from pocketfusion.runtimes.base import RUNTIMES, canonical
+
+    runtime = canonical(job["runtime"])
+    root = Path(job["root"])
+    importlib.import_module(RUNTIMES[runtime][0])  # baseline includes the runtime's own import
+    if job["component"] == "end_to_end":
+        import pocketfusion.pipeline  # noqa: F401
+    base_rss = _status_kib("VmRSS") or 0
+    threads = job.get("threads")
+    t0 = time.perf_counter()
+    if job["component"] == "end_to_end":
+        from pocketfusion.pipeline import RuntimePipeline
+
+        pipe = RuntimePipeline(root, runtime, threads=threads)
+        device = pipe.device
+
+        def call():
+            pipe(job.get("prompt", "a large red circle on a blue background, center"), steps=job.get("steps", 50), seed=0)
+    else:
+        from pocketfusion.runtimes.base import load_session
+
+        session = load_session(root / job["path"], runtime, threads=threads)
+        device = session.device
+        feeds = _feeds(root, job["component"])
+
+        def call():
+            session.run(feeds)
+
+    load_ms = (time.perf_counter() - t0) * 1e3
+    for _ in range(job.get("warmup", 3)):
+        call()
+    lat = []
+    for _ in range(job.get("runs", 20)):
+        t = time.perf_counter()
+        call()
+        lat.append((time.perf_counter() - t) * 1e3)
+    peak = _peak_kib()
+    return {
+        "runtime": runtime, "component": job["component"], "device": device, "load_ms": load_ms, "latencies_ms": lat,
+        "peak_rss_mib": peak / 1024, "baseline_rss_mib": base_rss / 1024, "rss_growth_mib": (peak - base_rss) / 1024,
+    }
+
+
+def main() -> int:
+    job = json.loads(sys.argv[1])
+    if job.get("threads"):
+        import os
+
+        os.environ.setdefault("OMP_NUM_THREADS", str(job["threads"]))
+    import warnings
+
+    warnings.simplefilter("ignore")
+    print("RESULT " + json.dumps(measure(job)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,149 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pocketfusion import artifact
+from pocketfusion.errors import UserError
+from pocketfusion.runtimes.bench import BenchConfig, bench, format_table
+from pocketfusion.runtimes.devices import adb
+from pocketfusion.runtimes.devices.profiles import PROFILES, roofline_ms
+
+
+@pytest.fixture(scope="module")
+def results(tiny_onnx_export):
+    return bench([tiny_onnx_export], BenchConfig(runs=5, warmup=1, steps=3, threads=1), progress=False)
+
+
+def test_results_schema(results, tiny_onnx_export):
+    assert results["schema"] == "pocketfusion.bench" and results["schema_version"] == 1
+    assert results["artifacts"][0]["manifest_sha256"] == artifact.sha256_file(tiny_onnx_export / "manifest.json")
+    assert {"machine", "processor", "cpus", "os", "python", "peak_gflops_fp32"} <= set(results["host"])
+    assert results["host"]["peak_gflops_fp32"] > 0.1
+    assert "onnxruntime" in results["versions"] and results["settings"]["threads"] == 1
+    comps = {r["component"] for r in results["results"]}
+    assert comps == {"text_encoder", "unet", "vae_decoder", "end_to_end"}
+    for r in results["results"]:
+        lat = r["latency_ms"]
+        assert 0 < lat["min"] <= lat["median"] <= lat["p90"] <= lat["max"]
+        assert len(r["latencies_ms"]) == lat["runs"]
+        assert r["peak_rss_mib"] > r["rss_growth_mib"] > 0  # measured in a child process
+        assert "onnxruntime" in r["device"] and r["load_ms"] > 0
+    unet = next(r for r in results["results"] if r["component"] == "unet")
+    assert unet["macs"] > 0 and unet["roofline_fraction"] > 0
+    e2e = next(r for r in results["results"] if r["component"] == "end_to_end")
+    assert e2e["latency_ms"]["median"] > unet["latency_ms"]["min"] * 3  # >= 3 steps of the U-Net
+    table = format_table(results)
+    assert "end_to_end" in table and "peak" in table
+    json.dumps(results)  # serialisable
+
+
+def test_compare_mode_interleaves_and_reports_ratios(tiny_onnx_export, tmp_path):
+    other = tmp_path / "copy"
+    shutil.copytree(tiny_onnx_export, other)
+    res = bench([tiny_onnx_export, other], BenchConfig(runs=4, warmup=1, rounds=2, end_to_end=False), progress=False)
+    labels = [a["label"] for a in res["artifacts"]]
+    assert len(set(labels)) == 2
+    ratios = res["ratios"][labels[1]]
+    assert set(ratios) == {"onnxruntime/text_encoder", "onnxruntime/unet", "onnxruntime/vae_decoder"}
+    assert all(v > 0 for v in ratios.values())
+    assert all(r["latency_ms"]["runs"] == 4 for r in res["results"])  # 2 rounds x 2 runs
+
+
+def test_report_html(results, tmp_path):
+    from pocketfusion.runtimes.report import write_report
+
+    pytest.importorskip("matplotlib")
+    res_path = tmp_path / "r.json"
+    res_path.write_text(json.dumps(results))
+    out = tmp_path / "report.html"
+    write_report([res_path], out)
+    text = out.read_text()
+    assert text.count("data:image/png;base64,") >= 2 and "<table>" in text and "end_to_end" in text
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema": "other"}')
+    with pytest.raises(UserError, match="not a pocketfusion bench result"):
+        write_report([bad], out)
+
+
+def test_bench_rejects_non_export(tiny_sd):
+    with pytest.raises(UserError):
+        bench([tiny_sd], BenchConfig())
+
+
+def test_cli_bench_bad_dir():
+    r = subprocess.run([sys.executable, "-m", "pocketfusion.cli", "bench", "/no/such/dir"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "error: artifact directory /no/such/dir does not exist"
+
+
+def test_roofline_by_hand():
+    p = PROFILES["iphone-15-pro"]
+    est = roofline_ms(macs=402_000_000_000, weight_bytes=1_720_000_000, profile=p, efficiency=0.25)
+    assert est["compute_ms"] == pytest.approx(2 * 402e9 / (35e12 * 0.25) * 1e3)  # 91.9 ms
+    assert est["memory_ms"] == pytest.approx(1.72e9 / 51.2e9 * 1e3)  # 33.6 ms
+    assert est["bound"] == "compute" and est["label"] == "estimate" and "Apple" in est["source"]
+
+
+# ---- adb -------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def job(tmp_path, monkeypatch):
+    monkeypatch.setattr(adb.shutil, "which", lambda name: "/usr/bin/adb")
+    pte = tmp_path / "unet.pte"
+    pte.write_bytes(b"x")
+    runner = tmp_path / "executor_runner"
+    runner.write_bytes(b"x")
+    return adb.AdbJob(artifact=pte, runner=runner, serial="emulator-5554; rm -rf /", runs=5, warmup=2, threads=4)
+
+
+def test_adb_commands_are_argument_lists(job):
+    cmds = adb.push_cmds(job)
+    assert cmds[0] == ["/usr/bin/adb", "-s", "emulator-5554; rm -rf /", "shell", "mkdir", "-p", adb.REMOTE_ROOT]
+    assert cmds[1][-2:] == [str(job.runner), f"{adb.REMOTE_ROOT}/executor_runner"]
+    assert cmds[3][-2:] == [str(job.artifact), f"{adb.REMOTE_ROOT}/unet.pte"]
+    run = adb.run_cmd(job)
+    assert run[:4] == ["/usr/bin/adb", "-s", "emulator-5554; rm -rf /", "shell"]
+    assert len(run) == 5 and "--num_executions=7" in run[4] and "VmHWM" in run[4]
+    assert adb.cleanup_cmd(job)[-3:] == ["rm", "-rf", adb.REMOTE_ROOT]
+
+
+def test_adb_device_side_quoting(tmp_path, monkeypatch):
+    monkeypatch.setattr(adb.shutil, "which", lambda name: "/usr/bin/adb")
+    model = tmp_path / "my model;reboot.tflite"
+    model.write_bytes(b"x")
+    runner = tmp_path / "benchmark_model"
+    runner.write_bytes(b"x")
+    j = adb.AdbJob(artifact=model, runner=runner)
+    script = adb.run_cmd(j)[-1]
+    assert "'--graph=/data/local/tmp/pocketfusion/my model;reboot.tflite'" in script
+
+
+def test_adb_runner_mismatch(tmp_path):
+    pte = tmp_path / "m.pte"
+    pte.write_bytes(b"x")
+    runner = tmp_path / "benchmark_model"
+    runner.write_bytes(b"x")
+    with pytest.raises(UserError, match="executor_runner runs .pte"):
+        adb.AdbJob(artifact=pte, runner=runner)
+
+
+def test_adb_output_parsing():
+    tfl = "Inference timings in us: Init: 12000, First inference: 9000, Warmup (avg): 8000, Inference (avg): 7500.5\nPOCKETFUSION_VMHWM_KB=20480"
+    assert adb.parse_output("benchmark_model", tfl) == {"peak_rss_mib": 20.0, "latency_ms_avg": 7.5005, "load_ms": 12.0}
+    et = "I 00:00:01 executor_runner.cpp:200] Model executed successfully 7 time(s) in 70.0 ms.\nPOCKETFUSION_VMHWM_KB=1024"
+    assert adb.parse_output("executor_runner", et) == {"peak_rss_mib": 1.0, "latency_ms_avg": 10.0}
+    with pytest.raises(UserError, match="could not read a latency"):
+        adb.parse_output("executor_runner", "Segmentation fault")
+
+
+@pytest.mark.skipif(shutil.which("adb") is None, reason="Debian's adb client is not installed")
+def test_real_adb_without_device_is_one_line_error(tmp_path):
+    pte = tmp_path / "unet.pte"
+    pte.write_bytes(b"x")
+    runner = tmp_path / "executor_runner"
+    runner.write_bytes(b"x")
+    with pytest.raises(UserError, match="no Android device attached"):
+        adb.bench_on_device(adb.AdbJob(artifact=pte, runner=runner))
