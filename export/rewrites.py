@@ -1,0 +1,391 @@
+"""Mathematically equivalent module rewrites that let a diffusers model lower to few XNNPACK blobs.
+
+The XNNPACK partitioner of ExecuTorch 1.5.1 refuses ``native_group_norm``, ``native_layer_norm``,
+``upsample_nearest2d``, ``expand_copy``, ``arange`` and the masked "safe softmax" pattern that
+``scaled_dot_product_attention`` decomposes into. Every refused node runs on a slow portable kernel
+and splits the graph, so a stock U-Net lowers into dozens of delegate blobs (123 for the tiny
+SD-1.5 fixture, with 329 portable ops). The rewrites here express
+the same functions with ops that XNNPACK does accept (see ``shared/STACK.md``):
+
+=====================  =========================================================================
+module                 rewritten as
+=====================  =========================================================================
+``nn.GroupNorm``       reshape to 4-D ``(N*G, 1, 1, C/G*HW)``, ``mean.dim([2, 3])`` twice, rsqrt,
+                       reshape back, per-channel affine
+``nn.LayerNorm``       the same on a ``(-1, 1, 1, C)`` view
+``Upsample2D``         nearest 2x as a depthwise ``conv_transpose2d`` (stride 2, 2x2 kernel of
+                       ones held in a registered buffer)
+``Attention``          a processor with 3-D ``torch.bmm``: q pre-scaled, softmax on the last dim,
+                       no mask (falls back to the stock processor when a mask is given)
+``GEGLU``              ``chunk`` replaced by two slices
+``Timesteps``          frequencies precomputed as a buffer (no ``arange``/``exp`` in the graph)
+integer scalars        ``output_scale_factor`` / ``rescale_output_factor`` made floats
+=====================  =========================================================================
+
+Two more fragmenters live in the exported graph rather than in a module, so
+``apply_graph_rewrites_`` edits a ``torch.export`` program before ``to_edge``: no-op ``expand``
+nodes (the U-Net's ``timesteps.expand(batch)``) are dropped, and ``cat([a, a])`` gets a ``clone``
+for its repeated input.
+
+Every module rewrite shares the original parameters (no copies), keeps ``state_dict`` keys unchanged and
+works on any input shape the original accepted. ``apply_xnnpack_rewrites_`` edits a module in
+place: callers that need the original should pass a ``copy.deepcopy``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class GroupNorm4D(nn.Module):
+    """``nn.GroupNorm`` computed with a 4-D ``mean.dim`` over dims [2, 3] (global average pooling).
+
+    The group statistics are taken on a ``(N*G, 1, 1, C/G * spatial)`` view, so both means are
+    XNNPACK global average pools; the variance is the mean of the centred square (as
+    ``native_group_norm``, biased), followed by ``rsqrt`` and the per-channel affine.
+    """
+
+    def __init__(self, gn: nn.GroupNorm):
+        super().__init__()
+        self.num_groups = gn.num_groups
+        self.num_channels = gn.num_channels
+        self.eps = float(gn.eps)
+        self.affine = gn.affine
+        self.weight = gn.weight
+        self.bias = gn.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        n, c = shape[0], shape[1]
+        g = self.num_groups
+        spatial = 1
+        for s in shape[2:]:
+            spatial *= s
+        h = x.reshape(n * g, 1, 1, (c // g) * spatial)
+        mean = h.mean(dim=(2, 3), keepdim=True)
+        d = h - mean
+        var = (d * d).mean(dim=(2, 3), keepdim=True)
+        y = (d * torch.rsqrt(var + self.eps)).reshape(shape)
+        if self.affine:
+            bshape = (1, c) + (1,) * (len(shape) - 2)
+            y = y * self.weight.reshape(bshape) + self.bias.reshape(bshape)
+        return y
+
+
+class LayerNorm4D(nn.Module):
+    """``nn.LayerNorm`` over the last dimension, computed on a ``(-1, 1, 1, C)`` view with ``mean.dim``."""
+
+    def __init__(self, ln: nn.LayerNorm):
+        super().__init__()
+        self.normalized_shape = tuple(ln.normalized_shape)
+        self.eps = float(ln.eps)
+        self.weight = ln.weight
+        self.bias = ln.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        c = 1
+        for s in self.normalized_shape:
+            c *= s
+        h = x.reshape(-1, 1, 1, c)
+        mean = h.mean(dim=(2, 3), keepdim=True)
+        d = h - mean
+        var = (d * d).mean(dim=(2, 3), keepdim=True)
+        y = (d * torch.rsqrt(var + self.eps)).reshape(shape)
+        if self.weight is not None:
+            y = y * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+class NearestUpsample2D(nn.Module):
+    """diffusers ``Upsample2D`` with its nearest 2x interpolation as a depthwise transposed conv.
+
+    ``conv_transpose2d(x, ones(C, 1, 2, 2), stride=2, groups=C)`` copies each pixel into a 2x2
+    block: exactly nearest-neighbour upsampling by 2. The ones kernel is a registered
+    (non-persistent) buffer so it is a constant of the exported graph, not an ``aten.full`` op.
+    A forced ``output_size`` other than 2x falls back to ``F.interpolate``.
+    """
+
+    def __init__(self, up: nn.Module):
+        super().__init__()
+        self.channels = up.channels
+        self.out_channels = up.out_channels
+        self.use_conv = up.use_conv
+        self.name = up.name
+        if up.name == "conv":
+            self.conv = up.conv
+        else:
+            self.Conv2d_0 = up.Conv2d_0
+        ref = next(up.parameters(), None)
+        dtype = ref.dtype if ref is not None else torch.float32
+        self.register_buffer("ones", torch.ones(up.channels, 1, 2, 2, dtype=dtype), persistent=False)
+
+    def forward(self, hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
+        h, w = hidden_states.shape[-2:]
+        if output_size is None or tuple(output_size) == (2 * h, 2 * w):
+            hidden_states = F.conv_transpose2d(hidden_states, self.ones.to(hidden_states.dtype), stride=2, groups=self.channels)
+        else:
+            hidden_states = F.interpolate(hidden_states, size=output_size, mode="nearest")
+        if self.use_conv:
+            hidden_states = self.conv(hidden_states) if self.name == "conv" else self.Conv2d_0(hidden_states)
+        return hidden_states
+
+
+class SlicedGEGLU(nn.Module):
+    """diffusers ``GEGLU`` with ``chunk(2, dim=-1)`` replaced by two slices (no ``split_with_sizes``)."""
+
+    def __init__(self, geglu: nn.Module):
+        super().__init__()
+        self.proj = geglu.proj
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        hidden_states = self.proj(hidden_states)
+        half = hidden_states.shape[-1] // 2
+        return hidden_states[..., :half] * F.gelu(hidden_states[..., half:])
+
+
+class PrecomputedTimesteps(nn.Module):
+    """diffusers ``Timesteps`` with its sinusoid frequencies (``arange``/``exp``/``scale``) in a buffer.
+
+    Computes ``sin/cos(t[:, None] * freqs[None])`` in the same order (``flip_sin_to_cos``) and
+    with the same zero pad for odd widths as ``get_timestep_embedding``.
+    """
+
+    def __init__(self, ts: nn.Module, max_period: int = 10000):
+        super().__init__()
+        self.num_channels = ts.num_channels
+        self.flip_sin_to_cos = ts.flip_sin_to_cos
+        self.downscale_freq_shift = ts.downscale_freq_shift
+        self.scale = float(ts.scale)
+        half = ts.num_channels // 2
+        exponent = -math.log(max_period) * torch.arange(0, half, dtype=torch.float32) / (half - ts.downscale_freq_shift)
+        self.register_buffer("freqs", torch.exp(exponent)[None, :], persistent=False)
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        emb = timesteps.to(torch.float32).unsqueeze(-1) * self.freqs
+        if self.scale != 1.0:
+            emb = emb * self.scale
+        if self.flip_sin_to_cos:
+            emb = torch.cat([torch.cos(emb), torch.sin(emb)], dim=-1)
+        else:
+            emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=-1)
+        if self.num_channels % 2 == 1:
+            emb = F.pad(emb, (0, 1, 0, 0))
+        return emb
+
+
+class BmmAttnProcessor:
+    """Attention processor using 3-D ``torch.bmm`` only: q·scale, bmm, softmax(-1), bmm.
+
+    ``scaled_dot_product_attention`` always decomposes (in ``torch.export``) into a masked safe
+    softmax, per-operand scaling and 4-D matmuls via ``expand_copy``, none of which XNNPACK
+    accepts. This processor folds heads into the batch dimension instead. With an attention mask,
+    ``norm_q``/``norm_k`` or a spatial norm it defers to the stock ``AttnProcessor2_0``. It
+    computes in the input dtype: ``upcast_attention``/``upcast_softmax`` are no-ops for the fp32
+    exports here, but an fp16 model would lose SDPA's fp32 softmax accumulation.
+    """
+
+    def __init__(self):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self._fallback = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        if attention_mask is not None or attn.norm_q is not None or attn.norm_k is not None or attn.spatial_norm is not None:
+            return self._fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        residual = hidden_states
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        query = attn.to_q(hidden_states) * attn.scale
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        batch, q_len, inner = query.shape
+        kv_len = key.shape[1]
+        heads = attn.heads
+        head_dim = inner // heads
+        q = query.view(batch, q_len, heads, head_dim).permute(0, 2, 1, 3).reshape(batch * heads, q_len, head_dim)
+        k_t = key.view(batch, kv_len, heads, head_dim).permute(0, 2, 3, 1).reshape(batch * heads, head_dim, kv_len)
+        v = value.view(batch, kv_len, heads, value.shape[-1] // heads).permute(0, 2, 1, 3)
+        v = v.reshape(batch * heads, kv_len, value.shape[-1] // heads)
+        probs = torch.softmax(torch.bmm(q, k_t), dim=-1)
+        out = torch.bmm(probs, v)
+        out = out.view(batch, heads, q_len, -1).permute(0, 2, 1, 3).reshape(batch, q_len, value.shape[-1])
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        if attn.rescale_output_factor != 1.0:
+            out = out / float(attn.rescale_output_factor)
+        return out
+
+
+def _swap(root: nn.Module, qualname: str, new: nn.Module) -> None:
+    parent_name, _, child = qualname.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _classes():
+    """The diffusers classes the rewrites recognise (imported lazily; empty names if absent)."""
+    try:
+        from diffusers.models.activations import GEGLU
+        from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+        from diffusers.models.embeddings import Timesteps
+        from diffusers.models.upsampling import Upsample2D
+    except ImportError:  # pragma: no cover - diffusers is a core dependency
+        return None
+    return dict(GEGLU=GEGLU, Attention=Attention, stock_procs=(AttnProcessor, AttnProcessor2_0), Timesteps=Timesteps,
+                Upsample2D=Upsample2D)
+
+
+def apply_xnnpack_rewrites_(module: nn.Module) -> list[str]:
+    """Rewrite ``module`` in place into XNNPACK-delegable, mathematically equivalent form.
+
+    Returns one human-readable line per kind of rewrite applied (with counts and the reason), for
+    the export manifest. Modules whose configuration a rewrite does not cover are left alone and
+    logged. The root module itself is never replaced (only its descendants).
+    """
+    cls = _classes()
+    counts: Counter[str] = Counter()
+    for name, sub in list(module.named_modules()):
+        if not name:
+            continue
+        if type(sub) is nn.GroupNorm:
+            _swap(module, name, GroupNorm4D(sub))
+            counts["groupnorm"] += 1
+        elif type(sub) is nn.LayerNorm:
+            if len(sub.normalized_shape) == 1:
+                _swap(module, name, LayerNorm4D(sub))
+                counts["layernorm"] += 1
+        elif cls and type(sub) is cls["Upsample2D"]:
+            if sub.interpolate and not sub.use_conv_transpose and sub.norm is None:
+                _swap(module, name, NearestUpsample2D(sub))
+                counts["upsample"] += 1
+            else:
+                logger.info("rewrites: %s (Upsample2D with transpose conv/norm/no interpolation) left as is", name)
+        elif cls and type(sub) is cls["GEGLU"]:
+            _swap(module, name, SlicedGEGLU(sub))
+            counts["geglu"] += 1
+        elif cls and type(sub) is cls["Timesteps"]:
+            _swap(module, name, PrecomputedTimesteps(sub))
+            counts["timesteps"] += 1
+    for name, sub in module.named_modules():
+        if cls and isinstance(sub, cls["Attention"]):
+            if isinstance(sub.processor, cls["stock_procs"]):
+                sub.set_processor(BmmAttnProcessor())
+                counts["attention"] += 1
+            else:
+                logger.info("rewrites: %s has custom processor %s; left as is", name, type(sub.processor).__name__)
+        for attr in ("output_scale_factor", "rescale_output_factor"):
+            v = getattr(sub, attr, None)
+            if isinstance(v, int) and not isinstance(v, bool):
+                setattr(sub, attr, float(v))
+                counts["int_scalar"] += 1
+    text = {
+        "groupnorm": "GroupNorm x{n} -> 4-D reshape + mean.dim([2,3]) + rsqrt + affine (no native_group_norm on XNNPACK)",
+        "layernorm": "LayerNorm x{n} -> (-1,1,1,C) view + mean.dim([2,3]) + rsqrt + affine (no native_layer_norm on XNNPACK)",
+        "upsample": "Upsample2D nearest 2x x{n} -> depthwise conv_transpose2d with a ones buffer (no upsample_nearest2d)",
+        "attention": "Attention x{n} -> 3-D bmm processor, q pre-scaled, softmax(-1), no mask (SDPA decomposes to expand_copy + masked softmax)",
+        "geglu": "GEGLU x{n} -> slices instead of chunk (no split_with_sizes_copy)",
+        "timesteps": "Timesteps x{n} -> precomputed frequency buffer (no arange/exp in the graph)",
+        "int_scalar": "integer output scale factors x{n} -> floats (no integer scalar tensors)",
+    }
+    out = [text[k].format(n=counts[k]) for k in text if counts[k]]
+    logger.info("xnnpack rewrites: %s", "; ".join(out) or "none")
+    return out
+
+
+def dedupe_cat_inputs_(exported_program) -> list[str]:
+    """Give every repeated input of an ``aten.cat`` its own ``clone`` node, in place.
+
+    The XNNPACK partitioner counts a node's distinct inputs, so ``cat([a, a])`` (a U-Net without
+    a mid-block concatenates the innermost feature map with itself as its first skip connection)
+    is refused as a "concatenation of 1 tensor" and runs on a portable kernel between two blobs.
+    ``cat([a, clone(a)])`` is the same value and is delegated (the clone is a delegated copy).
+    Works on a ``torch.export`` program before ``to_edge``; returns descriptions for the manifest.
+    """
+    import torch
+
+    gm = exported_program.graph_module
+    graph = gm.graph
+    n = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != torch.ops.aten.cat.default:
+            continue
+        tensors = list(node.args[0])
+        seen: set = set()
+        changed = False
+        for i, t in enumerate(tensors):
+            if t in seen:
+                with graph.inserting_before(node):
+                    dup = graph.call_function(torch.ops.aten.clone.default, (t,))
+                dup.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
+                if "val" in t.meta:
+                    dup.meta["val"] = t.meta["val"]
+                if "tensor_meta" in t.meta:
+                    dup.meta["tensor_meta"] = t.meta["tensor_meta"]
+                tensors[i] = dup
+                changed = True
+            seen.add(t)
+        if changed:
+            node.args = (tensors,) + tuple(node.args[1:])
+            n += 1
+    if n:
+        graph.lint()
+        gm.recompile()
+    return [f"cat with a repeated input x{n} -> cat([a, clone(a)]) (the partitioner refuses cat([a, a]))"] if n else []
+
+
+def drop_noop_expands_(exported_program) -> list[str]:
+    """Remove ``aten.expand`` nodes whose output shape equals their input shape, in place.
+
+    ``UNet2DConditionModel.get_time_embed`` broadcasts the timesteps with
+    ``timesteps.expand(batch)`` even when they already have that shape; the node survives
+    ``torch.export`` and becomes a portable ``expand_copy`` (XNNPACK has no expand config).
+    Works on a ``torch.export`` program before ``to_edge``; returns descriptions for the manifest.
+    """
+    import torch
+
+    gm = exported_program.graph_module
+    graph = gm.graph
+    n = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != torch.ops.aten.expand.default:
+            continue
+        src = node.args[0]
+        a, b = getattr(src, "meta", {}).get("val"), node.meta.get("val")
+        if a is None or b is None or tuple(a.shape) != tuple(b.shape) or any(u.op == "output" for u in node.users):
+            continue
+        node.replace_all_uses_with(src)
+        graph.erase_node(node)
+        n += 1
+    if n:
+        graph.lint()
+        gm.recompile()
+    return [f"no-op expand x{n} dropped (e.g. the U-Net's timesteps.expand(batch); no expand_copy on XNNPACK)"] if n else []
+
+
+def apply_graph_rewrites_(exported_program) -> list[str]:
+    """Apply every graph-level rewrite (``drop_noop_expands_``, ``dedupe_cat_inputs_``) in place."""
+    return drop_noop_expands_(exported_program) + dedupe_cat_inputs_(exported_program)
