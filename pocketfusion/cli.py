@@ -152,8 +152,20 @@ def cmd_bench(args) -> int:
             raise UserError(f"artifact directory {d} does not exist")
     if args.json:
         _check_output(Path(args.json), (".json",))
-    res = bench(dirs, cfg)
-    print(format_table(res))
+    if args.device == "host":
+        res = bench(dirs, cfg)
+        print(format_table(res))
+    else:
+        from pocketfusion.runtimes.bench import device_bench
+
+        res = device_bench(dirs, args.device, cfg, runner=Path(args.runner) if args.runner else None,
+                           rootfs=Path(args.rootfs) if args.rootfs else None)
+        for r in res["results"]:
+            lat = r["latency_ms"]
+            print(f"{r['device']:<28} {r['runtime']:<12} {r['component']:<13} {lat.get('median', lat.get('mean', 0)):9.2f} ms  "
+                  f"peak {r.get('peak_rss_mib') or 0:7.1f} MiB  {r.get('timing_label', '')}")
+        for n in res["notes"]:
+            print(f"note: {n}")
     if args.json:
         from pocketfusion.artifact import atomic_write_text
 
@@ -248,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="sampling steps of the end-to-end measurement")
     p.add_argument("--no-end-to-end", action="store_true", help="time components only")
     p.add_argument("--json", default=None, help="write results JSON here")
+    p.add_argument("--device", default="host", help="host (default), qemu-arm64, android[:SERIAL], mac, iphone")
+    p.add_argument("--runner", default=None, help="android: executor_runner or benchmark_model built for the device")
+    p.add_argument("--rootfs", default=None, help="qemu-arm64: where the arm64 userland lives (default ~/.cache/pocketfusion/arm64)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="self-contained HTML report (plots inlined) from bench results")

@@ -266,3 +266,81 @@ def format_table(res: dict) -> str:
     lines += [f"note: {n}" for n in res.get("notes", [])]
     return "\n".join(lines)
 
+
+
+def device_bench(dirs: list[Path], device: str, cfg: BenchConfig, *, runner: Path | None = None, rootfs: Path | None = None) -> dict:
+    """Bench on a non-host device: ``qemu-arm64``, ``android[:SERIAL]``, ``mac`` or ``iphone``.
+
+    Returns a results dict of the same schema, ``results`` holding per-component entries.
+    """
+    import datetime as dt
+
+    from pocketfusion import artifact
+
+    results, notes = [], []
+    for d in dirs:
+        m = artifact.load_manifest(d)
+        comps = m.metrics.get("components", {}) if m.stage == "export" else {}
+        if not comps:
+            raise UserError(f"{d} is not an export directory")
+        if device == "qemu-arm64":
+            from pocketfusion.runtimes.devices import qemu
+
+            wanted = [r for r in (cfg.runtimes or ("onnxruntime", "litert"))]
+            runtimes = tuple(r for r in ("onnxruntime", "litert") if r in {_alias(x) for x in wanted})
+            root = qemu.prepare_rootfs(rootfs or Path.home() / ".cache" / "pocketfusion" / "arm64", runtimes)
+            for key, e in comps.items():
+                rt = {"onnx": "onnxruntime", "tflite": "litert"}.get(e["target"])
+                if rt not in runtimes:
+                    continue
+                r = qemu.run_component(root, d, e["component"], rt, runs=cfg.runs)
+                lat = r.pop("latencies_ms")
+                results.append({"artifact": d.resolve().name, "runtime": rt, "component": e["component"],
+                                "device": f"qemu-user arm64 ({r['machine']})", "load_ms": r["load_ms"],
+                                "latency_ms": _summary(lat), "latencies_ms": lat, "peak_rss_mib": r["peak_rss_mib"],
+                                "rss_growth_mib": None, "size_bytes": e["size_bytes"], "timing_label": r["timing_label"],
+                                "rel_err_vs_host": r["rel_err"]})
+            notes.append("qemu-arm64: emulated timings, not device timings; peak memory includes the emulator")
+        elif device.startswith("android"):
+            from pocketfusion.runtimes.devices import adb
+
+            if runner is None:
+                raise UserError("--device android needs --runner PATH (executor_runner for .pte, benchmark_model for .tflite)")
+            serial = device.split(":", 1)[1] if ":" in device else None
+            ext = ".pte" if adb.runner_kind(runner) == "executor_runner" else ".tflite"
+            for key, e in comps.items():
+                if not e["path"].endswith(ext):
+                    continue
+                r = adb.bench_on_device(adb.AdbJob(artifact=d / e["path"], runner=runner, serial=serial, runs=cfg.runs,
+                                                   warmup=cfg.warmup, threads=cfg.threads or 4))
+                results.append({"artifact": d.resolve().name, "runtime": runner.name, "component": e["component"],
+                                "device": r["device"], "load_ms": r.get("load_ms"), "latency_ms": {"mean": r["latency_ms_avg"]},
+                                "peak_rss_mib": r.get("peak_rss_mib"), "size_bytes": e["size_bytes"]})
+        elif device in ("mac", "iphone"):
+            from pocketfusion.runtimes.devices import ios
+
+            if device == "iphone":
+                found = ios.iphone_devices()  # raises on Linux / without Xcode
+                raise UserError(f"iPhone timing runs in apps/ios through Xcode ({len(found)} connected); use --device mac for Core ML here")
+            for key, e in comps.items():
+                if e["target"] == "coreml":
+                    from safetensors.numpy import load_file
+
+                    g = load_file(str(d / "golden" / f"{e['component']}.safetensors"))
+                    feeds = {k[5:]: v for k, v in g.items() if k.startswith("0.in.")}
+                    r = ios.coreml_bench(d / e["path"], feeds, runs=cfg.runs, warmup=cfg.warmup)
+                    results.append({"artifact": d.resolve().name, "runtime": "coreml", "component": e["component"], **r})
+        else:
+            raise UserError(f"unknown device {device!r}; choose host, qemu-arm64, android[:SERIAL], mac or iphone")
+    return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "host": host_info(), "versions": versions(), "settings": cfg.to_dict(), "device": device,
+            "artifacts": [{"label": d.resolve().name, "path": str(d.resolve()), "manifest_sha256": artifact.sha256_file(d / artifact.MANIFEST)} for d in dirs],
+            "results": results, "notes": notes}
+
+
+def _alias(name: str) -> str:
+    return {"onnx": "onnxruntime", "ort": "onnxruntime", "tflite": "litert"}.get(name, name)
+
+
+def _summary(lat: list[float]) -> dict:
+    return {"median": float(np.median(lat)), "p90": float(np.percentile(lat, 90)), "min": min(lat), "max": max(lat), "runs": len(lat)}
