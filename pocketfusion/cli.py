@@ -125,11 +125,23 @@ def cmd_eval(args) -> int:
     if out is not None:
         _check_output(out, (".json",))
     cfg = _gen_config(args)
-    model = _load(args)
-    model.require_pipeline()
-    result = evaluate(model, cfg, args.prompts, progress=True)
-    report = _eval_json(result)
-    report["model"] = str(model.path)
+    if args.runtime:
+        from pocketfusion.generate import evaluate_runtime
+
+        if args.model is None:
+            raise UserError("--runtime needs an export directory (pocketfusion export ... -o DIR)")
+        result = evaluate_runtime(args.model, args.runtime, cfg, args.prompts, progress=True)
+        report = _eval_json(result)
+        report["model"] = str(args.model)
+        if "psnr_vs_pytorch_db" in report:
+            p = report["psnr_vs_pytorch_db"]
+            print(f"PSNR vs PyTorch: mean {p['mean']:.1f} dB, min {p['min']:.1f} dB ({p['identical_images']} identical) on {report['device']}")
+    else:
+        model = _load(args)
+        model.require_pipeline()
+        result = evaluate(model, cfg, args.prompts, progress=True)
+        report = _eval_json(result)
+        report["model"] = str(model.path)
     for attr, acc in report["per_attribute"].items():
         print(f"{attr:<11} {acc:7.1%}")
     print(f"{'all five':<11} {report['all_correct']:7.1%}   ({report['n']} held-out prompts)")
@@ -234,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p)
     _gen_args(p)
     p.add_argument("--prompts", type=int, default=None, help="use the first N held-out prompts (default: all 240)")
+    p.add_argument("--runtime", choices=["onnxruntime", "onnx", "executorch", "litert", "tflite", "coreml"], default=None,
+                   help="evaluate an export directory through this runtime (adds PSNR vs the PyTorch pipeline)")
     p.add_argument("-o", "--output", default=None, help="report JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -310,6 +324,12 @@ def _quiet_third_party() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     for name in ("transformers", "diffusers", "torchao", "torch", "coremltools", "executorch", "onnxscript", "absl"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    try:  # torch configures its own loggers on import; every command but --help imports it anyway
+        import torch._logging
+
+        torch._logging.set_logs(all=logging.ERROR)
+    except ImportError:
+        pass
 
 
 def entry() -> None:

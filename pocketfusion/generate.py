@@ -117,3 +117,39 @@ def evaluate(model, cfg: GenerateConfig, n_prompts: int | None = None, *, progre
     result["seconds_per_image_batched"] = sec
     result["images"] = images  # callers decide whether to save; not JSON
     return result
+
+
+def evaluate_runtime(export_dir, runtime: str, cfg: GenerateConfig, n_prompts: int | None = None, *, progress: bool = False) -> dict:
+    """Prompt accuracy through an export directory's runtime, and PSNR of each image against the
+    PyTorch pipeline of the export's source model at the same seed."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from pocketfusion import artifact
+    from pocketfusion.checkpoint import load_model
+    from pocketfusion.demo.metrics import prompt_accuracy
+    from pocketfusion.demo.scenes import split_scenes
+    from pocketfusion.pipeline import RuntimePipeline, psnr
+
+    _, held = split_scenes()
+    held = held[: n_prompts or len(held)]
+    pipe = RuntimePipeline(export_dir, runtime)
+    t0 = time.perf_counter()
+    images = [pipe(s.prompt, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed + i)
+              for i, s in enumerate(tqdm(held, desc=f"generate ({runtime})", disable=not progress))]
+    sec = (time.perf_counter() - t0) / len(held)
+    result = prompt_accuracy(images, held)
+    result.update(runtime=pipe.runtime, device=pipe.device, settings=cfg.to_dict(), seconds_per_image=sec)
+    src = artifact.load_manifest(Path(export_dir)).source
+    if src and Path(src["path"]).exists():
+        ref, _ = generate_images(load_model(src["path"]), [s.prompt for s in held], cfg, progress=progress)
+        values = [psnr(a, b) for a, b in zip(images, ref)]
+        finite = [v for v in values if np.isfinite(v)]
+        result["psnr_vs_pytorch_db"] = {
+            "mean": float(np.mean(finite)) if finite else float("inf"), "min": float(min(values)),
+            "identical_images": len(values) - len(finite),
+        }
+        result["pytorch_reference"] = prompt_accuracy(ref, held)["per_attribute"]
+    result["images"] = images
+    return result

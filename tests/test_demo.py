@@ -1,0 +1,56 @@
+"""The shipped demo model: loadable by diffusers unchanged, verified, small, and following prompts."""
+
+import json
+
+import pytest
+
+from pocketfusion import artifact
+from pocketfusion.checkpoint import DEMO_MODEL, load_model
+from pocketfusion.cli import main
+
+pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").is_file(), reason="demo model not trained yet")
+
+
+def test_diffusers_loads_it_unchanged():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(DEMO_MODEL), safety_checker=None, local_files_only=True)
+    assert pipe.tokenizer.model_max_length == pipe.text_encoder.config.max_position_embeddings == 16
+    assert pipe.vae_scale_factor == 8 and pipe.unet.config.sample_size == 8
+    assert any(type(b).__name__ == "CrossAttnDownBlock2D" for b in pipe.unet.down_blocks)
+
+
+def test_manifest_verifies_and_size_budget():
+    m = artifact.load_manifest(DEMO_MODEL)
+    assert m.stage == "train-demo" and m.settings["seed"] == 0
+    total = sum(f["size"] for f in m.files.values())
+    assert total <= 40 * 1024 * 1024
+    assert all(name.endswith((".json", ".txt", ".safetensors")) for name in m.files)
+
+
+def test_follows_prompts_on_held_out_combinations():
+    from pocketfusion.generate import GenerateConfig, evaluate
+
+    res = evaluate(load_model(), GenerateConfig(steps=50, guidance=4.0, seed=0, batch_size=24), n_prompts=48)
+    assert res["n"] == 48
+    assert min(res["per_attribute"].values()) >= 0.7, res["per_attribute"]
+
+
+def test_run_writes_a_complete_artifact(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--prompts", "8", "--steps", "10", "--target", "", "-o", str(out)]) == 0
+    m = artifact.load_manifest(out)
+    assert m.stage == "run" and set(m.files) >= {"grid.png", "eval.png", "eval.json"}
+    assert m.source["sha256"] == artifact.content_hash(DEMO_MODEL)
+    assert set(m.metrics["prompt_accuracy"]) == {"shape", "color", "background", "size", "position"}
+    assert m.metrics["seconds_per_image_batch1"] > 0 and m.metrics["macs_per_call"]["unet"] > 0
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["n"] == 8 and len(ev["predictions"]) == 8
+    assert "held-out prompts" in capsys.readouterr().out
+
+
+def test_eval_cli_json(tmp_path):
+    out = tmp_path / "e.json"
+    assert main(["eval", "--prompts", "4", "--steps", "5", "-o", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["n"] == 4 and rep["settings"]["steps"] == 5
