@@ -30,6 +30,9 @@ SHOWCASE_PROMPTS = (
 )
 
 
+_RUNTIME_CHOICES = ("onnxruntime", "onnx", "executorch", "litert", "tflite", "coreml")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse would print usage too)
         sys.stderr.write(f"error: {message} (see '{self.prog} --help')\n")
@@ -237,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p)
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
     _gen_args(p)
-    p.add_argument("--runtime", choices=["onnxruntime", "onnx", "executorch", "litert", "tflite", "coreml"], default=None,
+    p.add_argument("--runtime", choices=_RUNTIME_CHOICES, default=None,
                    help="run an export directory's components in this runtime instead of PyTorch")
     p.add_argument("-o", "--output", required=True, help="output PNG")
     p.set_defaults(func=cmd_generate)
@@ -246,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p)
     _gen_args(p)
     p.add_argument("--prompts", type=int, default=None, help="use the first N held-out prompts (default: all 240)")
-    p.add_argument("--runtime", choices=["onnxruntime", "onnx", "executorch", "litert", "tflite", "coreml"], default=None,
+    p.add_argument("--runtime", choices=_RUNTIME_CHOICES, default=None,
                    help="evaluate an export directory through this runtime (adds PSNR vs the PyTorch pipeline)")
     p.add_argument("-o", "--output", default=None, help="report JSON")
     p.set_defaults(func=cmd_eval)

@@ -56,7 +56,7 @@ class RuntimePipeline:
 
     def __init__(self, export_dir: str | Path, runtime: str, *, threads: int | None = None):
         from pocketfusion import artifact
-        from pocketfusion.runtimes.base import canonical, load_session
+        from pocketfusion.runtimes.base import TARGET_RUNTIME, canonical, load_session
 
         root = Path(export_dir)
         manifest = artifact.load_manifest(root)
@@ -67,7 +67,7 @@ class RuntimePipeline:
         paths = {}
         for key, entry in comps.items():
             target, name = key.split("/", 1)
-            if _runtime_of(target) == self.runtime:
+            if TARGET_RUNTIME[target] == self.runtime:
                 paths[name] = root / entry["path"]
         missing = [c for c in ("text_encoder", "unet", "vae_decoder") if c not in paths]
         if missing:
@@ -107,10 +107,6 @@ class RuntimePipeline:
         t0 = time.perf_counter()
         images = [self(p, steps=steps, guidance=guidance, seed=seed + i) for i, p in enumerate(prompts)]
         return images, (time.perf_counter() - t0) / max(1, len(prompts))
-
-
-def _runtime_of(target: str) -> str:
-    return {"onnx": "onnxruntime", "executorch": "executorch", "tflite": "litert", "coreml": "coreml"}[target]
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -28,6 +28,8 @@ RUNTIMES: dict[str, tuple[str, str]] = {
     "coreml": ("pocketfusion.runtimes.coreml", "coreml"),
 }
 ALIASES = {"onnx": "onnxruntime", "tflite": "litert", "ort": "onnxruntime"}
+# export target -> the runtime that runs its artifacts
+TARGET_RUNTIME = {"onnx": "onnxruntime", "executorch": "executorch", "tflite": "litert", "coreml": "coreml"}
 
 
 class Session(Protocol):

@@ -13,7 +13,9 @@ Results JSON (schema ``pocketfusion.bench``, version 1)::
           "latency_ms": {"median", "p90", "min", "max", "runs"}, "latencies_ms": [...],
           "peak_rss_mib", "rss_growth_mib", "size_bytes", "macs", "roofline_fraction"
       }],
-      "ratios": {"<label>": {"<runtime>/<component>": median_first / median_this}}   # compare mode
+      "ratios": {"<label>": {"<runtime>/<component>": median_first / median_this}},  # compare mode
+      "estimates": [{"artifact", "component", "device", "estimate_ms", "compute_ms", "memory_ms", "bound",
+                     "efficiency", "label": "estimate", "source"}]   # phone rooflines, not measurements
     }
 
 Comparison mode (several artifact directories) interleaves the measurements round by round, so
@@ -35,7 +37,6 @@ from pocketfusion.errors import UserError
 
 SCHEMA = "pocketfusion.bench"
 SCHEMA_VERSION = 1
-_TARGET_RUNTIME = {"onnx": "onnxruntime", "executorch": "executorch", "tflite": "litert", "coreml": "coreml"}
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def versions() -> dict:
 
 def _jobs(root: Path, cfg: BenchConfig) -> list[dict]:
     from pocketfusion import artifact
-    from pocketfusion.runtimes.base import canonical
+    from pocketfusion.runtimes.base import TARGET_RUNTIME, canonical
 
     m = artifact.load_manifest(root)
     if m.stage != "export":
@@ -120,7 +121,7 @@ def _jobs(root: Path, cfg: BenchConfig) -> list[dict]:
     jobs = []
     by_runtime: dict[str, list[str]] = {}
     for key, e in m.metrics["components"].items():
-        runtime = _TARGET_RUNTIME[e["target"]]
+        runtime = TARGET_RUNTIME[e["target"]]
         if wanted is not None and runtime not in wanted:
             continue
         if runtime == "coreml" and sys.platform != "darwin":
@@ -216,6 +217,7 @@ def bench(dirs: list[Path], cfg: BenchConfig, *, progress: bool = True) -> dict:
                 entry["roofline_fraction"] = entry["gflops"] / host["peak_gflops_fp32"]
             results.append(entry)
     out = {
+        "estimates": phone_estimates(results),
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "host": host, "versions": versions(), "settings": cfg.to_dict(),
@@ -227,6 +229,23 @@ def bench(dirs: list[Path], cfg: BenchConfig, *, progress: bool = True) -> dict:
         out["notes"].append("Core ML artifacts are not timed: Core ML runs only on macOS")
     if len(dirs) > 1:
         out["ratios"] = ratios(out)
+    return out
+
+
+def phone_estimates(results: list[dict]) -> list[dict]:
+    """Roofline estimates (not measurements) of each measured component's call on each phone profile,
+    from its MACs and its artifact's bytes (the weights it must stream once per call)."""
+    from pocketfusion.runtimes.devices.profiles import PROFILES, roofline_ms
+
+    out, seen = [], set()
+    for r in results:
+        key = (r["artifact"], r["component"])
+        if "macs" not in r or not r.get("size_bytes") or key in seen:
+            continue
+        seen.add(key)
+        for prof in PROFILES.values():
+            est = roofline_ms(r["macs"], r["size_bytes"], prof)
+            out.append({"artifact": r["artifact"], "component": r["component"], **est})
     return out
 
 
@@ -263,6 +282,9 @@ def format_table(res: dict) -> str:
                      f"{lat['min']:8.2f} {r['load_ms']:8.1f} {r['peak_rss_mib']:9.1f} {r['rss_growth_mib']:7.1f} {roof}")
     for label, rs in res.get("ratios", {}).items():
         lines.append(f"speed-up of {res['artifacts'][0]['label']} over {label}: " + ", ".join(f"{k} {v:.2f}x" for k, v in rs.items()))
+    for e in res.get("estimates", []):
+        if e["component"] == "unet":
+            lines.append(f"estimate (roofline, not measured): {e['artifact']} unet on {e['device']}: {e['estimate_ms']:.3f} ms per call ({e['bound']}-bound)")
     lines += [f"note: {n}" for n in res.get("notes", [])]
     return "\n".join(lines)
 
@@ -286,8 +308,10 @@ def device_bench(dirs: list[Path], device: str, cfg: BenchConfig, *, runner: Pat
         if device == "qemu-arm64":
             from pocketfusion.runtimes.devices import qemu
 
-            wanted = [r for r in (cfg.runtimes or ("onnxruntime", "litert"))]
-            runtimes = tuple(r for r in ("onnxruntime", "litert") if r in {_alias(x) for x in wanted})
+            from pocketfusion.runtimes.base import canonical
+
+            wanted = {canonical(r) for r in (cfg.runtimes or ("onnxruntime", "litert"))}
+            runtimes = tuple(r for r in ("onnxruntime", "litert") if r in wanted)
             root = qemu.prepare_rootfs(rootfs or Path.home() / ".cache" / "pocketfusion" / "arm64", runtimes)
             for key, e in comps.items():
                 rt = {"onnx": "onnxruntime", "tflite": "litert"}.get(e["target"])
@@ -336,10 +360,6 @@ def device_bench(dirs: list[Path], device: str, cfg: BenchConfig, *, runner: Pat
             "host": host_info(), "versions": versions(), "settings": cfg.to_dict(), "device": device,
             "artifacts": [{"label": d.resolve().name, "path": str(d.resolve()), "manifest_sha256": artifact.sha256_file(d / artifact.MANIFEST)} for d in dirs],
             "results": results, "notes": notes}
-
-
-def _alias(name: str) -> str:
-    return {"onnx": "onnxruntime", "ort": "onnxruntime", "tflite": "litert"}.get(name, name)
 
 
 def _summary(lat: list[float]) -> dict:

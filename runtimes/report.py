@@ -119,6 +119,12 @@ def render(results: list[dict]) -> str:
         if res.get("ratios"):
             items = "".join(f"<li>{html.escape(lb)}: " + ", ".join(f"{k} {v:.2f}×" for k, v in rs.items()) + "</li>" for lb, rs in res["ratios"].items())
             sec.append(f"<h3>Ratios (first artifact's speed over each other's)</h3><ul>{items}</ul>")
+        est = [e for e in res.get("estimates", []) if e["component"] == "unet"]
+        if est:
+            rows = "".join(f"<tr><td>{html.escape(e['artifact'])}</td><td>{html.escape(e['device'])}</td><td>{e['estimate_ms']:.3f}</td>"
+                           f"<td>{e['compute_ms']:.3f}</td><td>{e['memory_ms']:.3f}</td><td>{e['bound']}</td></tr>" for e in est)
+            sec.append("<h3>Phone estimates (roofline at 25 % of peak: estimates, not measurements)</h3><table><tr><th>artifact</th>"
+                       f"<th>device</th><th>U-Net ms/call</th><th>compute ms</th><th>memory ms</th><th>bound</th></tr>{rows}</table>")
         sec.append(_grids(res))
         if res.get("notes"):
             sec.append("<p class='meta'>" + "<br>".join(html.escape(n) for n in res["notes"]) + "</p>")

@@ -36,6 +36,8 @@ def test_results_schema(results, tiny_onnx_export):
     assert unet["macs"] > 0 and unet["roofline_fraction"] > 0
     e2e = next(r for r in results["results"] if r["component"] == "end_to_end")
     assert e2e["latency_ms"]["median"] > unet["latency_ms"]["min"] * 3  # >= 3 steps of the U-Net
+    est = [e for e in results["estimates"] if e["component"] == "unet"]
+    assert len(est) == 4 and all(e["label"] == "estimate" and e["estimate_ms"] > 0 for e in est)
     table = format_table(results)
     assert "end_to_end" in table and "peak" in table
     json.dumps(results)  # serialisable
