@@ -17,13 +17,17 @@ from pocketfusion.errors import UserError
 
 
 class DDIMScheduler:
-    """Deterministic DDIM (eta = 0), numerically the same as diffusers' ``DDIMScheduler`` for its configs."""
+    """Deterministic DDIM (eta = 0), numerically the same as diffusers' ``DDIMScheduler`` for its configs.
+
+    ``step`` takes the network's output, an epsilon or a v prediction per ``prediction_type``.
+    """
 
     def __init__(self, config: dict):
         if config.get("_class_name", "DDIMScheduler") not in ("DDIMScheduler", "PNDMScheduler"):
             raise UserError(f"the runtime pipeline implements DDIM only; scheduler {config.get('_class_name')!r} is not supported")
-        if config.get("prediction_type", "epsilon") != "epsilon":
-            raise UserError(f"prediction_type {config.get('prediction_type')!r} is not supported by the runtime pipeline (epsilon only)")
+        self.prediction = config.get("prediction_type", "epsilon")
+        if self.prediction not in ("epsilon", "v_prediction"):
+            raise UserError(f"prediction_type {self.prediction!r} is not supported by the runtime pipeline (epsilon or v_prediction)")
         self.T = int(config.get("num_train_timesteps", 1000))
         b0, b1 = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
         schedule = config.get("beta_schedule", "linear")
@@ -43,11 +47,16 @@ class DDIMScheduler:
         ratio = self.T // steps
         return (np.arange(0, steps) * ratio).round()[::-1].astype(np.int64) + self.offset
 
-    def step(self, eps: np.ndarray, t: int, x: np.ndarray, steps: int) -> np.ndarray:
+    def step(self, out: np.ndarray, t: int, x: np.ndarray, steps: int) -> np.ndarray:
         prev = t - self.T // steps
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha
-        x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
+        if self.prediction == "v_prediction":
+            x0 = np.sqrt(a_t) * x - np.sqrt(1 - a_t) * out
+            eps = np.sqrt(a_t) * out + np.sqrt(1 - a_t) * x
+        else:
+            eps = out
+            x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
         return (np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps).astype(np.float32)
 
 

@@ -56,13 +56,16 @@ def test_runtime_pipeline_matches_pytorch(onnx_export, tiny_sd):
     assert psnr(img, ref[0]) >= 35.0
 
 
-def test_numpy_ddim_matches_diffusers():
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear"])
+def test_numpy_ddim_matches_diffusers(prediction, schedule):
     from diffusers import DDIMScheduler as Ref
 
     from pocketfusion.demo.configs import SCHEDULER
     from pocketfusion.pipeline import DDIMScheduler
 
-    ref = Ref(**SCHEDULER)
+    betas = {"linear": (0.0001, 0.02), "scaled_linear": (0.00085, 0.012)}[schedule]
+    ref = Ref(**dict(SCHEDULER, prediction_type=prediction, beta_schedule=schedule, beta_start=betas[0], beta_end=betas[1]))
     ours = DDIMScheduler(dict(ref.config))
     ref.set_timesteps(10)
     assert np.array_equal(ours.timesteps(10), ref.timesteps.numpy())

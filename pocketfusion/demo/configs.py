@@ -50,11 +50,9 @@ def text_encoder_config(vocab_size: int, bos: int, eos: int) -> dict:
     )
 
 
-# DDPM's linear schedule, not SD's scaled_linear: at an 8x8 latent, scaled_linear leaves so much
-# signal at t=999 (sqrt(alpha_bar) = 0.068) that the model learns to read the object's position
-# from the noise instead of the prompt, and ignores position words when sampling from pure noise
-# (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed"). The linear
-# schedule leaves sqrt(alpha_bar_999) = 0.006.
+# DDPM's linear schedule rather than SD's scaled_linear: at an 8x8 latent scaled_linear leaves
+# sqrt(alpha_bar_999) = 0.068 of the image in the starting noise (Lin et al. 2024, "Common diffusion
+# noise schedules and sample steps are flawed"); linear leaves 0.006.
 SCHEDULER = dict(
     num_train_timesteps=1000,
     beta_start=0.0001,
@@ -63,5 +61,6 @@ SCHEDULER = dict(
     clip_sample=False,
     set_alpha_to_one=False,
     steps_offset=1,
-    prediction_type="epsilon",
+    # v-prediction (as SD 2.x): at high noise the target is the image itself, not the noise.
+    prediction_type="v_prediction",
 )

@@ -7,7 +7,7 @@ Phases (each resumes from the previous one's checkpoint in ``--work``):
 
 1. ``vae``     — AutoencoderKL on rendered scenes (MSE + L1 + edge L1 + tiny KL); latent scale = 1/std.
 2. ``unet``    — UNet2DConditionModel and the CLIP text encoder, jointly, on VAE latents with the
-                 epsilon objective, min-SNR-5 loss weighting, 10 % prompt dropout (for CFG) and an
+                 v-prediction objective, min-SNR-5 loss weighting, 10 % prompt dropout (for CFG) and an
                  EMA of the weights.
 3. ``package`` — writes a diffusers Stable Diffusion folder (safetensors) plus manifest.json.
 
@@ -150,8 +150,9 @@ def train_unet(work: Path, *, seed: int, steps: int, batch: int, n_images: int, 
         ids[drop] = empty
         ctx = text_encoder(ids).last_hidden_state
         pred = unet(zt, t, ctx).sample
-        w = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 for epsilon prediction
-        loss = (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        target = sched.get_velocity(z0, noise, t)
+        w = torch.clamp(snr[t], max=5.0) / (snr[t] + 1)  # min-SNR-5 for v-prediction
+        loss = (w * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
