@@ -44,7 +44,7 @@ def _optimum_unet(model_dir: Path, work: Path, threads: int):
 
     def run(feed):
         f = {"sample": feed["sample"], "encoder_hidden_states": feed["encoder_hidden_states"]}
-        t = feed["timestep"]
+        t = np.asarray(feed["timestep"][0])  # optimum exports the timestep as a scalar shared by the CFG pair
         f["timestep"] = t.astype(np.int64) if "int64" in types["timestep"] else t.astype(np.float32)
         return sess.run(None, f)[0]
 
