@@ -91,13 +91,18 @@ def test_roofline_by_hand():
 
 # ---- adb -------------------------------------------------------------------------------------
 
+def _files(tmp_path, *names):
+    out = []
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+        out.append(tmp_path / n)
+    return out
+
+
 @pytest.fixture()
 def job(tmp_path, monkeypatch):
     monkeypatch.setattr(adb.shutil, "which", lambda name: "/usr/bin/adb")
-    pte = tmp_path / "unet.pte"
-    pte.write_bytes(b"x")
-    runner = tmp_path / "executor_runner"
-    runner.write_bytes(b"x")
+    pte, runner = _files(tmp_path, "unet.pte", "executor_runner")
     return adb.AdbJob(artifact=pte, runner=runner, serial="emulator-5554; rm -rf /", runs=5, warmup=2, threads=4)
 
 
@@ -114,20 +119,14 @@ def test_adb_commands_are_argument_lists(job):
 
 def test_adb_device_side_quoting(tmp_path, monkeypatch):
     monkeypatch.setattr(adb.shutil, "which", lambda name: "/usr/bin/adb")
-    model = tmp_path / "my model;reboot.tflite"
-    model.write_bytes(b"x")
-    runner = tmp_path / "benchmark_model"
-    runner.write_bytes(b"x")
+    model, runner = _files(tmp_path, "my model;reboot.tflite", "benchmark_model")
     j = adb.AdbJob(artifact=model, runner=runner)
     script = adb.run_cmd(j)[-1]
     assert "'--graph=/data/local/tmp/pocketfusion/my model;reboot.tflite'" in script
 
 
 def test_adb_runner_mismatch(tmp_path):
-    pte = tmp_path / "m.pte"
-    pte.write_bytes(b"x")
-    runner = tmp_path / "benchmark_model"
-    runner.write_bytes(b"x")
+    pte, runner = _files(tmp_path, "m.pte", "benchmark_model")
     with pytest.raises(UserError, match="executor_runner runs .pte"):
         adb.AdbJob(artifact=pte, runner=runner)
 
@@ -143,9 +142,6 @@ def test_adb_output_parsing():
 
 @pytest.mark.skipif(shutil.which("adb") is None, reason="Debian's adb client is not installed")
 def test_real_adb_without_device_is_one_line_error(tmp_path):
-    pte = tmp_path / "unet.pte"
-    pte.write_bytes(b"x")
-    runner = tmp_path / "executor_runner"
-    runner.write_bytes(b"x")
+    pte, runner = _files(tmp_path, "unet.pte", "executor_runner")
     with pytest.raises(UserError, match="no Android device attached"):
         adb.bench_on_device(adb.AdbJob(artifact=pte, runner=runner))

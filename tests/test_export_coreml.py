@@ -9,19 +9,14 @@ ct = pytest.importorskip("coremltools")
 from pocketfusion.errors import UserError
 from pocketfusion.export.base import ExportConfig, ExportError
 from pocketfusion.export.components import unet_spec
-from pocketfusion.testing.fixtures import FAMILIES, tiny_unet
+from pocketfusion.testing.fixtures import FAMILIES, export_tiny_unet, tiny_unet
 
 CFG = ExportConfig(targets=("coreml",))
 ON_MAC = sys.platform == "darwin"
 
 
 def _export(family, out_dir, cfg=CFG):
-    from pocketfusion.export import coreml
-
-    spec = unet_spec(tiny_unet(family), seq_len=8)
-    path = out_dir / "unet.mlpackage"
-    info = coreml.export_component(spec, path, cfg)
-    return spec, path, info
+    return export_tiny_unet("coreml", family, out_dir, cfg)
 
 
 @pytest.fixture(scope="module")

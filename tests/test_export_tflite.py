@@ -14,18 +14,13 @@ from pocketfusion.export.api import parity, torch_reference
 from pocketfusion.export.base import ExportConfig, ExportError
 from pocketfusion.export.components import unet_spec
 from pocketfusion.runtimes.base import load_session
-from pocketfusion.testing.fixtures import FAMILIES, tiny_unet
+from pocketfusion.testing.fixtures import FAMILIES, export_tiny_unet, tiny_unet
 
 CFG = ExportConfig(targets=("tflite",))
 
 
 def _export(family, out_dir):
-    from pocketfusion.export import tflite
-
-    spec = unet_spec(tiny_unet(family), seq_len=8)
-    path = out_dir / "unet.tflite"
-    info = tflite.export_component(spec, path, CFG)
-    return spec, path, info
+    return export_tiny_unet("tflite", family, out_dir, CFG)
 
 
 @pytest.fixture(scope="module")

@@ -141,3 +141,22 @@ def save_tiny_pipeline(out_dir, family: str = "sd15", seed: int = 0) -> None:
     import shutil
 
     shutil.rmtree(out / "_tok")
+
+
+def export_tiny_unet(target: str, family: str, out_dir, cfg=None):
+    """Export ``tiny_unet(family)`` with ``pocketfusion.export.<target>`` into ``out_dir``.
+
+    Returns ``(spec, path, info)``: the component spec (with seeded golden inputs), the artifact
+    path and what the exporter recorded.
+    """
+    import importlib
+    from pathlib import Path
+
+    from pocketfusion.export.base import ExportConfig
+    from pocketfusion.export.components import unet_spec
+
+    module = importlib.import_module(f"pocketfusion.export.{target}")
+    spec = unet_spec(tiny_unet(family), seq_len=TINY_SEQ_LEN)
+    path = Path(out_dir) / f"unet{module.EXTENSION}"
+    info = module.export_component(spec, path, cfg or ExportConfig(targets=(target,)))
+    return spec, path, info
