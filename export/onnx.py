@@ -50,8 +50,12 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict
         onnx.checker.check_model(str(tmp), full_check=False)
         opset = {o.domain or "ai.onnx": o.version for o in onnx.load(str(tmp), load_external_data=False).opset_import}
         n_nodes = len(onnx.load(str(tmp), load_external_data=False).graph.node)
+        # Keep the graph and its one external-data file; torch's own per-tensor external files
+        # (written for models over 2 GiB) were folded into <name>.onnx.data above.
+        keep = {path.name, path.name + ".data"} if external else {path.name}
         for f in tmpdir.iterdir():
-            os.replace(f, path.parent / f.name)
+            if f.name in keep:
+                os.replace(f, path.parent / f.name)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return {"opset": opset, "nodes": n_nodes, "external_data": external, "rewrites": [], "notes": []}
