@@ -116,7 +116,7 @@ def test_ios18_fp32(tmp_path):
     assert set(info["heavy_op_dtypes"]) == {"float32"}
 
 
-@pytest.mark.parametrize("family", [f if f == "sd15" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_converts_and_validates(family, sd15, tmp_path):
     spec, path, info = sd15 if family == "sd15" else _export(family, tmp_path)
     assert info["io_check"] == "ok" and info["compute_ops"] > 0 and info["ops"]["conv"] > 0

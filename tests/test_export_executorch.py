@@ -143,3 +143,15 @@ def test_baseline_without_rewrites_fragments(lowered_sd15):
     assert lowered.rewrites == [] and lowered.module is spec.module
     assert base["delegate_blobs"] > info["delegation"]["delegate_blobs"]
     assert base["delegate_blobs"] > 8 and any("group_norm" in op for op in base["ops_outside"])
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "sd15"])  # sd15: lowered_sd15 above
+def test_every_family_lowers_to_one_blob_with_parity(family, tmp_path):
+    pytest.importorskip("executorch")
+    from pocketfusion.testing.fixtures import export_tiny_unet
+
+    cfg = ExportConfig(targets=("executorch",), extra={"executorch_profile_runs": 0})
+    spec, path, info = export_tiny_unet("executorch", family, tmp_path, cfg)
+    assert info["delegation"]["delegate_blobs"] == 1 and info["delegation"]["n_ops_outside"] == 0, info["delegation"]
+    p = parity(load_session(path, "executorch", threads=1), spec, torch_reference(spec))
+    assert p["rel"] < 1e-4, p

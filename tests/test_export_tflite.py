@@ -110,7 +110,7 @@ def test_converter_failure_is_an_export_error(monkeypatch, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("family", [f if f == "sd15" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_converts_with_parity(family, sd15, tmp_path):
     spec, path, info = sd15 if family == "sd15" else _export(family, tmp_path)
     s = load_session(path, "tflite")
