@@ -62,6 +62,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from pocketfusion import artifact
     from pocketfusion.checkpoint import DEMO_MODEL, load_model
     from pocketfusion.export.api import export_model
     from pocketfusion.export.base import ExportConfig
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
         m = export_model(model, ExportConfig(targets=("executorch", "tflite", "onnx"), components=("unet",)), exp, progress=False)
         export_s = time.perf_counter() - t0
         comps = m.metrics["components"]
-        feed = {k: v for k, v in _golden(exp).items()}
+        feed = artifact.read_golden(exp, "unet", index=1)[0]
         runners = {}
         for target, runtime in (("executorch", "executorch"), ("tflite", "litert"), ("onnx", "onnxruntime")):
             s = load_session(exp / comps[f"{target}/unet"]["path"], runtime, threads=a.threads)
@@ -123,13 +124,6 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
-
-
-def _golden(exp: Path) -> dict:
-    from safetensors.numpy import load_file
-
-    g = load_file(str(exp / "golden" / "unet.safetensors"))
-    return {k.split(".in.")[1]: v for k, v in g.items() if k.startswith("1.in.")}
 
 
 if __name__ == "__main__":

@@ -93,7 +93,6 @@ def export_model(model, cfg: ExportConfig, out: str | Path, *, progress: bool = 
         ParityError: an exported component misses its target's tolerance.
         MissingBackendError: a target's package is not installed (names the extra).
     """
-    from safetensors.numpy import save_file
     from tqdm import tqdm
 
     from pocketfusion.runtimes.base import load_session
@@ -110,11 +109,7 @@ def export_model(model, cfg: ExportConfig, out: str | Path, *, progress: bool = 
         refs = {}
         for spec in specs:
             refs[spec.name] = torch_reference(spec)
-            tensors = {}
-            for i, (feed, ref) in enumerate(zip(spec.golden, refs[spec.name])):
-                tensors.update({f"{i}.in.{k}": np.ascontiguousarray(v) for k, v in feed.items()})
-                tensors.update({f"{i}.out.{k}": np.ascontiguousarray(v) for k, v in ref.items()})
-            save_file(tensors, str(tmp / "golden" / f"{spec.name}.safetensors"))
+            artifact.write_golden(artifact.golden_path(tmp, spec.name), list(zip(spec.golden, refs[spec.name])))
         if model.kind == "pipeline":
             for name in ("tokenizer", "scheduler"):
                 shutil.copytree(Path(model.path) / name, tmp / name)

@@ -215,3 +215,31 @@ def staged_dir(dest: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def golden_path(directory: str | Path, component: str) -> Path:
+    return Path(directory) / "golden" / f"{component}.safetensors"
+
+
+def write_golden(path: str | Path, sets: list[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> None:
+    """Store golden (inputs, outputs) sets as ``{i}.in.{name}`` / ``{i}.out.{name}`` arrays."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    tensors = {}
+    for i, (ins, outs) in enumerate(sets):
+        tensors.update({f"{i}.in.{k}": np.ascontiguousarray(v) for k, v in ins.items()})
+        tensors.update({f"{i}.out.{k}": np.ascontiguousarray(v) for k, v in outs.items()})
+    save_file(tensors, str(path))
+
+
+def read_golden(directory: str | Path, component: str, index: int = 0) -> tuple[dict, dict]:
+    """(inputs, outputs) of golden set ``index`` of an export directory's ``component``."""
+    from safetensors.numpy import load_file
+
+    g = load_file(str(golden_path(directory, component)))
+    ins = {k.split(".in.", 1)[1]: v for k, v in g.items() if k.startswith(f"{index}.in.")}
+    outs = {k.split(".out.", 1)[1]: v for k, v in g.items() if k.startswith(f"{index}.out.")}
+    if not ins:
+        raise ManifestError(f"{golden_path(directory, component)} has no golden set {index}")
+    return ins, outs

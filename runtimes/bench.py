@@ -348,10 +348,7 @@ def device_bench(dirs: list[Path], device: str, cfg: BenchConfig, *, runner: Pat
                 raise UserError(f"iPhone timing runs in apps/ios through Xcode ({len(found)} connected); use --device mac for Core ML here")
             for key, e in comps.items():
                 if e["target"] == "coreml":
-                    from safetensors.numpy import load_file
-
-                    g = load_file(str(d / "golden" / f"{e['component']}.safetensors"))
-                    feeds = {k[5:]: v for k, v in g.items() if k.startswith("0.in.")}
+                    feeds = artifact.read_golden(d, e["component"])[0]
                     r = ios.coreml_bench(d / e["path"], feeds, runs=cfg.runs, warmup=cfg.warmup)
                     results.append({"artifact": d.resolve().name, "runtime": "coreml", "component": e["component"], **r})
         else:

@@ -35,13 +35,6 @@ def _peak_kib() -> int:
     return rss // 1024 if sys.platform == "darwin" else rss
 
 
-def _feeds(root: Path, component: str) -> dict:
-    from safetensors.numpy import load_file
-
-    g = load_file(str(root / "golden" / f"{component}.safetensors"))
-    return {k.split(".in.", 1)[1]: v for k, v in g.items() if k.startswith("0.in.")}
-
-
 def measure(job: dict) -> dict:
     import importlib
 
@@ -64,11 +57,12 @@ def measure(job: dict) -> dict:
         def call():
             pipe(job.get("prompt", "a large red circle on a blue background, center"), steps=job.get("steps", 50), seed=0)
     else:
+        from pocketfusion.artifact import read_golden
         from pocketfusion.runtimes.base import load_session
 
         session = load_session(root / job["path"], runtime, threads=threads)
         device = session.device
-        feeds = _feeds(root, job["component"])
+        feeds = read_golden(root, job["component"])[0]
 
         def call():
             session.run(feeds)

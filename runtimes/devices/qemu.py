@@ -132,8 +132,6 @@ def _deps(rt: str) -> list[str]:
 
 def run_component(root: Path, export_dir: Path, component: str, runtime: str = "onnxruntime", runs: int = 3) -> dict:
     """Run one exported component inside the arm64 userland; compare with the host reference."""
-    from safetensors.numpy import load_file
-
     from pocketfusion import artifact
 
     qemu = _tool("qemu-aarch64-static", "qemu-user-static")
@@ -151,14 +149,12 @@ def run_component(root: Path, export_dir: Path, component: str, runtime: str = "
     src = Path(export_dir) / entry["path"]
     for f in src.parent.glob(src.name + "*"):
         shutil.copy2(f, job_dir / f.name)
-    golden = load_file(str(Path(export_dir) / "golden" / f"{component}.safetensors"))
+    inputs, outputs = artifact.read_golden(export_dir, component)
     feeds = {}
-    for k, v in golden.items():
-        if k.startswith("0.in."):
-            name = k[5:]
-            np.save(job_dir / f"{name}.npy", v)
-            feeds[name] = f"/opt/pocketfusion/job/{name}.npy"
-    ref = next(v for k, v in golden.items() if k.startswith("0.out."))
+    for name, v in inputs.items():
+        np.save(job_dir / f"{name}.npy", v)
+        feeds[name] = f"/opt/pocketfusion/job/{name}.npy"
+    ref = next(iter(outputs.values()))
     job = {"runtime": runtime, "model": f"/opt/pocketfusion/job/{src.name}", "feeds": feeds, "runs": runs,
            "out": "/opt/pocketfusion/job/out.npy"}
     if runtime == "litert":
