@@ -49,6 +49,7 @@ class ComponentSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     golden: list[dict[str, np.ndarray]] = field(default_factory=list)  # feeds, first one is the example
+    quant: object = None  # compress.grid.QuantGrid of the U-Net (names relative to module.unet), or None
 
     def example_args(self):
         import torch
@@ -183,11 +184,15 @@ def pipeline_specs(model, prompts: list[str], *, seed: int = 0) -> list[Componen
     """Specs for every exportable component of a loaded pipeline or bare U-Net."""
     if model.kind != "pipeline":
         unet = model.components["unet"]
-        return [unet_spec(unet, seq_len=77 if unet.config.cross_attention_dim >= 256 else 8, seed=seed)]
+        spec = unet_spec(unet, seq_len=77 if unet.config.cross_attention_dim >= 256 else 8, seed=seed)
+        spec.quant = model.quant
+        return [spec]
     golden = capture_golden(model, prompts, seed=seed)
     comps = model.components
+    unet = unet_spec(comps["unet"], seq_len=comps["tokenizer"].model_max_length, golden=golden["unet"])
+    unet.quant = model.quant
     return [
         text_encoder_spec(comps["text_encoder"], comps["tokenizer"], prompts),
-        unet_spec(comps["unet"], seq_len=comps["tokenizer"].model_max_length, golden=golden["unet"]),
+        unet,
         vae_decoder_spec(comps["vae"], golden["vae_decoder"]),
     ]

@@ -48,6 +48,7 @@ class Model:
     class_name: str  # pipeline class, or the component's class for a bare folder
     components: dict[str, Any] = field(default_factory=dict)
     manifest: Any = None  # artifact.Manifest when the folder carries one
+    quant: Any = None  # compress.grid.QuantGrid when the U-Net was quantized by `compress --quant`
 
     @property
     def unet(self):
@@ -285,12 +286,24 @@ def load_model(path: str | Path | None = None, *, allow_pickle: bool = False, ve
         for need in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             if need not in model.components:
                 raise CheckpointError(f"{root}: pipeline lacks a {need}")
+        model.quant = _load_grid(root / "unet", model.components["unet"])
         return model
     if (root / "config.json").is_file():
         comp = load_component(root, allow_pickle=allow_pickle)
         name = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae"}.get(type(comp).__name__, "text_encoder")
-        return Model(path=root, kind="component", class_name=type(comp).__name__, components={name: comp}, manifest=manifest)
+        quant = _load_grid(root, comp) if name == "unet" else None
+        return Model(path=root, kind="component", class_name=type(comp).__name__, components={name: comp}, manifest=manifest, quant=quant)
     raise CheckpointError(f"{root}: neither model_index.json (pipeline) nor config.json (component) found")
+
+
+def _load_grid(folder: Path, unet):
+    """The U-Net's quantization grid (``compress --quant``), checked against its weights, or None."""
+    from pocketfusion.compress.grid import QuantGrid
+
+    grid = QuantGrid.load(folder)
+    if grid is not None:
+        grid.integers(unet)  # raises when a weight is off its grid
+    return grid
 
 
 def build_pipeline(model: Model):

@@ -7,7 +7,7 @@ Phases (each resumes from the previous one's checkpoint in ``--work``):
 
 1. ``vae``     — AutoencoderKL on rendered scenes (MSE + L1 + edge L1 + tiny KL); latent scale = 1/std.
 2. ``unet``    — UNet2DConditionModel and the CLIP text encoder, jointly, on VAE latents with the
-                 v-prediction objective, min-SNR-5 loss weighting, 10 % prompt dropout (for CFG) and an
+                 v-prediction objective (plain v-MSE: see ``--weighting``), 10 % prompt dropout (for CFG) and an
                  EMA of the weights.
 3. ``package`` — writes a diffusers Stable Diffusion folder (safetensors) plus manifest.json.
 
@@ -96,7 +96,9 @@ def train_vae(work: Path, *, seed: int, steps: int, batch: int, n_images: int, d
     logger.info("vae done: scaling_factor=%.4f", scale)
 
 
-def train_unet(work: Path, *, seed: int, steps: int, batch: int, n_images: int, device: str, lr: float) -> None:
+def train_unet(
+    work: Path, *, seed: int, steps: int, batch: int, n_images: int, device: str, lr: float, weighting: str = "v"
+) -> None:
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from tqdm import tqdm
@@ -151,7 +153,13 @@ def train_unet(work: Path, *, seed: int, steps: int, batch: int, n_images: int, 
         ctx = text_encoder(ids).last_hidden_state
         pred = unet(zt, t, ctx).sample
         target = sched.get_velocity(z0, noise, t)
-        w = torch.clamp(snr[t], max=5.0) / (snr[t] + 1)  # min-SNR-5 for v-prediction
+        if weighting == "min-snr":
+            w = torch.clamp(snr[t], max=5.0) / (snr[t] + 1)  # min-SNR-5 for v-prediction
+        else:
+            # Plain v-MSE: an x0-loss weight of SNR + 1, so the high-noise steps, where the layout
+            # (the position attribute) is decided, keep weight 1. min-SNR weights them by ~SNR ~ 0,
+            # and a model trained so ignores position words.
+            w = torch.ones_like(snr[t])
         loss = (w * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -211,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--images", type=int, default=20000)
+    ap.add_argument("--weighting", choices=["v", "min-snr"], default="v", help="U-Net loss weighting over timesteps")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (results are reproducible per thread count)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -223,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.phase in ("all", "vae"):
         train_vae(a.work, seed=a.seed, steps=a.vae_steps, batch=32, n_images=a.images, device=a.device)
     if a.phase in ("all", "unet"):
-        train_unet(a.work, seed=a.seed, steps=a.unet_steps, batch=a.batch, n_images=a.images, device=a.device, lr=a.lr)
+        train_unet(a.work, seed=a.seed, steps=a.unet_steps, batch=a.batch, n_images=a.images, device=a.device, lr=a.lr, weighting=a.weighting)
     if a.phase in ("all", "package"):
         package(a.work, a.out, settings)
 

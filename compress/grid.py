@@ -1,0 +1,244 @@
+"""Quantization grids: U-Net weights that lie exactly on an integer grid, stored with the grid.
+
+``compress --quant`` does not ship fake-quantized fp32. It writes a normal diffusers U-Net whose
+quantized layers' weights are *exactly* ``q * scale`` (``q`` integer), plus the grid itself::
+
+    unet/quantization.json           scheme, method, per-layer bits / group size / kind / reason
+    unet/quantization.safetensors    "<layer>.scale" float32 and "<layer>.q" int8 per layer
+
+so PyTorch runs the quantized model unchanged (generate / eval work on it), and each export
+target lowers the same integers into its own quantized kernels.
+
+Convention (one grid every target's quantizer can reproduce):
+
+* symmetric, zero point 0, *restricted* range ``[-qmax, qmax]`` with ``qmax = 2**(bits-1) - 1``
+  (127 for int8, 7 for int4);
+* every output channel (or group) that is not all zero holds ``+qmax`` or ``-qmax``, so
+  ``max|w| / qmax`` - what an abs-max symmetric observer computes (XNNPACKQuantizer, ai-edge-
+  quantizer, coremltools ``linear_symmetric``) - gives back exactly ``scale`` and the same ``q``;
+* ``group_size=None``: one scale per output channel, shape ``(O,)``; otherwise groups of
+  ``group_size`` consecutive *input* channels, shape ``(O, I // group_size)``, shared over a
+  convolution's kernel positions (Core ML's per-block layout, ONNX blocked quantization on axis 1).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pocketfusion.errors import UserError
+
+GRID_JSON = "quantization.json"
+GRID_TENSORS = "quantization.safetensors"
+GRID_VERSION = 1
+SCHEMES = ("w8", "w4", "w8a8", "w8a16")
+
+
+def qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+@dataclass
+class LayerGrid:
+    """The grid of one ``nn.Linear`` / ``nn.Conv2d`` weight."""
+
+    name: str  # module path inside the UNet2DConditionModel, e.g. "down_blocks.0.attentions.0.proj_in"
+    kind: str  # "linear" | "conv"
+    bits: int  # 8 | 4
+    group_size: int | None  # None: per output channel; else consecutive input channels
+    shape: tuple[int, ...]  # weight shape
+    scale: Any = None  # torch.float32, (O,) or (O, I // group_size)
+    reason: str = ""  # why this layer has these bits (mixed precision: the measured cost)
+
+    def expand(self, scale):
+        """``scale`` broadcast to the weight's shape."""
+        o = self.shape[0]
+        if self.group_size is None:
+            return scale.reshape(o, *([1] * (len(self.shape) - 1))).expand(self.shape)
+        s = scale.repeat_interleave(self.group_size, dim=1)  # (O, I)
+        return s.reshape(o, self.shape[1], *([1] * (len(self.shape) - 2))).expand(self.shape)
+
+    def quantize(self, weight):
+        """Integers of ``weight`` on this grid (int8 tensor), clamped to ``[-qmax, qmax]``."""
+        import torch
+
+        m = qmax(self.bits)
+        return torch.clamp(torch.round(weight.float() / self.expand(self.scale)), -m, m).to(torch.int8)
+
+    def dequantize(self, q):
+        return q.float() * self.expand(self.scale)
+
+    def meta(self) -> dict:
+        d = asdict(self)
+        d.pop("scale")
+        d["shape"] = list(self.shape)
+        return d
+
+
+@dataclass
+class QuantGrid:
+    """Every quantized layer of a U-Net, with how and why."""
+
+    scheme: str  # one of SCHEMES
+    method: str  # "rtn" | "gptq" | ...
+    layers: dict[str, LayerGrid] = field(default_factory=dict)
+    activations: dict = field(default_factory=dict)  # scheme a8/a16: per-layer activation bits, ranges, fallbacks
+    settings: dict = field(default_factory=dict)  # group size, calibration set, thresholds, ...
+
+    @property
+    def weight_bits(self) -> dict[str, int]:
+        return {n: g.bits for n, g in self.layers.items()}
+
+    def integers(self, unet) -> dict[str, Any]:
+        """The int8 tensors of ``unet``'s quantized layers; raises if a weight is off its grid."""
+        mods = dict(unet.named_modules())
+        out = {}
+        for name, g in self.layers.items():
+            w = mods[name].weight.detach()
+            q = g.quantize(w)
+            if not bool((g.dequantize(q) == w.float()).all()):
+                raise UserError(f"layer {name}: weights are not on their quantization grid (edited after compress?)")
+            out[name] = q
+        return out
+
+    def save(self, folder: str | Path, unet) -> None:
+        """Write ``quantization.json`` / ``.safetensors`` into ``folder`` (the U-Net's folder)."""
+        from safetensors.torch import save_file
+
+        from pocketfusion import artifact
+
+        folder = Path(folder)
+        ints = self.integers(unet)
+        tensors = {}
+        for name, g in self.layers.items():
+            tensors[f"{name}.scale"] = g.scale.float().contiguous()
+            tensors[f"{name}.q"] = ints[name].contiguous()
+        tmp = folder / (GRID_TENSORS + ".tmp")
+        save_file(tensors, str(tmp))
+        tmp.replace(folder / GRID_TENSORS)
+        meta = {
+            "version": GRID_VERSION, "scheme": self.scheme, "method": self.method, "settings": self.settings,
+            "activations": self.activations, "layers": {n: g.meta() for n, g in self.layers.items()},
+        }
+        artifact.atomic_write_text(folder / GRID_JSON, json.dumps(meta, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> QuantGrid | None:
+        """The grid stored in a U-Net folder, or None when it has none."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / GRID_JSON).is_file():
+            return None
+        try:
+            meta = json.loads((folder / GRID_JSON).read_text())
+            tensors = load_file(str(folder / GRID_TENSORS))
+        except (OSError, ValueError, SafetensorError) as e:
+            raise UserError(f"{folder}: unreadable quantization grid ({e})") from None
+        if meta.get("version") != GRID_VERSION:
+            raise UserError(f"{folder / GRID_JSON}: unknown grid version {meta.get('version')!r} (this tool reads {GRID_VERSION})")
+        layers = {}
+        for name, m in meta["layers"].items():
+            if f"{name}.scale" not in tensors:
+                raise UserError(f"{folder / GRID_TENSORS}: no scale for layer {name}")
+            layers[name] = LayerGrid(
+                name=name, kind=m["kind"], bits=int(m["bits"]), group_size=m["group_size"], shape=tuple(m["shape"]),
+                scale=tensors[f"{name}.scale"], reason=m.get("reason", ""),
+            )
+        return cls(meta["scheme"], meta["method"], layers, meta.get("activations", {}), meta.get("settings", {}))
+
+
+def quantizable_layers(unet) -> dict[str, Any]:
+    """``nn.Linear`` and ``nn.Conv2d`` modules of a U-Net, by module path."""
+    import torch
+
+    return {n: m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+
+
+def layer_group_size(module, bits: int, group_size: int) -> int | None:
+    """The group size a layer gets: ``group_size`` at 4 bits when it divides the input channels, else per channel."""
+    if bits == 8:
+        return None
+    i = module.weight.shape[1]
+    return group_size if i >= group_size and i % group_size == 0 else None
+
+
+def absmax_scale(weight, bits: int, group_size: int | None, clip=1.0):
+    """Abs-max scale per channel or group, times ``clip`` (a float or a tensor of the scale's shape)."""
+    import torch
+
+    w = weight.detach().float()
+    o = w.shape[0]
+    if group_size is None:
+        amax = w.reshape(o, -1).abs().amax(dim=1)
+    else:
+        i = w.shape[1]
+        amax = w.reshape(o, i // group_size, group_size, -1).abs().amax(dim=(2, 3))
+    s = amax * clip / qmax(bits)
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def snap(grid: LayerGrid, q):
+    """Make every non-zero channel/group hold ``±qmax`` (the convention above) by moving its largest
+    entry there; returns the new integers. Without it an abs-max observer would pick another scale."""
+    import torch
+
+    m = qmax(grid.bits)
+    o = q.shape[0]
+    if grid.group_size is None:
+        flat = q.reshape(o, 1, -1)
+    else:
+        i = q.shape[1]
+        flat = q.reshape(o, i // grid.group_size, grid.group_size, -1).permute(0, 1, 3, 2).reshape(o, i // grid.group_size, -1)
+    flat = flat.clone()
+    amax, idx = flat.abs().max(dim=2)
+    fix = (amax < m) & (amax > 0)
+    if bool(fix.any()):
+        vals = flat.gather(2, idx.unsqueeze(2)).squeeze(2)
+        new = torch.where(fix, torch.sign(vals) * m, vals).to(flat.dtype)
+        flat.scatter_(2, idx.unsqueeze(2), new.unsqueeze(2))
+    if grid.group_size is None:
+        return flat.reshape(q.shape)
+    i = q.shape[1]
+    rest = q.shape[2:]
+    n = 1
+    for r in rest:
+        n *= r
+    return flat.reshape(o, i // grid.group_size, n, grid.group_size).permute(0, 1, 3, 2).reshape(q.shape)
+
+
+def rtn(module, name: str, bits: int, group_size: int | None, clip=1.0) -> tuple[LayerGrid, Any]:
+    """Round-to-nearest onto an abs-max grid (optionally clipped). Returns the grid and the integers."""
+    import torch
+
+    w = module.weight.detach().float()
+    kind = "linear" if isinstance(module, torch.nn.Linear) else "conv"
+    g = LayerGrid(name, kind, bits, group_size, tuple(w.shape), absmax_scale(w, bits, group_size, clip))
+    return g, snap(g, g.quantize(w))
+
+
+def apply(unet, grid: QuantGrid, integers: dict[str, Any]) -> None:
+    """Set each quantized layer's weight to ``q * scale`` (in place)."""
+    import torch
+
+    mods = dict(unet.named_modules())
+    with torch.no_grad():
+        for name, g in grid.layers.items():
+            w = mods[name].weight
+            w.copy_(g.dequantize(integers[name]).to(w.dtype))
+
+
+def rtn_grid(unet, bits: int, *, group_size: int = 32, scheme: str | None = None) -> QuantGrid:
+    """Every quantizable layer at ``bits`` by round-to-nearest, applied to ``unet`` in place.
+
+    The baseline the calibrated methods are measured against, and a quick way to build a grid."""
+    grid = QuantGrid(scheme or f"w{bits}", "rtn", settings={"group_size": group_size})
+    ints = {}
+    for name, mod in quantizable_layers(unet).items():
+        g, q = rtn(mod, name, bits, layer_group_size(mod, bits, group_size))
+        grid.layers[name], ints[name] = g, q
+    apply(unet, grid, ints)
+    return grid
