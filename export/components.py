@@ -50,6 +50,7 @@ class ComponentSpec:
     outputs: tuple[TensorSpec, ...]
     golden: list[dict[str, np.ndarray]] = field(default_factory=list)  # feeds, first one is the example
     quant: object = None  # compress.grid.QuantGrid of the U-Net (names relative to module.unet), or None
+    calibration: list[dict[str, np.ndarray]] = field(default_factory=list)  # U-Net feeds for static activation quantization
 
     def example_args(self):
         import torch
@@ -180,17 +181,27 @@ def capture_golden(model, prompts: list[str], *, steps: int = 8, guidance: float
     return {"unet": feeds_unet, "vae_decoder": latents_out}
 
 
+def _attach_quant(spec: ComponentSpec, model) -> None:
+    """The grid of a `compress --quant` U-Net, and its calibration feeds when activations are quantized."""
+    spec.quant = model.quant
+    calib = model.path / "calibration"
+    if model.quant is not None and model.quant.activations and calib.is_dir():
+        from pocketfusion.calibration import load
+
+        spec.calibration = load(calib).unet_feeds("calib")
+
+
 def pipeline_specs(model, prompts: list[str], *, seed: int = 0) -> list[ComponentSpec]:
     """Specs for every exportable component of a loaded pipeline or bare U-Net."""
     if model.kind != "pipeline":
         unet = model.components["unet"]
         spec = unet_spec(unet, seq_len=77 if unet.config.cross_attention_dim >= 256 else 8, seed=seed)
-        spec.quant = model.quant
+        _attach_quant(spec, model)
         return [spec]
     golden = capture_golden(model, prompts, seed=seed)
     comps = model.components
     unet = unet_spec(comps["unet"], seq_len=comps["tokenizer"].model_max_length, golden=golden["unet"])
-    unet.quant = model.quant
+    _attach_quant(unet, model)
     return [
         text_encoder_spec(comps["text_encoder"], comps["tokenizer"], prompts),
         unet,
