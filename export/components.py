@@ -145,40 +145,18 @@ def vae_decoder_spec(vae, latents: list[np.ndarray]) -> ComponentSpec:
 
 
 def capture_golden(model, prompts: list[str], *, steps: int = 8, guidance: float = 4.0, seed: int = 0, n_unet: int = 4) -> dict:
-    """Real component inputs from a sampling run of the PyTorch pipeline.
+    """Real component inputs from a sampling run of the PyTorch pipeline (``calibration.capture``).
 
-    Returns ``{"text_encoder": [...], "unet": [...], "vae_decoder": [...]}`` lists of feeds: the
-    U-Net's (latent, timestep, CFG context pair) at ``n_unet`` timesteps spread over the
-    trajectory, and the final latents for the decoder.
+    Returns ``{"unet": [...], "vae_decoder": [...]}`` lists: the first prompt's U-Net feeds
+    (latent, timestep, CFG context pair) at ``n_unet`` timesteps spread over the trajectory, and
+    every prompt's final latents (divided by the scaling factor) for the decoder.
     """
-    import torch
+    from pocketfusion.calibration.capture import capture
 
-    comps = model.components
-    tok, te, unet, vae, sched = comps["tokenizer"], comps["text_encoder"], comps["unet"], comps["vae"], comps["scheduler"]
-    L = tok.model_max_length
-    feeds_unet, latents_out = [], []
-    keep = set(np.linspace(0, steps - 1, n_unet).round().astype(int).tolist())
-    for i, prompt in enumerate(prompts):
-        ids = tok([prompt, ""], padding="max_length", max_length=L, truncation=True, return_tensors="pt").input_ids
-        with torch.no_grad():
-            ctx = te(ids, return_dict=False)[0]
-        cfg = unet.config
-        s = cfg.sample_size
-        g = torch.Generator().manual_seed(seed + i)
-        lat = torch.randn((1, cfg.in_channels, s, s), generator=g) * sched.init_noise_sigma
-        sched.set_timesteps(steps)
-        for k, t in enumerate(sched.timesteps):
-            inp = sched.scale_model_input(torch.cat([lat, lat]), t)
-            tt = torch.full((2,), float(t))
-            with torch.no_grad():
-                eps = unet(inp, tt, ctx, return_dict=False)[0]
-            if k in keep and i == 0:
-                feeds_unet.append({"sample": inp.numpy().copy(), "timestep": tt.numpy().astype(np.float32),
-                                   "encoder_hidden_states": ctx.numpy().copy()})
-            e_c, e_u = eps.chunk(2)
-            lat = sched.step(e_u + guidance * (e_c - e_u), t, lat).prev_sample
-        latents_out.append((lat / vae.config.scaling_factor).numpy().astype(np.float32))
-    return {"unet": feeds_unet, "vae_decoder": latents_out}
+    cset = capture(model, prompts, steps=steps, n_timesteps=n_unet, guidance=guidance, seed=seed, progress=False)
+    first = cset.tensors["unet.prompt_index"] == 0
+    feeds = [f for f, keep in zip(cset.unet_feeds(), first) if keep]
+    return {"unet": feeds, "vae_decoder": [f["latent"] for f in cset.vae_decoder_feeds()]}
 
 
 def _attach_quant(spec: ComponentSpec, model) -> None:

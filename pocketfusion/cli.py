@@ -197,6 +197,22 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from pocketfusion.calibration import DEFAULT_PROMPTS, capture, heldout_count, read_prompts, resolve, save
+
+    prompts = read_prompts(args.prompts, args.num_prompts) if args.prompts else None  # bad file: fail before loading
+    model = _load(args)
+    kw = dict(steps=args.steps, n_timesteps=args.timesteps, guidance=args.guidance, seed=args.seed, progress=True)
+    if prompts is not None:
+        cset = capture(model, prompts, **kw)
+    else:
+        cset = resolve(model, None, n_prompts=args.num_prompts or DEFAULT_PROMPTS, **kw)
+    save(cset, Path(args.output))
+    n, k = len(cset.prompts), cset.settings["n_timesteps"]
+    print(f"wrote {args.output}/ ({n} prompts x {k} timesteps = {n * k} U-Net CFG pairs; last {heldout_count(n)} prompts held out)")
+    return 0
+
+
 def cmd_info(args) -> int:
     from pocketfusion.info import describe, format_table
 
@@ -266,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-parity", action="store_true", help="skip running the exports against PyTorch")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("calibrate", help="record real component inputs (U-Net CFG pairs across the trajectory) as a calibration set")
+    _model_arg(p)
+    p.add_argument("--prompts", default=None, metavar="FILE", help="text file, one prompt a line (default: built-in demo prompts, demo model only)")
+    p.add_argument("--num-prompts", type=int, default=None, metavar="N",
+                   help="use the first N prompts (default: 32 built-in prompts, or every line of FILE)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    p.add_argument("--timesteps", type=int, default=10, metavar="K", help="steps recorded per prompt, spread over the trajectory (default 10)")
+    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")
+    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("bench", help="latency and peak memory of export directories on this host (each run in its own process)")
     p.add_argument("artifacts", nargs="+", help="export directories; several are measured interleaved and compared")

@@ -1,0 +1,390 @@
+"""Calibration sets: real component inputs recorded from sampling runs of the original pipeline.
+
+``capture`` runs the PyTorch pipeline (tokenizer, text encoder, the model's scheduler, CFG) once
+per prompt, prompt ``i`` with seed ``seed + i``, and records the U-Net's feed at ``n_timesteps``
+steps spread evenly over the whole trajectory (first and last included; activation ranges drift
+with the timestep, Q-Diffusion), each as a CFG pair ``[cond, uncond]``. ``save`` writes it as an
+artifact directory (stage ``calibrate``)::
+
+    DIR/manifest.json             settings: prompts, seeds, steps, guidance, scheduler + config,
+                                  sampled step indices and timesteps; source: model path + hash
+    DIR/calibration.safetensors   M = prompts x timesteps rows, ordered by prompt, then step
+        unet.sample                 (M, 2, C, h, w) float32  after scale_model_input
+        unet.timestep               (M, 2)          float32
+        unet.encoder_hidden_states  (M, 2, L, D)    float32
+        unet.text_embeds            (M, 2, T)       float32  SDXL-style U-Nets only
+        unet.time_ids               (M, 2, 6)       float32  SDXL-style U-Nets only
+        unet.noise_pred             (M, 2, C, h, w) float32  the U-Net's output on that feed
+        unet.prompt_index           (M,)            int32
+        unet.step_index             (M,)            int32
+        text_encoder.input_ids      (P, 1, L)       int32
+        vae_decoder.latent          (P, 1, C, h, w) float32  final latents / scaling_factor
+
+Feed names are those of ``pocketfusion.export.components`` (``unet_spec`` etc.). The last
+``max(1, round(0.2 * P))`` prompts are held out (``split="heldout"``), so quantization error can be
+measured on samples that were not used to calibrate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pocketfusion import artifact
+from pocketfusion.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+STAGE = "calibrate"
+FILE = "calibration.safetensors"
+FORMAT_VERSION = 1
+DEFAULT_PROMPTS = 32
+SPLITS = ("all", "calib", "heldout")
+UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+SDXL_INPUTS = ("text_embeds", "time_ids")
+_REQUIRED = ("unet.sample", "unet.timestep", "unet.encoder_hidden_states", "unet.noise_pred", "unet.prompt_index",
+             "unet.step_index", "text_encoder.input_ids", "vae_decoder.latent")
+
+
+def heldout_count(n_prompts: int) -> int:
+    """How many of ``n_prompts`` prompts (the last ones) are held out of calibration."""
+    return max(1, round(0.2 * n_prompts))
+
+
+@dataclass
+class CalibrationSet:
+    """Recorded component inputs of sampling runs, stacked as in ``calibration.safetensors``.
+
+    ``settings`` holds steps, guidance, scheduler class + config, sampled step indices and
+    timesteps; ``source`` the model's path and content hash; ``tensors`` the arrays by key.
+
+    Example:
+        >>> cset = capture(load_model(), demo_prompts(8), steps=20, n_timesteps=10)
+        >>> feeds = cset.unet_feeds("calib")      # 6 prompts x 10 CFG pairs, batch 2 each
+    """
+
+    prompts: list[str]
+    seeds: list[int]
+    settings: dict[str, Any]
+    source: dict[str, str]
+    tensors: dict[str, np.ndarray]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def prompt_indices(self, split: str = "all") -> list[int]:
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r} is not one of {SPLITS}")
+        n = len(self.prompts)
+        first_heldout = n - heldout_count(n)
+        return list({"all": range(n), "calib": range(first_heldout), "heldout": range(first_heldout, n)}[split])
+
+    @property
+    def sdxl(self) -> bool:
+        return "unet.text_embeds" in self.tensors
+
+    @property
+    def unet_input_names(self) -> tuple[str, ...]:
+        return UNET_INPUTS + (SDXL_INPUTS if self.sdxl else ())
+
+    def _rows(self, split: str) -> np.ndarray:
+        return np.flatnonzero(np.isin(self.tensors["unet.prompt_index"], self.prompt_indices(split)))
+
+    def unet_feeds(self, split: str = "all") -> list[dict[str, np.ndarray]]:
+        """U-Net feeds (CFG pairs, batch 2) named as ``unet_spec``'s inputs, by prompt then step."""
+        return [{n: self.tensors[f"unet.{n}"][r] for n in self.unet_input_names} for r in self._rows(split)]
+
+    def unet_outputs(self, split: str = "all") -> list[dict[str, np.ndarray]]:
+        """The PyTorch U-Net's ``noise_pred`` on each of ``unet_feeds(split)``."""
+        return [{"noise_pred": self.tensors["unet.noise_pred"][r]} for r in self._rows(split)]
+
+    def text_encoder_feeds(self, split: str = "all") -> list[dict[str, np.ndarray]]:
+        """``{"input_ids": (1, L) int32}`` per prompt."""
+        return [{"input_ids": self.tensors["text_encoder.input_ids"][i]} for i in self.prompt_indices(split)]
+
+    def vae_decoder_feeds(self, split: str = "all") -> list[dict[str, np.ndarray]]:
+        """``{"latent": (1, C, h, w)}`` per prompt: its final latents divided by the scaling factor."""
+        return [{"latent": self.tensors["vae_decoder.latent"][i]} for i in self.prompt_indices(split)]
+
+
+def _check_settings(n_prompts: int, steps: int, n_timesteps: int, guidance: float) -> None:
+    if n_prompts < 1:
+        raise UserError("calibration needs at least one prompt")
+    if not 1 <= steps <= 1000:
+        raise UserError(f"--steps must be in 1..1000, got {steps}")
+    if not 1 <= n_timesteps <= steps:
+        raise UserError(f"--timesteps must be in 1..{steps} (the sampling steps), got {n_timesteps}")
+    if not 0.0 <= guidance <= 50.0:
+        raise UserError(f"--guidance must be in 0..50, got {guidance}")
+
+
+def _json_safe(config: Any) -> dict[str, Any]:
+    items = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    return json.loads(json.dumps(items, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def _sdxl_encoder(model, unet):
+    """A function prompt -> (context (2,L,D), text_embeds (2,T), time_ids (2,6)) as SDXL's pipeline makes them."""
+    import torch
+
+    from pocketfusion.checkpoint import build_pipeline
+
+    if model.class_name != "StableDiffusionXLPipeline" or "text_encoder_2" not in model.components:
+        raise UserError(
+            f"{model.path}: the U-Net takes SDXL's added text/time embeddings but the pipeline ({model.class_name}) "
+            "has no second text encoder (text_encoder_2) to make them; calibrate a StableDiffusionXLPipeline folder"
+        )
+    pipe = build_pipeline(model)
+    cfg = unet.config
+    text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    size = float(cfg.sample_size * pipe.vae_scale_factor)
+    time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]]).repeat(2, 1)
+
+    def encode(prompt: str):
+        pe, npe, pooled, npooled = pipe.encode_prompt(prompt, device=torch.device("cpu"), do_classifier_free_guidance=True)
+        if pooled.shape[-1] != text_dim:
+            raise UserError(f"{model.path}: text_encoder_2 gives {pooled.shape[-1]}-d pooled embeddings, the U-Net expects {text_dim}")
+        return torch.cat([pe, npe]), {"text_embeds": torch.cat([pooled, npooled]), "time_ids": time_ids}
+
+    return encode
+
+
+def capture(model, prompts: Sequence[str], *, steps: int = 20, n_timesteps: int = 10, guidance: float = 4.0,
+            seed: int = 0, progress: bool = True) -> CalibrationSet:
+    """Run the PyTorch pipeline on ``prompts`` and record every component's inputs.
+
+    Args:
+        model: a ``pocketfusion.checkpoint.load_model`` pipeline.
+        prompts: one image per prompt; prompt ``i`` uses seed ``seed + i``.
+        steps: sampling steps of the model's scheduler.
+        n_timesteps: steps recorded per prompt, spread evenly over the trajectory (first and last included).
+        guidance: classifier-free guidance scale of the sampling run.
+
+    Returns:
+        A ``CalibrationSet`` (see the module docstring for its arrays).
+
+    Raises:
+        UserError: a bare component instead of a pipeline, no prompts, settings out of range, or an
+            SDXL-style U-Net without the second text encoder that feeds it.
+    """
+    import torch
+    from tqdm import tqdm
+
+    if model.kind != "pipeline":
+        raise UserError(f"{model.path} holds a bare {model.class_name}; calibration needs a full pipeline folder "
+                        "(model_index.json) to run the sampler")
+    prompts = list(prompts)
+    _check_settings(len(prompts), steps, n_timesteps, guidance)
+    t0 = time.perf_counter()
+    comps = model.components
+    tok, te, unet, vae = comps["tokenizer"], comps["text_encoder"], comps["unet"], comps["vae"]
+    sched = type(comps["scheduler"]).from_config(comps["scheduler"].config)  # leave the model's own untouched
+    cfg = unet.config
+    if cfg.addition_embed_type not in (None, "text_time"):
+        raise UserError(f"{model.path}: U-Net addition_embed_type {cfg.addition_embed_type!r} is not supported (supported: none, 'text_time')")
+    encode_sdxl = _sdxl_encoder(model, unet) if cfg.addition_embed_type == "text_time" else None
+    h, w = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
+    L = tok.model_max_length
+    sched.set_timesteps(steps)
+    n_steps = len(sched.timesteps)
+    keep = np.linspace(0, n_steps - 1, min(n_timesteps, n_steps)).round().astype(int).tolist()
+    rec: dict[str, list] = {k: [] for k in ("sample", "timestep", "encoder_hidden_states", "noise_pred", "prompt_index", "step_index")}
+    if encode_sdxl:
+        rec.update(text_embeds=[], time_ids=[])
+    input_ids, latents = [], []
+    for i, prompt in enumerate(tqdm(prompts, desc="calibrate", unit="prompt", disable=not progress)):
+        ids = tok([prompt, ""], padding="max_length", max_length=L, truncation=True, return_tensors="pt").input_ids
+        input_ids.append(ids[:1].numpy().astype(np.int32))
+        with torch.no_grad():
+            if encode_sdxl:
+                ctx, added = encode_sdxl(prompt)
+                kwargs = {"added_cond_kwargs": {k: v.to(unet.dtype) for k, v in added.items()}}
+            else:
+                ctx, added, kwargs = te(ids, return_dict=False)[0], {}, {}
+        g = torch.Generator().manual_seed(seed + i)
+        lat = torch.randn((1, cfg.in_channels, h, w), generator=g) * sched.init_noise_sigma
+        sched.set_timesteps(steps)  # resets multistep schedulers' state
+        for k, t in enumerate(sched.timesteps):
+            inp = sched.scale_model_input(torch.cat([lat, lat]), t)
+            tt = torch.full((2,), float(t))
+            with torch.no_grad():
+                eps = unet(inp.to(unet.dtype), tt, ctx.to(unet.dtype), return_dict=False, **kwargs)[0].float()
+            if k in keep:
+                for name, v in (("sample", inp), ("timestep", tt), ("encoder_hidden_states", ctx), ("noise_pred", eps), *added.items()):
+                    rec[name].append(v.float().numpy())
+                rec["prompt_index"].append(i)
+                rec["step_index"].append(k)
+            e_c, e_u = eps.chunk(2)
+            lat = sched.step(e_u + guidance * (e_c - e_u), t, lat).prev_sample
+        latents.append((lat / vae.config.scaling_factor).float().numpy())
+    tensors = {f"unet.{k}": np.stack(v).astype(np.int32 if k.endswith("_index") else np.float32, copy=False) for k, v in rec.items()}
+    tensors["text_encoder.input_ids"] = np.stack(input_ids)
+    tensors["vae_decoder.latent"] = np.stack(latents).astype(np.float32, copy=False)
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "steps": steps,
+        "n_timesteps": len(keep),
+        "guidance": float(guidance),
+        "cfg_pair": ["cond", "uncond"],
+        "scheduler": {"class": type(sched).__name__, "config": _json_safe(sched.config)},
+        "step_indices": keep,
+        "timesteps": [float(sched.timesteps[k]) for k in keep],
+        "unet_inputs": [n for n in (*UNET_INPUTS, *SDXL_INPUTS) if f"unet.{n}" in tensors],
+    }
+    return CalibrationSet(prompts=prompts, seeds=[seed + i for i in range(len(prompts))], settings=settings,
+                          source=artifact.source_ref(model.path), tensors=tensors,
+                          metrics={"capture_seconds": round(time.perf_counter() - t0, 3)})
+
+
+def save(cset: CalibrationSet, out_dir: str | Path) -> artifact.Manifest:
+    """Write ``cset`` as an artifact directory (atomically; an existing ``out_dir`` is replaced)."""
+    from safetensors.numpy import save_file
+
+    n = len(cset.prompts)
+    metrics = {
+        **cset.metrics, "prompts": n, "unet_pairs": int(cset.tensors["unet.sample"].shape[0]),
+        "heldout_prompt_indices": cset.prompt_indices("heldout"),
+    }
+    with artifact.staged_dir(out_dir) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in sorted(cset.tensors.items())}, str(tmp / FILE))
+        return artifact.write_manifest(tmp, stage=STAGE, settings={"prompts": cset.prompts, "seeds": cset.seeds, **cset.settings},
+                                       source=cset.source, metrics=metrics)
+
+
+def load(path: str | Path, model=None) -> CalibrationSet:
+    """Read a set written by ``save`` (checksums verified); with ``model``, reject a set made for another model.
+
+    Raises:
+        UserError: not a calibration set, corrupt files, or (with ``model``) a set made from a
+            different model (other content hash or other tensor shapes).
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"calibration set {root} does not exist (make one with 'pocketfusion calibrate MODEL -o DIR')")
+    m = artifact.load_manifest(root)
+    if m.stage != STAGE:
+        raise UserError(f"{root} is a {m.stage!r} artifact, not a calibration set (made by 'pocketfusion calibrate')")
+    settings = dict(m.settings)
+    if settings.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{root}: calibration format_version {settings.get('format_version')!r} is not supported (this pocketfusion reads {FORMAT_VERSION})")
+    try:
+        tensors = load_file(str(root / FILE))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{root / FILE}: cannot be read ({str(e).splitlines()[0]})") from None
+    missing = [k for k in _REQUIRED if k not in tensors]
+    if missing:
+        raise UserError(f"{root / FILE} lacks {', '.join(missing)}")
+    cset = CalibrationSet(prompts=list(settings.pop("prompts")), seeds=list(settings.pop("seeds")), settings=settings,
+                          source=dict(m.source or {}), tensors=tensors,
+                          metrics={k: v for k, v in m.metrics.items() if k == "capture_seconds"})
+    if model is not None:
+        check_model(cset, model, name=str(root))
+    return cset
+
+
+def check_model(cset: CalibrationSet, model, *, name: str = "calibration set") -> None:
+    """Raise ``UserError`` unless ``cset`` was captured from ``model`` (same shapes and content hash)."""
+    made_for = f"{cset.source.get('path')} (sha256 {str(cset.source.get('sha256'))[:12]})"
+    if model.kind != "pipeline":
+        raise UserError(f"{model.path} holds a bare {model.class_name}; calibration sets belong to full pipeline folders")
+    cfg, L = model.components["unet"].config, model.components["tokenizer"].model_max_length
+    h, w = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
+    D = cfg.cross_attention_dim if isinstance(cfg.cross_attention_dim, int) else cfg.cross_attention_dim[0]
+    expect = {"unet.sample": (2, cfg.in_channels, h, w), "unet.encoder_hidden_states": (2, L, D), "text_encoder.input_ids": (1, L)}
+    for key, shape in expect.items():
+        got = tuple(cset.tensors[key].shape[1:])
+        if got != shape:
+            raise UserError(f"calibration set {name} was made for another model, {made_for}: its {key} is {got}, {model.path} needs {shape}")
+    if cset.sdxl != (cfg.addition_embed_type == "text_time"):
+        raise UserError(f"calibration set {name} was made for another model, {made_for}: SDXL inputs {'present' if cset.sdxl else 'absent'}, {model.path} needs the opposite")
+    digest = artifact.content_hash(model.path)
+    if digest != cset.source.get("sha256"):
+        raise UserError(f"calibration set {name} was made for {made_for}, not {Path(model.path).resolve()} (sha256 {digest[:12]}); "
+                        "make one for this model with 'pocketfusion calibrate MODEL -o DIR'")
+
+
+def read_prompts(path: str | Path, n: int | None = None) -> list[str]:
+    """Prompts of a text file, one a line (blank lines ignored); the first ``n`` when given.
+
+    Raises:
+        UserError: a missing or unreadable file, no prompts, or fewer than ``n``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"prompt file {p} {'is not a file' if p.exists() else 'does not exist'} (expected a text file, one prompt a line)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"prompt file {p} is not UTF-8 text") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"prompt file {p} holds no prompts (expected one prompt a line)")
+    if n is not None:
+        if n < 1:
+            raise UserError(f"--num-prompts must be >= 1, got {n}")
+        if len(prompts) < n:
+            raise UserError(f"prompt file {p} holds {len(prompts)} prompts, fewer than the {n} asked for (--num-prompts)")
+        prompts = prompts[:n]
+    return prompts
+
+
+def demo_prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct prompts of the demo model's training scenes (never its held-out eval prompts)."""
+    from pocketfusion.demo.scenes import split_scenes
+
+    train, _ = split_scenes()
+    if not 1 <= n <= len(train):
+        raise UserError(f"--num-prompts must be in 1..{len(train)} for the built-in demo prompt set, got {n}")
+    return [s.prompt for s in random.Random(seed).sample(train, n)]
+
+
+def is_demo_compatible(model) -> bool:
+    """True for the demo model, or a pipeline that uses the demo grammar's tokenizer."""
+    from transformers import CLIPTokenizer
+
+    from pocketfusion.checkpoint import DEMO_MODEL
+    from pocketfusion.demo.tokenizer import corpus_words
+
+    if model.kind != "pipeline":
+        return False
+    if Path(model.path).resolve() == DEMO_MODEL.resolve():
+        return True
+    text = " ".join(corpus_words())
+    demo_tok = CLIPTokenizer.from_pretrained(str(DEMO_MODEL / "tokenizer"), local_files_only=True)
+    tok = model.components["tokenizer"]
+    return tok.model_max_length == demo_tok.model_max_length and list(tok(text).input_ids) == list(demo_tok(text).input_ids)
+
+
+def resolve(model, calib: str | Path | None, *, n_prompts: int | None = None, steps: int = 20, n_timesteps: int = 10,
+            guidance: float = 4.0, seed: int = 0, progress: bool = True) -> CalibrationSet:
+    """The calibration set a command asked for with ``--calib``.
+
+    ``None``: ``n_prompts`` (default 32) built-in demo prompts, for the demo model (or a pipeline
+    with its tokenizer) only; a file: its prompts, captured now; a directory: a saved set,
+    validated against ``model`` (its own capture settings apply; it needs at least ``n_prompts``).
+
+    Raises:
+        UserError: no ``calib`` for a non-demo model, or any error of ``read_prompts``/``load``/``capture``.
+    """
+    if calib is None:
+        if not is_demo_compatible(model):
+            raise UserError(f"{model.path} is not the demo model, so the built-in prompts do not fit it: give --calib "
+                            "PROMPTS.txt (one prompt a line) or a directory made by 'pocketfusion calibrate'")
+        prompts = demo_prompts(n_prompts or DEFAULT_PROMPTS, seed)
+    elif Path(calib).is_dir():
+        cset = load(calib, model)
+        if n_prompts is not None and len(cset.prompts) < n_prompts:
+            raise UserError(f"calibration set {calib} holds {len(cset.prompts)} prompts, fewer than the {n_prompts} asked for")
+        return cset
+    else:
+        prompts = read_prompts(calib, n_prompts)
+    return capture(model, prompts, steps=steps, n_timesteps=n_timesteps, guidance=guidance, seed=seed, progress=progress)
