@@ -17,6 +17,10 @@ class OrtSession:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        # A weight-only QDQ model (DequantizeLinear -> MatMul) is fused into MatMulNBits, whose
+        # default accuracy level 4 quantizes the activations to int8 on the fly; level 1 keeps fp32
+        # activations, i.e. computes what the graph says (quantized U-Nets from pocketfusion.export).
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         self._s = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         self.input_names = tuple(i.name for i in self._s.get_inputs())
         self.output_names = tuple(o.name for o in self._s.get_outputs())
