@@ -1,4 +1,9 @@
-"""ONNX exporter: explicit opset, onnx.checker, external data above 2 GiB; runs in onnxruntime."""
+"""ONNX exporter: explicit opset, onnx.checker, external data above 2 GiB; runs in onnxruntime.
+
+A U-Net with a quantization grid (``spec.quant``) is lowered to QDQ weight-only int8 / int4 with
+exactly the grid's integers (``pocketfusion.export.quant_onnx``), and for schemes with quantized
+activations (w8a8 / w8a16) also gets static QDQ activation quantization from onnxruntime.
+"""
 
 from __future__ import annotations
 
@@ -19,17 +24,26 @@ RUNTIME = "onnxruntime"
 _PROTOBUF_LIMIT = 2 * 1024**3
 
 
+def _tensor_bytes(model) -> int:
+    return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
+
+
 def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict:
     """Export ``spec.module`` to ``path`` with the legacy TorchScript-based exporter at ``cfg.onnx_opset``.
 
     Weights go to an external data file (``<name>.onnx.data``) when the model exceeds the 2 GiB
     protobuf limit. The graph is checked with ``onnx.checker`` (by path, so external data works).
+    With ``spec.quant`` the grid layers are lowered to int8 / int4 (the opset is raised to 21 when
+    a layer is 4-bit) and ``info["quantization"]`` says what the file holds.
     """
     import torch
 
     onnx = require("onnx", "onnx")
+    grid = spec.quant
     n_bytes = sum(p.numel() * p.element_size() for p in spec.module.parameters())
     external = n_bytes > _PROTOBUF_LIMIT * 0.9
+    notes: list[str] = []
+    quant = None
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         tmp = tmpdir / path.name
@@ -43,7 +57,22 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict
                 )
         except Exception as e:  # the exporter raises many types; name the component
             raise ExportError(f"onnx: {spec.name} failed to export ({type(e).__name__}: {str(e).splitlines()[0]})") from e
-        if external:
+        if grid is not None:
+            from pocketfusion.export import quant_onnx
+
+            model, quant = quant_onnx.quantize(onnx.load(str(tmp)), spec, cfg, tmpdir)
+            notes += quant.pop("_notes")
+            external = _tensor_bytes(model) > _PROTOBUF_LIMIT * 0.9
+            for f in tmpdir.iterdir():
+                if f.is_file():
+                    f.unlink()
+            if external:
+                onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=path.name + ".data", size_threshold=1024)
+            else:
+                onnx.save_model(model, str(tmp))
+            del model
+        elif external:
             model = onnx.load(str(tmp))
             onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=path.name + ".data", size_threshold=1024)
@@ -58,4 +87,7 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict
                 os.replace(f, path.parent / f.name)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    return {"opset": opset, "nodes": n_nodes, "external_data": external, "rewrites": [], "notes": []}
+    info = {"opset": opset, "nodes": n_nodes, "external_data": external, "rewrites": [], "notes": notes}
+    if quant is not None:
+        info["quantization"] = quant
+    return info

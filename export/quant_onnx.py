@@ -1,0 +1,363 @@
+"""Lower a quantization grid (``compress.grid``) into an exported ONNX graph: QDQ weight-only.
+
+``torch.onnx.export`` writes the on-grid U-Net with fp32 weights (exactly ``q * scale``). Each grid
+layer's weight initializer is then replaced by *our* integers plus a ``DequantizeLinear`` that
+feeds the original consumer (Conv / Gemm / MatMul), so the file holds int8 / int4 and the runtime
+dequantizes exactly the on-grid weights::
+
+    <layer>.weight.q (int8|int4) --DequantizeLinear(<layer>.weight.scale, axis, [block_size])--> Conv/Gemm/MatMul
+
+Layouts (``q`` in torch layout is (O, I[, kh, kw]); the scale is (O,) per channel or (O, I/g) per group):
+
+* Conv weight (O, I, kh, kw): per channel ``axis=0``; per group the integers are stored as
+  (O, I*kh*kw), blocked on axis 1 with ``block_size = g*kh*kw`` (g input channels x every kernel
+  position are contiguous) so the (O, I/g) scale is stored once, then reshaped back (1x1 convs
+  need no reshape);
+* Gemm (transB=1) weight (O, I): ``axis=0`` / blocked on axis 1;
+* MatMul weight (I, O) (the exporter transposed it): ``axis=1`` / blocked on axis 0, the layout
+  onnxruntime fuses into ``MatMulNBits`` for 4-bit groups.
+
+int4 (ONNX ``INT4``, packed two per byte) and blocked ``DequantizeLinear`` need opset 21: the
+graph's default-domain opset is raised to 21 when any layer is 4-bit.
+
+Static activation quantization (schemes w8a8 / w8a16): ``onnxruntime.quantization.quantize_static``
+in QDQ format on the lowered graph, restricted to the grid layers' nodes; onnxruntime recognises
+our weight ``DequantizeLinear`` outputs as pre-quantized and leaves them (our integers stay).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+INT4_OPSET = 21
+Q_SUFFIX = ".weight.q"
+SCALE_SUFFIX = ".weight.scale"
+
+
+@dataclass
+class WeightSlot:
+    """A weight initializer consumed by a Conv / Gemm / MatMul and its layout relative to torch's."""
+
+    name: str
+    op: str  # "Conv" | "Gemm" | "MatMul"
+    transposed: bool  # stored as (I, O): MatMul, or Gemm with transB=0
+    nodes: list
+
+
+def _attr(node, name, default=None):
+    import onnx
+
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def weight_slots(graph) -> dict[str, WeightSlot]:
+    """Initializers used as the weight of a Conv (input 1), Gemm (input 1) or MatMul (input 1)."""
+    inits = {i.name for i in graph.initializer}
+    slots: dict[str, WeightSlot] = {}
+    bad: set[str] = set()
+    for node in graph.node:
+        for k, x in enumerate(node.input):
+            if x not in inits:
+                continue
+            if k == 1 and node.op_type in ("Conv", "Gemm", "MatMul"):
+                if node.op_type == "Gemm":
+                    transposed = not _attr(node, "transB", 0)
+                else:
+                    transposed = node.op_type == "MatMul"
+                s = slots.setdefault(x, WeightSlot(x, node.op_type, transposed, []))
+                if (s.op, s.transposed) != (node.op_type, transposed):
+                    bad.add(x)
+                s.nodes.append(node)
+            else:
+                bad.add(x)  # also used elsewhere: leave it alone
+    return {k: v for k, v in slots.items() if k not in bad}
+
+
+def _key(a: np.ndarray) -> str:
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return f"{a.shape}:{hashlib.sha1(a.tobytes()).hexdigest()}"
+
+
+def _torch_layout(a: np.ndarray, slot: WeightSlot) -> np.ndarray:
+    return a.T if slot.transposed else a
+
+
+def _stored(q: np.ndarray, scale: np.ndarray, slot: WeightSlot, group_size: int | None):
+    """(integers as stored, scale as stored, DQ attributes, reshape-to shape or None) of one weight."""
+    o = q.shape[0]
+    if slot.op == "Conv":
+        i, k = q.shape[1], int(np.prod(q.shape[2:]))
+        if group_size is None:
+            return q, scale.reshape(o), {"axis": 0}, None
+        if k == 1:
+            return q, scale.reshape(o, i // group_size, *([1] * (q.ndim - 2))), {"axis": 1, "block_size": group_size}, None
+        return q.reshape(o, i * k), scale.reshape(o, i // group_size), {"axis": 1, "block_size": group_size * k}, q.shape
+    if not slot.transposed:  # (O, I)
+        if group_size is None:
+            return q, scale.reshape(o), {"axis": 0}, None
+        return q, scale, {"axis": 1, "block_size": group_size}, None
+    # (I, O)
+    if group_size is None:
+        return np.ascontiguousarray(q.T), scale.reshape(o), {"axis": 1}, None
+    return np.ascontiguousarray(q.T), np.ascontiguousarray(scale.T), {"axis": 0, "block_size": group_size}, None
+
+
+def _int_tensor(q: np.ndarray, bits: int, name: str):
+    from onnx import numpy_helper
+
+    if bits == 4:
+        import ml_dtypes
+
+        return numpy_helper.from_array(q.astype(ml_dtypes.int4), name)
+    return numpy_helper.from_array(q.astype(np.int8), name)
+
+
+def raise_opset(model, opset: int):
+    """The model at default-domain ``opset`` (onnx's version converter) and an IR version that holds int4."""
+    import onnx
+
+    cur = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if cur is not None and cur >= opset:
+        return model
+    model = onnx.version_converter.convert_version(model, opset)
+    model.ir_version = max(model.ir_version, 10)
+    del model.graph.value_info[:]  # the converter's shape inference: not needed, ~4 % of a small U-Net's file
+    return model
+
+
+def lower_weights(model, unet, grid) -> tuple[object, dict]:
+    """Replace every grid layer's fp32 weight initializer in ``model`` (an ``onnx.ModelProto`` of the
+    on-grid ``unet``) by its integers + ``DequantizeLinear``. The weight is found by value (the fp32
+    initializer equals ``q * scale`` in torch's or the transposed layout).
+
+    Returns the model and ``{"int8": [...], "int4": [...], "fallbacks": {layer: reason}}``.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    slots = weight_slots(graph)
+    inits = {i.name: i for i in graph.initializer}
+    index: dict[str, list[str]] = {}
+    for name, slot in slots.items():
+        a = numpy_helper.to_array(inits[name])
+        if a.dtype != np.float32 or (slot.transposed and a.ndim != 2):
+            continue
+        index.setdefault(_key(_torch_layout(a, slot)), []).append(name)
+    mods = dict(unet.named_modules())
+    ints = grid.integers(unet)
+    done: dict[str, list[str]] = {"int8": [], "int4": []}
+    fallbacks: dict[str, str] = {}
+    new_nodes, new_inits, drop = [], [], set()
+    for layer, g in grid.layers.items():
+        w = mods[layer].weight.detach().float().numpy()
+        found = [n for n in index.get(_key(w), []) if n not in drop]
+        if not found:
+            fallbacks[layer] = "weight not found among the graph's Conv/Gemm/MatMul initializers: kept fp32"
+            continue
+        q = ints[layer].numpy()
+        scale = g.scale.float().numpy()
+        for k, init_name in enumerate(found):
+            slot = slots[init_name]
+            data, sc, attrs, reshape = _stored(q, scale, slot, g.group_size)
+            tag = layer if k == 0 else f"{layer}#{k}"
+            qn, sn = tag + Q_SUFFIX, tag + SCALE_SUFFIX
+            new_inits += [_int_tensor(data, g.bits, qn), numpy_helper.from_array(np.ascontiguousarray(sc, dtype=np.float32), sn)]
+            out = init_name if reshape is None else init_name + ".dq"
+            new_nodes.append(helper.make_node("DequantizeLinear", [qn, sn], [out], name=f"{tag}.weight.DequantizeLinear", **attrs))
+            if reshape is not None:
+                shp = tag + ".weight.shape"
+                new_inits.append(numpy_helper.from_array(np.array(reshape, dtype=np.int64), shp))
+                new_nodes.append(helper.make_node("Reshape", [out, shp], [init_name], name=f"{tag}.weight.Reshape"))
+            drop.add(init_name)
+        done[f"int{g.bits}"].append(layer)
+    keep = [i for i in graph.initializer if i.name not in drop]
+    del graph.initializer[:]
+    graph.initializer.extend(keep + new_inits)
+    inputs = [i for i in graph.input if i.name not in drop]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(new_nodes + nodes)
+    return model, {**done, "fallbacks": fallbacks}
+
+
+def read_integers(model) -> dict[str, dict]:
+    """The grid layers held by a lowered model, read back from its initializers and DQ nodes.
+
+    Returns ``{layer: {"q": int8 array in torch layout, "scale": float32 array in the grid's layout
+    ((O,) or (O, I/g)), "bits": 4|8, "op": consumer op}}``.
+    """
+    from onnx import TensorProto, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    out = {}
+    for n in graph.node:
+        if n.op_type != "DequantizeLinear" or not n.input[0].endswith(Q_SUFFIX) or n.input[0] not in inits:
+            continue
+        t = inits[n.input[0]]
+        bits = 4 if t.data_type == TensorProto.INT4 else 8
+        q = numpy_helper.to_array(t).astype(np.int8)
+        sc = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+        nxt = consumers[n.output[0]][0]
+        if nxt.op_type == "Reshape":
+            q = q.reshape(numpy_helper.to_array(inits[nxt.input[1]]))
+            nxt = consumers[nxt.output[0]][0]
+        transposed = nxt.op_type == "MatMul" or (nxt.op_type == "Gemm" and not _attr(nxt, "transB", 0))
+        if transposed:
+            q = q.T
+            sc = sc.T if sc.ndim == 2 else sc
+        o = q.shape[0]
+        sc = sc.reshape(o, -1) if _attr(n, "block_size", 0) else sc.reshape(o)
+        layer = n.input[0][: -len(Q_SUFFIX)].split("#")[0]
+        out[layer] = {"q": np.ascontiguousarray(q), "scale": sc, "bits": bits, "op": nxt.op_type}
+    return out
+
+
+# --- static activation quantization (w8a8 / w8a16) --------------------------------------------------
+
+
+class _Feeds:
+    """``onnxruntime.quantization.CalibrationDataReader`` over a list of feed dicts."""
+
+    def __init__(self, feeds: list[dict], names: list[str]):
+        self._it = iter([{n: np.ascontiguousarray(f[n]) for n in names} for f in feeds])
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):  # pragma: no cover - not used by MinMax calibration
+        pass
+
+
+def _layer_nodes(graph) -> dict[str, list]:
+    """Grid layer -> the nodes consuming its (dequantized) weight."""
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    out: dict[str, list] = {}
+    for n in graph.node:
+        if n.op_type != "DequantizeLinear" or not n.input[0].endswith(Q_SUFFIX):
+            continue
+        layer = n.input[0][: -len(Q_SUFFIX)].split("#")[0]
+        nxt = consumers.get(n.output[0], [])
+        if len(nxt) == 1 and nxt[0].op_type == "Reshape":
+            nxt = consumers.get(nxt[0].output[0], [])
+        out.setdefault(layer, []).extend(nxt)
+    return out
+
+
+def quantize_activations(model, grid, feeds: list[dict], input_names: list[str], workdir) -> tuple[object, dict]:
+    """Static QDQ activation quantization of the grid layers' inputs (onnxruntime ``quantize_static``).
+
+    Activation bits per layer come from ``grid.activations["layers"]`` (None: the layer's input
+    stays float); outputs and biases are not quantized (the grid quantizes layer inputs only).
+    Returns the model and ``{"bits": {layer: 8|16|None}, "calibration_feeds": n}``.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    acts = grid.activations or {}
+    default = int(acts.get("bits", 8))
+    per_layer = {n: (v.get("bits") if isinstance(v, dict) else v) for n, v in (acts.get("layers") or {}).items()}
+    qtype = {8: QuantType.QInt8, 16: QuantType.QInt16}
+    for i, n in enumerate(model.graph.node):
+        if not n.name:
+            n.name = f"{n.op_type}_{i}"
+    nodes = _layer_nodes(model.graph)
+    to_quantize, overrides, bits = [], {}, {}
+    for layer in grid.layers:
+        b = per_layer.get(layer, default)
+        bits[layer] = b
+        if b is None or layer not in nodes:
+            continue
+        for node in nodes[layer]:
+            to_quantize.append(node.name)
+            if b != default:
+                overrides.setdefault(node.input[0], [{"quant_type": qtype[int(b)]}])
+    src, dst = Path(workdir) / "act_in.onnx", Path(workdir) / "act_out.onnx"
+    onnx.save_model(model, str(src))
+    quantize_static(
+        str(src), str(dst), _Feeds(feeds, input_names), quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["Conv", "Gemm", "MatMul"], nodes_to_quantize=to_quantize,
+        activation_type=qtype[default], weight_type=QuantType.QInt8, per_channel=True,
+        extra_options={
+            "QuantizeBias": False, "OpTypesToExcludeOutputQuantization": ["Conv", "Gemm", "MatMul"],
+            "TensorQuantOverrides": overrides, "ActivationSymmetric": False,
+        },
+    )
+    out = onnx.load(str(dst))
+    src.unlink(missing_ok=True)
+    dst.unlink(missing_ok=True)
+    return out, {"bits": bits, "calibration_feeds": len(feeds)}
+
+
+# --- the exporter's entry point ---------------------------------------------------------------------
+
+
+def quantize(model, spec, cfg, workdir) -> tuple[object, dict]:
+    """Lower ``spec.quant`` into ``model`` (the exported on-grid U-Net); check the integers read back.
+
+    Returns the model and the manifest's ``quantization`` entry (plus ``_notes`` for the exporter)."""
+    from pocketfusion.export.base import ExportError
+
+    grid = spec.quant
+    unet = spec.module.unet
+    notes: list[str] = []
+    acts = grid.activations or {}
+    a16 = bool(acts) and (int(acts.get("bits", 8)) == 16 or any(
+        (v.get("bits") if isinstance(v, dict) else v) == 16 for v in (acts.get("layers") or {}).values()))
+    need = 21 if any(g.bits == 4 for g in grid.layers.values()) or a16 else 13
+    cur = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if cur < need:
+        model = raise_opset(model, need)
+        why = "int4 weights / blocked DequantizeLinear" if need == 21 and not a16 else "16-bit QDQ" if need == 21 else "per-axis DequantizeLinear"
+        notes.append(f"opset raised from {cur} to {need} ({why} need it)")
+    model, rep = lower_weights(model, unet, grid)
+    act_info = None
+    if acts:
+        feeds = spec.calibration
+        if not feeds:
+            feeds = spec.golden
+            notes.append("no calibration set: activation ranges calibrated on the golden feeds")
+        model, act_info = quantize_activations(model, grid, feeds, [s.name for s in spec.inputs], workdir)
+    back = read_integers(model)
+    ints = grid.integers(unet)
+    for layer in rep["int8"] + rep["int4"]:
+        got = back.get(layer)
+        if got is None or not np.array_equal(got["q"], ints[layer].numpy()) or not np.array_equal(
+            got["scale"], grid.layers[layer].scale.float().numpy().reshape(got["scale"].shape)
+        ):
+            raise ExportError(f"onnx: {spec.name}: layer {layer} does not hold the grid's integers after lowering")
+    fallbacks = dict(rep["fallbacks"])
+    if act_info:
+        for layer, b in act_info["bits"].items():
+            if b is None:
+                fallbacks.setdefault(layer, "activations kept float (the grid's activation fallback)")
+    info = {
+        "scheme": grid.scheme, "method": grid.method, "format": "QDQ weight-only (DequantizeLinear)"
+        + (" + static QDQ activations (onnxruntime quantize_static)" if act_info else ""),
+        "layers_int8": len(rep["int8"]), "layers_int4": len(rep["int4"]), "layers_float": len(rep["fallbacks"]),
+        "fallbacks": fallbacks, "activations": act_info, "verified": "integers and scales read back from the graph equal the grid's",
+        "notes": notes,
+    }
+    if fallbacks:
+        logger.warning("onnx: %s: %d grid layer(s) not held as quantized (%s)", spec.name, len(fallbacks),
+                       "; ".join(f"{k}: {v}" for k, v in list(fallbacks.items())[:3]) + (" ..." if len(fallbacks) > 3 else ""))
+    return model, {**info, "_notes": notes}
