@@ -65,9 +65,12 @@ def parity(session, spec: ComponentSpec, refs: list[dict[str, np.ndarray]]) -> d
     return {"max_abs": max_abs, "mean_abs": mean_abs, "rel": max_abs / max(peak, 1e-12), "feeds": len(spec.golden), "ref_max_abs": peak}
 
 
-def _tolerance(target: str, cfg: ExportConfig) -> float:
+def _tolerance(target: str, cfg: ExportConfig, info: dict | None = None) -> float:
     if target == "coreml" and cfg.coreml_precision == "fp16":
         return TOLERANCE["coreml-fp16"]
+    bits = ((info or {}).get("quantization") or {}).get("activation_bits")
+    if bits and f"{target}-a{bits}" in TOLERANCE:  # statically quantized activations
+        return TOLERANCE[f"{target}-a{bits}"]
     return TOLERANCE[target]
 
 
@@ -130,7 +133,7 @@ def export_model(model, cfg: ExportConfig, out: str | Path, *, progress: bool = 
                 "inputs": [s.to_dict() for s in spec.inputs], "outputs": [s.to_dict() for s in spec.outputs],
                 "size_bytes": size, "export_seconds": round(seconds, 2), **info,
             }
-            tol = _tolerance(target, cfg)
+            tol = _tolerance(target, cfg, info)
             if cfg.check_parity and mod.RUNTIME is not None:
                 try:
                     session = load_session(path, mod.RUNTIME)
