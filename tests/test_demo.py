@@ -38,12 +38,13 @@ def held_out_eval():
 def test_follows_prompts_on_held_out_combinations(held_out_eval):
     acc = held_out_eval["per_attribute"]
     assert held_out_eval["n"] == 48
-    assert min(acc[a] for a in ("shape", "color", "background", "size")) >= 0.85, acc
+    assert min(acc.values()) >= 0.8, acc
 
 
-@pytest.mark.xfail(strict=True, reason="known limit of the shipped demo model: position at chance (README, 'Known limit')")
 def test_follows_position_words(held_out_eval):
-    assert held_out_eval["per_attribute"]["position"] >= 0.8
+    # The attribute the min-SNR-weighted model ignored (12 %, chance is 20 %): layout is decided at
+    # high noise, which plain v-MSE keeps weighted.
+    assert held_out_eval["per_attribute"]["position"] >= 0.9, held_out_eval["per_attribute"]
 
 
 def test_run_writes_a_complete_artifact(tmp_path, capsys):
