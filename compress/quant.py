@@ -16,8 +16,8 @@ Methods (``quantize_unet(..., method=)``):
 Mixed precision is measured, not assumed: at 4 bits every layer's cost is the U-Net output error
 when only that layer is quantized (``layer_sensitivity``); layers far above the median stay at
 8 bits as far as the size budget allows. The same for activations in ``w8a8``: each layer's input is
-fake-quantized alone at 8 bits with the calibration range; layers far above the median fall back to
-16-bit activations. Every decision's measured figure goes into ``LayerGrid.reason`` /
+fake-quantized alone at 8 bits with the calibration range; the costliest fall back to 16-bit
+activations until the rest meet an output-SNR target. Every decision's measured figure goes into ``LayerGrid.reason`` /
 ``grid.activations``.
 """
 
@@ -45,7 +45,7 @@ DEFAULTS = {
     "group_size": 32,
     "mixed_threshold": 4.0,  # W4: keep a layer at 8 bits when its 4-bit cost exceeds this many medians
     "size_budget": 0.14,  # W4: stored U-Net bytes (fp16 scales) / fp32 bytes may not exceed this
-    "act_threshold": 4.0,  # W8A8: a layer's input falls back to 16 bits above this many medians
+    "act_snr_db": 35.0,  # W8A8: 8-bit inputs may cost at most this U-Net output SNR (vs W8); the costliest go 16-bit
     "damp": 0.01,  # GPTQ: fraction of mean(diag H) added to the diagonal
     "block": 128,  # GPTQ: lazy-batch block of columns
     "clip_grid": (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5),
@@ -480,7 +480,7 @@ def _median(values: Iterable[float]) -> float:
 
 def quantize_unet(unet, feeds_calib: Sequence[dict[str, Any]], *, scheme: str, method: str = "gptq",
                   group_size: int = DEFAULTS["group_size"], mixed_threshold: float | None = DEFAULTS["mixed_threshold"],
-                  size_budget: float = DEFAULTS["size_budget"], act_threshold: float = DEFAULTS["act_threshold"],
+                  size_budget: float = DEFAULTS["size_budget"], act_snr_db: float = DEFAULTS["act_snr_db"],
                   sequential: bool = True, chunks: int = DEFAULTS["chunks"], act_order: bool = False,
                   damp: float = DEFAULTS["damp"], clip_grid: Sequence[float] = DEFAULTS["clip_grid"],
                   sensitivity_feeds: int = DEFAULTS["sensitivity_feeds"], progress: bool = True) -> G.QuantGrid:
@@ -497,7 +497,8 @@ def quantize_unet(unet, feeds_calib: Sequence[dict[str, Any]], *, scheme: str, m
         mixed_threshold: ``w4``: keep at 8 bits the layers whose 4-bit cost exceeds this many times
             the median cost, within ``size_budget``; None: every layer at 4 bits.
         size_budget: ``w4``: the largest stored-bytes ratio to fp32 (fp16 scales) mixed precision may reach.
-        act_threshold: ``w8a8``: inputs whose 8-bit cost exceeds this many medians stay at 16 bits.
+        act_snr_db: ``w8a8``: the U-Net output SNR (against the W8 model) the 8-bit activations must
+            keep on the calibration feeds; the costliest layer inputs fall back to 16 bits until they do.
     """
     import torch
 
@@ -545,7 +546,7 @@ def quantize_unet(unet, feeds_calib: Sequence[dict[str, Any]], *, scheme: str, m
             qgrid.layers[n] = g
     G.apply(unet, qgrid, ints)
     if scheme in ("w8a8", "w8a16"):
-        qgrid.activations = _activations(unet, batches, sens_batches, scheme, order, act_threshold, progress)
+        qgrid.activations = _activations(unet, batches, sens_batches, scheme, order, act_snr_db, progress)
     return qgrid
 
 
@@ -595,9 +596,14 @@ def _mixed_precision(unet, batches, sens_batches, ref, gs, *, method, order, thr
     return plan, reasons, summary
 
 
-def _activations(unet, batches, sens_batches, scheme, order, threshold, progress) -> dict:
-    """Per-layer activation bits for w8a8 / w8a16 (ranges from the calibration feeds)."""
-    names = [n for n in order]
+def _activations(unet, batches, sens_batches, scheme, order, target_snr_db, progress) -> dict:
+    """Per-layer activation bits for w8a8 / w8a16 (ranges from the calibration feeds).
+
+    w8a8: each layer's input is fake-quantized alone at 8 bits and its cost measured (relative
+    output MSE against the W8 model). The costliest inputs fall back to 16 bits until the rest
+    add up to less than the error ``target_snr_db`` allows; the combination is then measured and
+    more inputs fall back (costliest first) while it misses the target."""
+    names = list(order)
     ranges = activation_ranges(unet, batches, names)
     layers: dict[str, dict] = {}
     if scheme == "w8a16":
@@ -607,14 +613,36 @@ def _activations(unet, batches, sens_batches, scheme, order, threshold, progress
     ref = unet_outputs(unet, sens_batches)  # the W8 model: isolates what 8-bit inputs cost
     cost = activation_sensitivity(unet, sens_batches, ref, ranges, 8, progress=progress)
     med = _median(cost.values())
+    budget = 10 ** (-target_snr_db / 10)
+    ranked = sorted(names, key=lambda n: -cost[n])
+    fall: list[str] = []
+    rest = sum(cost.values())
+    for n in ranked:
+        if rest <= budget:
+            break
+        fall.append(n)
+        rest -= cost[n]
+
+    def measure(fb):
+        cfg = {n: {"bits": 16 if n in fb else 8, "range": list(ranges[n])} for n in names}
+        with simulate_activations(unet, cfg):
+            return output_error(ref, unet_outputs(unet, sens_batches))["rel_mse"]
+
+    measured = measure(fall)
+    step = 1
+    while measured > budget and len(fall) < len(ranked):  # costs do not add up exactly: measure, fall back more
+        fall = ranked[: len(fall) + step]
+        step *= 2
+        measured = measure(fall)
     for n in names:
         x = cost[n] / med if med > 0 else float("nan")
-        fig = f"8-bit input costs {cost[n]:.2e} relative output MSE, {x:.1f}x the median"
-        fall = med > 0 and cost[n] > threshold * med
-        layers[n] = {"bits": 16 if fall else 8, "reason": f"{fig}: " + (f"16 bits (threshold {threshold:g}x)" if fall else "8 bits"),
-                     "range": list(ranges[n]), "cost": cost[n]}
-    return {"bits": 8, "threshold_x_median": threshold, "median_cost": med,
-            "fallbacks": [n for n in names if layers[n]["bits"] == 16], "layers": layers}
+        fig = f"8-bit input costs {cost[n]:.2e} relative output MSE ({x:.0f}x the median)"
+        why = (f"16 bits: among the costliest inputs, kept at 16 so the rest meet {target_snr_db:g} dB" if n in fall
+               else "8 bits")
+        layers[n] = {"bits": 16 if n in fall else 8, "reason": f"{fig}: {why}", "range": list(ranges[n]), "cost": cost[n]}
+    snr = 10 * math.log10(1 / measured) if measured > 0 else float("inf")
+    return {"bits": 8, "target_snr_db": target_snr_db, "measured_snr_db": snr, "median_cost": med,
+            "fallbacks": [n for n in names if n in fall], "layers": layers}
 
 
 def rtn_like(unet, qgrid: G.QuantGrid) -> G.QuantGrid:

@@ -213,6 +213,19 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_compress(args) -> int:
+    from pocketfusion.compress.api import compress, summary
+
+    if args.calib is not None and not Path(args.calib).exists():
+        raise UserError(f"--calib {args.calib} does not exist (a prompts .txt file or a directory made by 'pocketfusion calibrate')")
+    model = _load(args)
+    manifest = compress(model, Path(args.output), scheme=args.quant, method=args.method, calib=args.calib,
+                        n_prompts=args.num_prompts, group_size=args.group_size, seed=args.seed, progress=True)
+    print(f"wrote {args.output}/ ({args.quant}, {args.method})")
+    print(summary(manifest))
+    return 0
+
+
 def cmd_info(args) -> int:
     from pocketfusion.info import describe, format_table
 
@@ -282,6 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-parity", action="store_true", help="skip running the exports against PyTorch")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("compress", help="quantize the U-Net (weights on an int8/int4 grid every exporter lowers) with calibration")
+    _model_arg(p)
+    p.add_argument("--quant", required=True, choices=["w8", "w4", "w8a8", "w8a16"],
+                   help="w8: int8 per channel; w4: int4 groups (+ int8 where measured sensitive); w8a8 / w8a16: w8 + activation bits")
+    p.add_argument("--method", default="gptq", choices=["gptq", "rtn"], help="gptq: calibrated error-compensating rounding (default); rtn: round to nearest")
+    p.add_argument("--group-size", type=int, default=32, help="int4 group of input channels (default 32)")
+    p.add_argument("--calib", default=None, metavar="PROMPTS.txt|CALIB_DIR",
+                   help="prompts file (one a line) or a set from 'pocketfusion calibrate' (default: built-in demo prompts)")
+    p.add_argument("--num-prompts", type=int, default=None, metavar="N", help="calibration prompts (default 32, or every line of the file)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first calibration prompt")
+    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("calibrate", help="record real component inputs (U-Net CFG pairs across the trajectory) as a calibration set")
     _model_arg(p)
