@@ -68,7 +68,10 @@ def parity(session, spec: ComponentSpec, refs: list[dict[str, np.ndarray]]) -> d
 def _tolerance(target: str, cfg: ExportConfig, info: dict | None = None) -> float:
     if target == "coreml" and cfg.coreml_precision == "fp16":
         return TOLERANCE["coreml-fp16"]
-    bits = ((info or {}).get("quantization") or {}).get("activation_bits")
+    quant = (info or {}).get("quantization") or {}
+    if quant.get("tolerance_key") in TOLERANCE:  # the exporter names its case (e.g. "executorch-qd8")
+        return TOLERANCE[quant["tolerance_key"]]
+    bits = quant.get("activation_bits")
     if bits and f"{target}-a{bits}" in TOLERANCE:  # statically quantized activations
         return TOLERANCE[f"{target}-a{bits}"]
     return TOLERANCE[target]
