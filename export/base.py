@@ -27,6 +27,11 @@ TOLERANCE: dict[str, float] = {"onnx": 1e-4, "executorch": 1e-4, "tflite": 1e-4,
 # "<target>-a<bits>" with the lowest activation bit width the artifact uses
 # (info["quantization"]["activation_bits"]). Measured on the demo U-Net (RTN grids, ONNX): a16 3e-4, a8 7e-2.
 TOLERANCE.update({"onnx-a16": 1e-2, "onnx-a8": 0.25, "tflite-a16": 1e-2, "tflite-a8": 0.25})
+# ExecuTorch/XNNPACK has no weight-only int8/int4 kernels: its int8-weight kernels quantize their
+# input activations to int8 - per token at run time ("qd8", schemes w8 / w4 / w8a16) or statically
+# from calibration (w8a8: "-a8"). Measured (RTN grids, rel. error vs the on-grid PyTorch U-Net):
+# tiny fixture U-Net qd8 2.3e-2 (w8) / 2.6e-2 (w4).
+TOLERANCE.update({"executorch-qd8": 5e-2, "executorch-a8": 0.25})
 
 
 class ExportError(UserError):
