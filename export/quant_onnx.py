@@ -293,19 +293,27 @@ def quantize_activations(model, grid, feeds: list[dict], input_names: list[str],
                 overrides.setdefault(node.input[0], [{"quant_type": qtype[int(b)]}])
     src, dst = Path(workdir) / "act_in.onnx", Path(workdir) / "act_out.onnx"
     onnx.save_model(model, str(src))
-    quantize_static(
-        str(src), str(dst), _Feeds(feeds, input_names), quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["Conv", "Gemm", "MatMul"], nodes_to_quantize=to_quantize,
-        activation_type=qtype[default], weight_type=QuantType.QInt8, per_channel=True,
-        extra_options={
-            "QuantizeBias": False, "OpTypesToExcludeOutputQuantization": ["Conv", "Gemm", "MatMul"],
-            "TensorQuantOverrides": overrides, "ActivationSymmetric": False,
-        },
-    )
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # onnxruntime.quantization logs a pre-processing hint on the root logger
+    try:
+        quantize_static(
+                str(src), str(dst), _Feeds(feeds, input_names), quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["Conv", "Gemm", "MatMul"], nodes_to_quantize=to_quantize,
+            activation_type=qtype[default], weight_type=QuantType.QInt8, per_channel=True,
+            extra_options={
+                "QuantizeBias": False, "OpTypesToExcludeOutputQuantization": ["Conv", "Gemm", "MatMul"],
+                "TensorQuantOverrides": overrides, "ActivationSymmetric": False,
+            },
+        )
+    finally:
+        root.setLevel(level)
     out = onnx.load(str(dst))
     src.unlink(missing_ok=True)
     dst.unlink(missing_ok=True)
-    return out, {"bits": bits, "calibration_feeds": len(feeds)}
+    counts = {f"layers_a{b}": sum(1 for v in bits.values() if v == b) for b in (8, 16)}
+    return out, {"bits": default, **counts, "layers_float": sum(1 for v in bits.values() if v is None),
+                 "calibration_feeds": len(feeds), "_per_layer": bits}
 
 
 # --- the exporter's entry point ---------------------------------------------------------------------
@@ -328,7 +336,7 @@ def quantize(model, spec, cfg, workdir) -> tuple[object, dict]:
     if cur < need:
         model = raise_opset(model, need)
         why = "int4 weights / blocked DequantizeLinear" if need == 21 and not a16 else "16-bit QDQ" if need == 21 else "per-axis DequantizeLinear"
-        notes.append(f"opset raised from {cur} to {need} ({why} need it)")
+        notes.append(f"opset raised from {cur} to {need} (for {why})")
     model, rep = lower_weights(model, unet, grid)
     act_info = None
     if acts:
@@ -347,14 +355,15 @@ def quantize(model, spec, cfg, workdir) -> tuple[object, dict]:
             raise ExportError(f"onnx: {spec.name}: layer {layer} does not hold the grid's integers after lowering")
     fallbacks = dict(rep["fallbacks"])
     if act_info:
-        for layer, b in act_info["bits"].items():
+        for layer, b in act_info.pop("_per_layer").items():
             if b is None:
                 fallbacks.setdefault(layer, "activations kept float (the grid's activation fallback)")
     info = {
         "scheme": grid.scheme, "method": grid.method, "format": "QDQ weight-only (DequantizeLinear)"
         + (" + static QDQ activations (onnxruntime quantize_static)" if act_info else ""),
         "layers_int8": len(rep["int8"]), "layers_int4": len(rep["int4"]), "layers_float": len(rep["fallbacks"]),
-        "fallbacks": fallbacks, "activations": act_info, "verified": "integers and scales read back from the graph equal the grid's",
+        "fallbacks": fallbacks, "activations": act_info,
+        "activation_bits": (8 if act_info["layers_a8"] else 16 if act_info["layers_a16"] else None) if act_info else None, "verified": "integers and scales read back from the graph equal the grid's",
         "notes": notes,
     }
     if fallbacks:

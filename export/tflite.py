@@ -14,6 +14,10 @@ which ``pocketfusion.runtimes.litert`` uses to accept and return the spec's name
 
 litert-torch 0.10.0 converts every fixture family's U-Net, the CLIP text encoder and the VAE
 decoder as they are, with errors around 1e-6: no op rewrite is needed, so ``rewrites`` is empty.
+
+A U-Net with a quantization grid (``spec.quant``) is converted on its grid (fp32) and then lowered
+to weight-only int8 / int4 with exactly the grid's integers (``pocketfusion.export.quant_tflite``);
+``info["quantization"]`` says what the file holds.
 """
 
 from __future__ import annotations
@@ -152,6 +156,12 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict
         tmp = tmpdir / path.name
         with _quiet_progress():
             model.export(str(tmp))
+        del model
+        quant = None
+        if spec.quant is not None:
+            from pocketfusion.export import quant_tflite
+
+            quant = quant_tflite.quantize(tmp, spec)
         size = tmp.stat().st_size
         sig_in, sig_out, ops = _read_back(tmp)
         io = map_io(spec, sig_in, sig_out)
@@ -161,4 +171,8 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     logger.info("tflite: %s -> %s (%d bytes, %d ops)", spec.name, path, size, sum(ops.values()))
-    return {"signature": SIGNATURE, "io": io, "ops": ops, "rewrites": [], "notes": []}
+    info = {"signature": SIGNATURE, "io": io, "ops": ops, "rewrites": [], "notes": []}
+    if quant is not None:
+        info["notes"] += quant["notes"]
+        info["quantization"] = quant
+    return info

@@ -1,0 +1,482 @@
+"""Lower a quantization grid (``compress.grid``) into a converted ``.tflite``: weight-only int8 / int4.
+
+litert-torch converts the on-grid U-Net with fp32 weights (exactly ``q * scale``). Each grid layer's
+constant weight (input 1 of a ``CONV_2D`` / ``FULLY_CONNECTED``, found by value) is then replaced,
+in the flatbuffer, by *our* integers with per-axis quantization parameters and a ``DEQUANTIZE``
+that produces the original tensor, so the file holds int8 / int4 and LiteRT dequantizes exactly
+the on-grid weights (fp32 compute, as ai-edge-quantizer's weight-only recipes do)::
+
+    per channel:  <layer>.weight.q (INT8|INT4, OHWI / (O, I), scale (O,) on axis 0) -> DEQUANTIZE -> op
+
+Why not ai-edge-quantizer's own recipes for everything: its weight-only configs hold CHANNELWISE
+(and TENSORWISE) only; BLOCKWISE int4 exists only as *dynamic* (int8 activations at run time) and
+only for ``FULLY_CONNECTED``, and stores the block scales as fp16 rounded to a 7-bit mantissa, so
+neither our group scales nor (after its own re-quantization) our integers survive. Its abs-max
+observer (``bound / qmax``, int8 narrow range [-127, 127], int4 [-8, 7] of which an on-grid weight
+uses [-7, 7]) does reproduce our per-channel integers, but its scale can differ from ours by an ulp.
+So this module writes the tensors itself, with ai-edge-quantizer's flatbuffer helpers.
+
+Group-wise int4 (scale (O, I/g)) has no native per-block weight-only form in LiteRT. It is held
+exactly with per-axis quantization on a re-laid-out tensor: the integers are stored as
+(O * I/g, kh*kw*g) — one row per (output channel, group), so the per-row scale *is* the group
+scale — and turned back into the op's layout after ``DEQUANTIZE``::
+
+    (O*I/g, kh*kw*g) -DEQUANTIZE-> RESHAPE (O, I/g, kh, kw, g) -TRANSPOSE-> (O, kh, kw, I/g, g) -RESHAPE-> OHWI
+
+(a ``FULLY_CONNECTED`` or 1x1 conv needs only the final ``RESHAPE``). Every integer and scale is ours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+Q_SUFFIX = ".weight.q"
+_WEIGHT_OPS = ("CONV_2D", "FULLY_CONNECTED")
+
+
+def _schema():
+    from ai_edge_litert import schema_py_generated as schema
+
+    return schema
+
+
+def _op_names(model) -> list[str]:
+    s = _schema()
+    codes = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
+    return [codes.get(max(oc.builtinCode, oc.deprecatedBuiltinCode), "?") for oc in model.operatorCodes]
+
+
+def read_model(path: Path):
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fu
+
+    return fu.read_model(Path(path))
+
+
+def write_model(model, path: Path) -> None:
+    """Serialize with ai-edge-quantizer's model writer (buffers packed after the flatbuffer when large)."""
+    from ai_edge_quantizer import model_modifier
+    from ai_edge_litert.tools import flatbuffer_utils
+    from ai_edge_litert.tools import mmap_utils
+
+    packed = model_modifier._PackedBufferData(model)  # noqa: SLF001 - the quantizer's own >2 GiB-safe writer
+    if packed.packed_size < 256 * 1024:
+        mmap_utils.set_file_contents(str(path), flatbuffer_utils.convert_object_to_bytearray(model))
+    else:
+        model_modifier.ModelModifier(model)._serialize_model(model, packed, serialize_to_path=str(path))  # noqa: SLF001
+
+
+def _tensor_array(tensor, buffers) -> np.ndarray | None:
+    s = _schema()
+    data = buffers[tensor.buffer].data if tensor.buffer < len(buffers) else None
+    if data is None or len(data) == 0:
+        return None
+    dt = {s.TensorType.FLOAT32: np.float32, s.TensorType.INT8: np.int8, s.TensorType.INT32: np.int32}.get(tensor.type)
+    if dt is None:
+        return None
+    return np.frombuffer(bytes(data), dtype=dt).reshape(list(tensor.shape))
+
+
+def _torch_layout(a: np.ndarray, op: str) -> np.ndarray:
+    return a.transpose(0, 3, 1, 2) if op == "CONV_2D" else a  # OHWI -> OIHW; FC is (O, I) already
+
+
+def _key(a: np.ndarray) -> str:
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return f"{a.shape}:{hashlib.sha1(a.tobytes()).hexdigest()}"
+
+
+@dataclass
+class _Graph:
+    model: object
+    sg: object
+    names: list
+    consumers: dict = field(default_factory=dict)  # tensor -> [(op index, input slot)]
+
+    @classmethod
+    def of(cls, model):
+        g = cls(model, model.subgraphs[0], _op_names(model))
+        for i, op in enumerate(g.sg.operators):
+            for k, t in enumerate(op.inputs):
+                if t >= 0:
+                    g.consumers.setdefault(t, []).append((i, k))
+        return g
+
+    def op(self, i) -> str:
+        return self.names[self.sg.operators[i].opcodeIndex]
+
+    def opcode(self, builtin: int) -> int:
+        from ai_edge_quantizer.transformations import transformation_utils as tu
+
+        return tu.add_op_code(builtin, self.model.operatorCodes)
+
+    def add_buffer(self, data: np.ndarray) -> int:
+        s = _schema()
+        b = s.BufferT()
+        b.data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        b.offset, b.size = 0, 0
+        self.model.buffers.append(b)
+        return len(self.model.buffers) - 1
+
+    def add_tensor(self, name: str, shape, ttype, buffer: int = 0, quant=None) -> int:
+        s = _schema()
+        t = s.TensorT()
+        t.name, t.shape, t.type, t.buffer, t.quantization = name.encode(), list(int(x) for x in shape), ttype, buffer, quant
+        self.sg.tensors.append(t)
+        return len(self.sg.tensors) - 1
+
+    def const_i32(self, name: str, values) -> int:
+        v = np.asarray(values, dtype=np.int32)
+        return self.add_tensor(name, v.shape, _schema().TensorType.INT32, self.add_buffer(v))
+
+    def make_op(self, builtin: int, inputs, outputs, options_type=0, options=None):
+        s = _schema()
+        op = s.OperatorT()
+        op.opcodeIndex = self.opcode(builtin)
+        op.inputs, op.outputs = list(inputs), list(outputs)
+        if options is not None:
+            op.builtinOptionsType, op.builtinOptions = options_type, options
+        return op
+
+
+def weight_slots(g: _Graph) -> dict[int, str]:
+    """Constant fp32 tensors used only as the weight (input 1) of a CONV_2D / FULLY_CONNECTED: {tensor: op}."""
+    s = _schema()
+    out = {}
+    for t, uses in g.consumers.items():
+        tensor = g.sg.tensors[t]
+        if tensor.type != s.TensorType.FLOAT32 or not tensor.buffer:
+            continue
+        ops = {g.op(i) for i, _ in uses}
+        if all(k == 1 for _, k in uses) and len(ops) == 1 and next(iter(ops)) in _WEIGHT_OPS:
+            out[t] = next(iter(ops))
+    return out
+
+
+def _pack(q: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 8:
+        return q.astype(np.int8)
+    from ai_edge_quantizer.transformations import transformation_utils as tu
+
+    return tu.pack_data(4, np.ascontiguousarray(q.astype(np.int8)).reshape(-1).view(np.uint8))
+
+
+def _match(weights: dict, slots: dict, arrays: dict) -> tuple[dict, dict]:
+    """Where each layer's weight went in the converted model: ``{layer: [(tensor, row0, row1, factor)]}``.
+
+    The converter keeps most weights as they are (found by value), folds a constant into some
+    (attention scale into to_q / to_k: ``factor``), and splits some along output rows (GEGLU's
+    projection into its two halves: several pieces)."""
+    index: dict[str, list[int]] = {}
+    for t, a in arrays.items():
+        index.setdefault(_key(a), []).append(t)
+    pieces = {layer: [(t, 0, w.shape[0], 1.0) for t in index.get(_key(w), [])] for layer, w in weights.items()}
+    claimed = {p[0] for ps in pieces.values() for p in ps}
+    for layer, w in weights.items():
+        if pieces[layer]:
+            continue
+        for t, a in arrays.items():  # the same weight times a constant, or times a per-input-channel vector
+            if t not in claimed and a.shape == w.shape:
+                c = _folded_factor(a, w)
+                if c is None:
+                    c = _column_factor(a, w)
+                if c is not None:
+                    pieces[layer] = [(t, 0, w.shape[0], c)]
+                    claimed.add(t)
+                    break
+        if pieces[layer]:
+            continue
+        rows = {}
+        for r in range(w.shape[0]):  # split along output rows
+            rows.setdefault(hashlib.sha1(np.ascontiguousarray(w[r]).tobytes()).hexdigest(), []).append(r)
+        found, covered = [], np.zeros(w.shape[0], dtype=bool)
+        for t, a in arrays.items():
+            if t in claimed or a.shape[1:] != w.shape[1:] or a.shape[0] >= w.shape[0]:
+                continue
+            for r0 in rows.get(hashlib.sha1(np.ascontiguousarray(a[0]).tobytes()).hexdigest(), []):
+                r1 = r0 + a.shape[0]
+                if r1 <= w.shape[0] and not covered[r0:r1].any() and np.array_equal(a, w[r0:r1]):
+                    found.append((t, r0, r1, 1.0))
+                    covered[r0:r1] = True
+                    break
+        if found and covered.all():
+            pieces[layer] = sorted(found, key=lambda p: p[1])
+            claimed.update(p[0] for p in found)
+    return pieces
+
+
+def lower_weights(model, unet, grid) -> tuple[object, dict]:
+    """Replace each grid layer's fp32 weight in ``model`` (a ``ModelT`` of the on-grid ``unet``) by
+    its integers + DEQUANTIZE (+ layout ops for group-wise int4). Returns the model and
+    ``{"int8": [...], "int4": [...], "grouped": n, "folded": {layer: factor}, "split": {layer: pieces},
+    "fallbacks": {layer: reason}}``."""
+    s = _schema()
+    g = _Graph.of(model)
+    slots = weight_slots(g)
+    arrays = {}
+    for t, op in slots.items():
+        a = _tensor_array(g.sg.tensors[t], model.buffers)
+        if a is not None:
+            arrays[t] = _torch_layout(a, op)
+    mods = dict(unet.named_modules())
+    ints = grid.integers(unet)
+    weights = {layer: mods[layer].weight.detach().float().numpy() for layer in grid.layers}
+    pieces = _match(weights, slots, arrays)
+    done: dict[str, list[str]] = {"int8": [], "int4": []}
+    fallbacks: dict[str, str] = {}
+    folded: dict[str, float] = {}
+    columns: dict[str, bool] = {}
+    split: dict[str, int] = {}
+    grouped = 0
+    new_ops = []
+    B = s.BuiltinOperator
+    for layer, lg in grid.layers.items():
+        if not pieces[layer]:
+            fallbacks[layer] = "weight not found among the model's CONV_2D / FULLY_CONNECTED constants: kept fp32"
+            continue
+        q_all = ints[layer].numpy()
+        ttype = s.TensorType.INT8 if lg.bits == 8 else s.TensorType.INT4
+        whole = all(p[1] == 0 and p[2] == q_all.shape[0] for p in pieces[layer])
+        if not whole:
+            split[layer] = len(pieces[layer])
+        for k, (t, r0, r1, c) in enumerate(pieces[layer]):
+            col = None
+            if isinstance(c, np.ndarray):  # per input channel: an explicit MUL after dequantization
+                col, c = c, 1.0
+                columns[layer] = True
+            elif c != 1.0:
+                folded[layer] = c
+            op = slots[t]
+            tag = (layer if k == 0 else f"{layer}#{k}") if whole else f"{layer}@{r0}"
+            q = q_all[r0:r1]
+            scale = lg.scale.double().numpy()[r0:r1] * c
+            ql = q.transpose(0, 2, 3, 1) if op == "CONV_2D" else q  # the op's layout: OHWI / (O, I)
+            o, i = q.shape[0], q.shape[1]
+            qp = s.QuantizationParametersT()
+            qp.quantizedDimension = 0
+            target = g.sg.tensors[t]
+            if lg.group_size is None:
+                stored, qp.scale = ql, scale.reshape(o).astype(np.float32)
+            else:
+                gs = lg.group_size
+                kk = int(np.prod(ql.shape[1:-1])) if ql.ndim == 4 else 1  # kernel positions
+                # (O, [kh, kw,] I) -> (O, I/g, [kh, kw,] g) -> rows (O*I/g, kk*g)
+                r = ql.reshape(o, kk, i // gs, gs).transpose(0, 2, 1, 3)
+                stored, qp.scale = r.reshape(o * (i // gs), kk * gs), scale.reshape(-1).astype(np.float32)
+            qp.zeroPoint = np.zeros(len(qp.scale), dtype=np.int64)  # LiteRT requires one per scale
+            qt = g.add_tensor(tag + Q_SUFFIX, stored.shape, ttype, g.add_buffer(_pack(stored, lg.bits)), qp)
+            final = t
+            if col is not None:
+                t = g.add_tensor(tag + ".weight.deq", target.shape, s.TensorType.FLOAT32)
+            if lg.group_size is None:
+                new_ops.append(g.make_op(B.DEQUANTIZE, [qt], [t]))
+            else:
+                deq = g.add_tensor(tag + ".weight.dq", stored.shape, s.TensorType.FLOAT32)
+                new_ops.append(g.make_op(B.DEQUANTIZE, [qt], [deq]))
+                src = deq
+                if kk > 1:
+                    kh, kw = ql.shape[1], ql.shape[2]
+                    s5 = [o, i // gs, kh, kw, gs]
+                    r5 = g.add_tensor(tag + ".weight.r5", s5, s.TensorType.FLOAT32)
+                    new_ops.append(_reshape(g, src, r5, s5, tag + ".weight.shape5"))
+                    t5 = g.add_tensor(tag + ".weight.t5", [o, kh, kw, i // gs, gs], s.TensorType.FLOAT32)
+                    perm = g.const_i32(tag + ".weight.perm", [0, 2, 3, 1, 4])
+                    opts = s.TransposeOptionsT()
+                    new_ops.append(g.make_op(B.TRANSPOSE, [r5, perm], [t5], s.BuiltinOptions.TransposeOptions, opts))
+                    src = t5
+                new_ops.append(_reshape(g, src, t, list(target.shape), tag + ".weight.shape"))
+            if col is not None:
+                cv = g.add_tensor(tag + ".weight.colscale", [len(col)], s.TensorType.FLOAT32, g.add_buffer(col.astype(np.float32)))
+                opts = s.MulOptionsT()
+                new_ops.append(g.make_op(B.MUL, [t, cv], [final], s.BuiltinOptions.MulOptions, opts))
+                t = final
+            old, target.buffer = target.buffer, 0  # now produced by the ops above
+            if not any(x.buffer == old for x in g.sg.tensors):
+                model.buffers[old].data = None  # drop the fp32 copy
+        grouped += lg.group_size is not None
+        done[f"int{lg.bits}"].append(layer)
+    g.sg.operators[:0] = new_ops  # they read constants only: first in execution order
+    return model, {**done, "grouped": grouped, "folded": folded, "columns": sorted(columns), "split": split,
+                   "fallbacks": fallbacks}
+
+
+def _column_factor(a: np.ndarray, w: np.ndarray) -> np.ndarray | None:
+    """``v`` (one value per input channel) when ``a == w * v`` broadcast over the input-channel axis
+    (axis 1 in torch layout): a preceding affine (LayerNorm weight) the converter folded in. The
+    vector is returned in fp32, checked to reproduce ``a`` bit for bit."""
+    if a.shape != w.shape or w.ndim < 2:
+        return None
+    wt = np.moveaxis(w, 1, -1).reshape(-1, w.shape[1])  # (rest, I)
+    at = np.moveaxis(a, 1, -1).reshape(-1, w.shape[1])
+    rows = np.abs(wt).argmax(axis=0)
+    cols = np.arange(w.shape[1])
+    piv = wt[rows, cols]
+    v = np.where(piv != 0, at[rows, cols].astype(np.float64) / np.where(piv != 0, piv, 1), 1.0).astype(np.float32)
+    bad = np.flatnonzero(~np.all(wt * v[None, :] == at, axis=0))
+    for i in bad:  # the quotient can be an ulp or two off the factor that was multiplied in
+        for cand in _ulps(v[i], 3):
+            if np.array_equal(wt[:, i] * cand, at[:, i]):
+                v[i] = cand
+                break
+        else:
+            return None
+    return v
+
+
+def _ulps(x: np.float32, n: int):
+    up, down = x, x
+    for _ in range(n):
+        up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))
+        yield up
+        yield down
+
+
+def _folded_factor(a: np.ndarray, w: np.ndarray, rtol: float = 1e-6) -> float | None:
+    """``c`` when ``a == w * c`` up to float rounding (a constant the converter folded into the weight)."""
+    if a.shape != w.shape or not np.any(w):
+        return None
+    nz = w != 0
+    if np.any(a[~nz] != 0):
+        return None
+    r = a[nz].astype(np.float64) / w[nz]
+    c = float(np.median(r))
+    if c == 0 or not np.all(np.abs(r - c) <= rtol * abs(c) + 1e-30):
+        return None
+    return c
+
+
+def _reshape(g: _Graph, src: int, dst: int, shape, name: str):
+    s = _schema()
+    opts = s.ReshapeOptionsT()
+    opts.newShape = [int(x) for x in shape]
+    return g.make_op(s.BuiltinOperator.RESHAPE, [src, g.const_i32(name, shape)], [dst], s.BuiltinOptions.ReshapeOptions, opts)
+
+
+def _unpack4(data: np.ndarray, n: int) -> np.ndarray:
+    b = np.frombuffer(bytes(data), dtype=np.uint8)
+    lo, hi = (b & 0xF).astype(np.int8), (b >> 4).astype(np.int8)
+    v = np.empty(2 * len(b), dtype=np.int8)
+    v[0::2], v[1::2] = lo, hi
+    v = v[:n]
+    return np.where(v > 7, v - 16, v).astype(np.int8)
+
+
+def read_integers(model) -> dict[str, dict]:
+    """The grid layers a lowered model holds, read back from the flatbuffer: ``{layer: {"q": int8
+    array in torch layout, "scale": float32 array (flat, (O,) or (O * I/g,)), "bits", "op", "pieces"}}``.
+
+    The stored integers are carried through the DEQUANTIZE / RESHAPE / TRANSPOSE chain to the
+    consuming op, so the result is what that op computes with."""
+    s = _schema()
+    g = _Graph.of(model)
+    producers = {}
+    for i, op in enumerate(g.sg.operators):
+        for t in op.outputs:
+            producers[t] = i
+    pieces: dict[str, dict[int, dict]] = {}
+    for ti, tensor in enumerate(g.sg.tensors):
+        name = tensor.name.decode(errors="replace")
+        if not name.endswith(Q_SUFFIX) or tensor.type not in (s.TensorType.INT8, s.TensorType.INT4):
+            continue
+        n = int(np.prod(tensor.shape))
+        data = model.buffers[tensor.buffer].data
+        bits = 4 if tensor.type == s.TensorType.INT4 else 8
+        q = _unpack4(data, n) if bits == 4 else np.frombuffer(bytes(data), dtype=np.int8)[:n].copy()
+        q = q.reshape(list(tensor.shape))
+        cur = ti
+        while True:
+            uses = g.consumers.get(cur, [])
+            if len(uses) != 1:
+                break
+            i, _ = uses[0]
+            op, name_op = g.sg.operators[i], g.op(uses[0][0])
+            if name_op == "DEQUANTIZE":
+                pass
+            elif name_op == "RESHAPE":
+                q = q.reshape(list(g.sg.tensors[op.outputs[0]].shape))
+            elif name_op == "MUL":  # a per-input-channel vector the converter had folded into the weight
+                pass
+            elif name_op == "TRANSPOSE":
+                q = q.transpose(_tensor_array(g.sg.tensors[op.inputs[1]], model.buffers).tolist())
+            elif name_op in _WEIGHT_OPS:
+                tag = name[: -len(Q_SUFFIX)]
+                layer, _, r0 = tag.partition("@")
+                pieces.setdefault(layer.split("#")[0], {})[int(r0 or 0)] = {
+                    "q": np.ascontiguousarray(_torch_layout(q, name_op)), "bits": bits, "op": name_op,
+                    "scale": np.asarray(tensor.quantization.scale, dtype=np.float32),
+                }
+                break
+            else:
+                break
+            cur = op.outputs[0]
+    out = {}
+    for layer, parts in pieces.items():  # a weight the converter split along output rows: put it back together
+        ps = [parts[r] for r in sorted(parts)]
+        out[layer] = {"q": np.concatenate([p["q"] for p in ps]), "scale": np.concatenate([p["scale"] for p in ps]),
+                      "bits": ps[0]["bits"], "op": ps[0]["op"], "pieces": len(ps)}
+    return out
+
+
+def expected_scale(lg, factor: float = 1.0) -> np.ndarray:
+    """The flat scale a lowered layer stores: the grid's, times the converter's folded factor (if any)."""
+    return (lg.scale.double().numpy().reshape(-1) * factor).astype(np.float32)
+
+
+def quantize(path: Path, spec) -> dict:
+    """Lower ``spec.quant`` into the converted model at ``path`` (rewritten in place), read the
+    integers back and check them; returns the manifest's ``quantization`` entry."""
+    from pocketfusion.export.base import ExportError
+
+    grid = spec.quant
+    unet = spec.module.unet
+    notes: list[str] = []
+    model, rep = lower_weights(read_model(path), unet, grid)
+    out = path.with_name(path.name + ".q")
+    write_model(model, out)  # not in place: the read model's buffers are views of the mapped file
+    del model
+    os.replace(out, path)
+    back = read_integers(read_model(path))
+    ints = grid.integers(unet)
+    for layer in rep["int8"] + rep["int4"]:
+        got = back.get(layer)
+        want_scale = expected_scale(grid.layers[layer], rep["folded"].get(layer, 1.0))
+        if got is None or not np.array_equal(got["q"], ints[layer].numpy()) or not np.array_equal(got["scale"], want_scale):
+            raise ExportError(f"tflite: {spec.name}: layer {layer} does not hold the grid's integers after lowering")
+    if rep["folded"]:
+        notes.append(
+            f"{len(rep['folded'])} weights had a constant folded in by the converter (attention scale into to_q / to_k): "
+            "same integers, scale multiplied by that constant"
+        )
+    if rep["columns"]:
+        notes.append(
+            f"{len(rep['columns'])} weights had a per-input-channel vector folded in by the converter (the preceding "
+            "LayerNorm weight): same integers and scales, the vector applied by a MUL after DEQUANTIZE"
+        )
+    if rep["split"]:
+        notes.append(f"{len(rep['split'])} weights split by the converter along output rows (GEGLU projections): one int tensor per piece")
+    if rep["grouped"]:
+        notes.append(
+            f"{rep['grouped']} group-wise int4 layers held as per-axis int4 rows (one row per output channel and group) "
+            "+ DEQUANTIZE / RESHAPE / TRANSPOSE: LiteRT has no weight-only block-wise int4"
+        )
+    fallbacks = dict(rep["fallbacks"])
+    if fallbacks:
+        logger.warning("tflite: %s: %d grid layer(s) kept fp32 (%s)", spec.name, len(fallbacks),
+                       "; ".join(f"{k}: {v}" for k, v in list(fallbacks.items())[:3]) + (" ..." if len(fallbacks) > 3 else ""))
+    if grid.activations:
+        notes.append("activation quantization (w8a8 / w8a16) is not lowered to TFLite yet: weights only, fp32 activations")
+    return {
+        "scheme": grid.scheme, "method": grid.method,
+        "format": "weight-only: INT8 / INT4 per-axis constants + DEQUANTIZE (fp32 compute)",
+        "layers_int8": len(rep["int8"]), "layers_int4": len(rep["int4"]), "layers_float": len(fallbacks),
+        "layers_grouped": rep["grouped"], "fallbacks": fallbacks, "activations": None, "activation_bits": None,
+        "scale_factors": {k: round(v, 9) for k, v in rep["folded"].items()}, "split": rep["split"],
+        "verified": "integers and scales read back from the flatbuffer equal the grid's", "notes": notes,
+    }
