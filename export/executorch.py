@@ -81,14 +81,28 @@ class Lowered:
     delegation: dict
     rewrites: list[str]
     module: object
+    quant: dict | None = None  # with a grid: plans, integers, scales, PT2E readback, simulated output
 
 
-def lower(module, example_args, *, rewrite: bool = True) -> Lowered:
+def _structural_copy(module):
+    """A copy of ``module``'s module tree that shares its parameters and buffers (no second copy of
+    the weights: 3.4 GB for a full-size SD U-Net), so modules and parameters can be swapped on it."""
+    shared = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return copy.deepcopy(module, memo=shared)
+
+
+def lower(module, example_args, *, rewrite: bool = True, quant=None, calibration=(), prefix: str = "unet.") -> Lowered:
     """Lower ``module`` for ExecuTorch with the XNNPACK partitioner.
 
     With ``rewrite``, a deep copy of ``module`` gets ``apply_xnnpack_rewrites_`` (the caller's
     module is never changed) and the exported graph gets ``apply_graph_rewrites_``. The delegation
     summary is ``delegation_summary`` of the lowered edge program.
+
+    With ``quant`` (a ``compress.grid.QuantGrid`` whose layer names are relative to
+    ``module.<prefix>``), the grid's layers are lowered into XNNPACK's quantized kernels
+    (``export.quant_executorch``): int4 group-wise linears from the grid's integers, the rest int8 per
+    channel through PT2E with the constants pinned to the grid; ``calibration`` (tuples of example
+    arguments) feeds the static activation observers of w8a8 layers.
     """
     import torch
 
@@ -100,20 +114,36 @@ def lower(module, example_args, *, rewrite: bool = True) -> Lowered:
 
     rewrites: list[str] = []
     if rewrite:
-        # A structural copy that shares the weight tensors: the rewrites swap modules but reuse the
-        # original parameters, so the caller's module stays intact without a second copy of the
-        # weights (3.4 GB for a full-size SD U-Net).
-        shared = {id(t): t for t in (*module.parameters(), *module.buffers())}
-        module = copy.deepcopy(module, memo=shared)
+        module = _structural_copy(module)
         rewrites = apply_xnnpack_rewrites_(module)
     module = module.eval()
+    qinfo = None
+    target = module
+    if quant is not None:
+        from pocketfusion.export import quant_executorch as qe
+
+        unet = module.get_submodule(prefix.rstrip("."))
+        plans = qe.plan(quant, have_calibration=bool(calibration))
+        ints, scales = qe.target_integers(quant, unet, plans)
+        target = _structural_copy(module)  # int4 weights go on a copy: ``module`` stays the float reference
+        qe.apply_int4_linears_(target, plans, ints, scales, prefix)
     with torch.no_grad():
-        ep = torch.export.export(module, tuple(example_args))
+        ep = torch.export.export(target, tuple(example_args))
     if rewrite:
         rewrites += apply_graph_rewrites_(ep)
-    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    if quant is not None:
+        converted, readback = qe.quantize_pt2e(ep, plans, ints, scales, tuple(example_args), list(calibration), prefix)
+        with torch.no_grad():
+            simulated = converted(*example_args)
+            ep = torch.export.export(converted, tuple(example_args))
+        qinfo = {"plans": plans, "integers": ints, "scales": scales, "readback": readback, "simulated": simulated}
+    if quant is None:
+        edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    else:
+        with qe.dynamic_conv_nhwc_fix():
+            edge = to_edge_transform_and_lower(ep, partitioner=[qe.merging_partitioner()])
     delegation = delegation_summary(edge)
-    return Lowered(edge.to_executorch(), delegation, rewrites, module)
+    return Lowered(edge.to_executorch(), delegation, rewrites, module, qinfo)
 
 
 def profile_outside_share(pte_path: str | Path, feeds: list, runs: int = _PROFILE_RUNS) -> dict:
@@ -167,6 +197,54 @@ def profile_outside_share(pte_path: str | Path, feeds: list, runs: int = _PROFIL
     }
 
 
+def _quant_info(spec: ComponentSpec, lowered: Lowered, path: Path) -> dict:
+    """The ``quantization`` block: plan summary, integer read-back from the ``.pte``, measured errors.
+
+    Raises ``ExportError`` when a layer's integers or scales are not in the written program."""
+    import torch
+
+    from pocketfusion.compress.grid import quantizable_layers
+    from pocketfusion.export import quant_executorch as qe
+
+    q = lowered.quant
+    grid, plans = spec.quant, q["plans"]
+    unet = spec.module.unet
+    n_float = len(set(quantizable_layers(unet)) - set(grid.layers))
+    info = qe.summary(grid, plans, n_float)
+    back = qe.pte_readback(path, plans, q["integers"], q["scales"])
+    if back["missing"]:
+        raise ExportError(f"executorch: {spec.name}: the .pte lacks the grid integers/scales of {len(back['missing'])} layers: "
+                          + ", ".join(back["missing"][:5]))
+    readback = q["readback"]
+    int8_pinned = [n for n, p in plans.items() if p.storage != qe.INT4_GROUP]
+    info["readback"] = {
+        "pte": "every layer's weight bytes and scales found in the program's named data (SHA-256 keys)",
+        **{k: v for k, v in back.items() if k != "missing"},
+        # how often XNNPACKQuantizer's own observer already gave the grid's integers (8-bit grid layers only)
+        "observer_matched": sum(readback[n]["observer_matched"] for n in int8_pinned if plans[n].bits == 8),
+        "observer_layers": sum(plans[n].bits == 8 for n in int8_pinned),
+    }
+    ints = q["integers"]
+    info["integers_equal_grid"] = sum(
+        bool(torch.equal(ints[n], g)) for n, g in grid.integers(unet).items() if plans[n].exact
+    )
+    with torch.no_grad():
+        ref = spec.module(*spec.example_args())
+    info["simulated_rel_err"] = float((q["simulated"] - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    static = any(p.activations == qe.STATIC for p in plans.values())
+    info["activation_bits"] = 8  # every quantized layer's activations are int8 (dynamic or static)
+    info["tolerance_key"] = "executorch-a8" if static else "executorch-qd8"
+    kinds = info["storage"]
+    fell = len(info["fallbacks"])
+    logger.info(
+        "executorch/%s: %s -> %d int4 group-wise, %d int8 per-channel (%d re-quantized), %d float; %s activations%s",
+        spec.name, grid.scheme, kinds.get(qe.INT4_GROUP, 0), kinds.get(qe.INT8_CHANNEL, 0) + kinds.get(qe.INT8_REQUANT, 0),
+        kinds.get(qe.INT8_REQUANT, 0), n_float, "static+dynamic int8" if static else "dynamic int8",
+        f"; {fell} layers held differently from the grid (4-bit convs/linears XNNPACK cannot hold: see manifest fallbacks)" if fell else "",
+    )
+    return info
+
+
 def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict:
     """Export ``spec.module`` to the ExecuTorch program ``path`` (XNNPACK-delegated, fp32).
 
@@ -188,8 +266,12 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict
     notes: list[str] = []
     info: dict = {}
     t0 = time.perf_counter()
+    kwargs = {}
+    if spec.quant is not None:
+        calib = [tuple(torch.from_numpy(f[s.name]) for s in spec.inputs) for f in spec.calibration]
+        kwargs = {"quant": spec.quant, "calibration": calib}
     try:
-        lowered = lower(spec.module, args, rewrite=cfg.rewrite)
+        lowered = lower(spec.module, args, rewrite=cfg.rewrite, **kwargs)
     except Exception as e:  # torch.export / partitioner raise many types; name the component
         raise ExportError(f"executorch: {spec.name} failed to lower ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     delegation, rewrites = lowered.delegation, lowered.rewrites
@@ -224,6 +306,8 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict
         for p in (tmp, tmp + ".io.json"):
             if os.path.exists(p):
                 os.unlink(p)
+    if lowered.quant is not None:
+        info["quantization"] = _quant_info(spec, lowered, path)
     runs = int(cfg.extra.get("executorch_profile_runs", _PROFILE_RUNS))
     share = None
     if runs > 0:
@@ -236,6 +320,12 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict
             delegation["profile"] = profile
     else:
         notes.append("outside-delegate runtime share not measured (executorch_profile_runs=0)")
-    notes.append("fp32, XNNPACK delegate; ops outside delegates run on portable (reference) kernels")
+    if lowered.quant is None:
+        notes.append("fp32, XNNPACK delegate; ops outside delegates run on portable (reference) kernels")
+    else:
+        q = info["quantization"]
+        notes.append(f"{q['scheme']}: {q['layers_int4']} int4 + {q['layers_int8']} int8 weight layers in the XNNPACK delegate, "
+                     f"{q['layers_float']} float; activations {q['activations']['dynamic-int8']} dynamic / "
+                     f"{q['activations']['static-int8']} static int8; ops outside delegates run on portable kernels")
     info.update(delegation=delegation, outside_delegate_runtime_share=share, rewrites=rewrites, notes=notes)
     return info
