@@ -1,0 +1,142 @@
+"""Quantization grids lowered to ONNX: QDQ int8 / int4 weights holding exactly the grid's integers."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+import onnx  # noqa: E402
+
+from pocketfusion import artifact  # noqa: E402
+from pocketfusion.checkpoint import load_model  # noqa: E402
+from pocketfusion.compress.grid import QuantGrid, rtn_grid  # noqa: E402
+from pocketfusion.export.api import export_model  # noqa: E402
+from pocketfusion.export.base import TOLERANCE, ExportConfig  # noqa: E402
+from pocketfusion.export.quant_onnx import Q_SUFFIX, read_integers  # noqa: E402
+
+CFG = ExportConfig(targets=("onnx",), components=("unet",))
+GROUP = 8  # the tiny U-Net is 8-32 channels wide: groups of 8 make most layers group-wise
+
+
+def quantized_copy(src, dst, bits, *, scheme=None, activations=None):
+    """A copy of the tiny pipeline whose U-Net is RTN-quantized on a grid (what `compress --quant` writes)."""
+    shutil.copytree(src, dst)
+    model = load_model(dst)
+    unet = model.components["unet"]
+    grid = rtn_grid(unet, bits, group_size=GROUP, scheme=scheme)
+    if activations:
+        grid.activations = activations
+    unet.save_pretrained(str(dst / "unet"), safe_serialization=True)
+    grid.save(dst / "unet", unet)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_sd, tmp_path_factory):
+    """fp32, w8 and w4 exports of the tiny U-Net: {name: (model dir, export dir, manifest entry)}."""
+    root = tmp_path_factory.mktemp("qonnx")
+    out = {}
+    for name, bits in (("fp32", None), ("w8", 8), ("w4", 4)):
+        src = tiny_sd if bits is None else quantized_copy(tiny_sd, root / f"m-{name}", bits)
+        exp = root / f"e-{name}"
+        export_model(load_model(src), CFG, exp, progress=False)
+        out[name] = (src, exp, artifact.load_manifest(exp).metrics["components"]["onnx/unet"])
+    return out
+
+
+def _initializer_bytes(path):
+    m = onnx.load(str(path))
+    return {t.name: (t, len(t.raw_data)) for t in m.graph.initializer}
+
+
+@pytest.mark.parametrize("scheme,bits", [("w8", 8), ("w4", 4)])
+def test_artifact_holds_the_grid_integers_bit_for_bit(exports, scheme, bits):
+    src, exp, entry = exports[scheme]
+    model = load_model(src)
+    grid = model.quant
+    assert isinstance(grid, QuantGrid) and grid.scheme == scheme
+    want = grid.integers(model.components["unet"])
+    got = read_integers(onnx.load(str(exp / "onnx" / "unet.onnx")))
+    assert set(got) == set(grid.layers)
+    for name, layer in grid.layers.items():
+        assert got[name]["bits"] == bits
+        assert np.array_equal(got[name]["q"], want[name].numpy()), name
+        assert np.array_equal(got[name]["scale"].reshape(-1), layer.scale.numpy().reshape(-1)), name
+    q = entry["quantization"]
+    assert q["scheme"] == scheme and q[f"layers_int{bits}"] == len(grid.layers)
+    assert q["layers_float"] == 0 and q["fallbacks"] == {} and q["activations"] is None
+    # group-wise layers exist at 4 bits, and convolutions are quantized too (not only MatMul)
+    ops = {v["op"] for v in got.values()}
+    assert {"Conv", "MatMul", "Gemm"} <= ops
+    if bits == 4:
+        assert any(g.group_size for g in grid.layers.values()) and any(g.group_size is None for g in grid.layers.values())
+
+
+@pytest.mark.parametrize("scheme", ["w8", "w4"])
+def test_parity_and_opset(exports, scheme):
+    _, _, entry = exports[scheme]
+    assert entry["parity"]["status"] == "pass" and entry["parity"]["rel"] < TOLERANCE["onnx"], entry["parity"]
+    assert entry["parity"]["tolerance"] == TOLERANCE["onnx"]
+    if scheme == "w4":  # int4 and blocked DequantizeLinear need opset 21; the default is 18
+        assert entry["opset"]["ai.onnx"] == 21
+        assert any("opset raised from 18 to 21" in n for n in entry["notes"])
+    else:
+        assert entry["opset"]["ai.onnx"] == 18
+
+
+@pytest.mark.parametrize("scheme,bits", [("w8", 8), ("w4", 4)])
+def test_weights_are_stored_at_their_width_and_the_file_shrinks(exports, scheme, bits):
+    src, exp, entry = exports[scheme]
+    _, fexp, fentry = exports["fp32"]
+    grid = load_model(src).quant
+    inits = _initializer_bytes(exp / "onnx" / "unet.onnx")
+    fp32_weight_bytes = q_bytes = 0
+    for name, layer in grid.layers.items():
+        n = int(np.prod(layer.shape))
+        t, nbytes = inits[name + Q_SUFFIX]
+        assert nbytes == (n if bits == 8 else (n + 1) // 2), name  # packed: 1 byte / 2 values per byte
+        fp32_weight_bytes += 4 * n
+        q_bytes += nbytes + 4 * layer.scale.numel()
+    # no fp32 copy of a grid weight is left (in either layout)
+    unet = load_model(src).components["unet"]
+    mods = dict(unet.named_modules())
+    weights = {mods[n].weight.detach().numpy().tobytes() for n in grid.layers}
+    weights |= {np.ascontiguousarray(mods[n].weight.detach().numpy().T).tobytes() for n in grid.layers if len(grid.layers[n].shape) == 2}
+    floats = [onnx.numpy_helper.to_array(t) for t, _ in inits.values() if t.data_type == onnx.TensorProto.FLOAT]
+    assert not any(np.ascontiguousarray(a).tobytes() in weights for a in floats)
+    # the fp32 weights are gone and only the integers + scales took their place (plus, per layer, a
+    # DequantizeLinear node, maybe a Reshape, and their names: < 600 bytes)
+    assert entry["size_bytes"] <= fentry["size_bytes"] - fp32_weight_bytes + q_bytes + 600 * len(grid.layers)
+    # (the tiny model is mostly graph, biases and norms: the demo figures are in the report)
+    assert entry["size_bytes"] < fentry["size_bytes"] * 0.70
+
+
+def test_w8a16_static_activations_keep_the_weight_integers(tiny_sd, tmp_path):
+    """Static QDQ activations through onnxruntime.quantization: our weight DQ nodes survive unchanged;
+    a layer whose activation bits are None keeps a float input."""
+    grid_acts = {"bits": 16, "layers": {}}
+    src = quantized_copy(tiny_sd, tmp_path / "m", 8, scheme="w8a16", activations=grid_acts)
+    grid = QuantGrid.load(src / "unet")
+    names = list(grid.layers)
+    keep_float = names[1]
+    grid.activations = {"bits": 16, "layers": {n: {"bits": None if n == keep_float else 16, "reason": "test"} for n in names}}
+    unet = load_model(src).components["unet"]
+    grid.save(src / "unet", unet)
+
+    model = load_model(src)
+    export_model(model, CFG, tmp_path / "e", progress=False)
+    entry = artifact.load_manifest(tmp_path / "e").metrics["components"]["onnx/unet"]
+    q = entry["quantization"]
+    assert q["activation_bits"] == 16 and q["activations"]["layers_a16"] == len(names) - 1
+    assert q["activations"]["layers_float"] == 1 and keep_float in q["fallbacks"]
+    assert entry["parity"]["tolerance"] == TOLERANCE["onnx-a16"] and entry["parity"]["status"] == "pass"
+    assert any("golden feeds" in n for n in entry["notes"])  # no calibration set in this model folder
+    m = onnx.load(str(tmp_path / "e" / "onnx" / "unet.onnx"))
+    got = read_integers(m)
+    want = model.quant.integers(model.components["unet"])
+    assert all(np.array_equal(got[n]["q"], want[n].numpy()) for n in names)
+    # 16-bit activation Q/DQ pairs were inserted (int16 zero points), and none on the float-kept layer
+    q16 = [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.INT16]
+    assert q16
