@@ -176,6 +176,8 @@ def compress(model, out: str | Path, *, scheme: str, method: str = "gptq", calib
     if model.unet is None:
         raise UserError(f"{model.path} has no U-Net to quantize")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} exists and is not a directory")
     if out.resolve() == Path(model.path).resolve():
         raise UserError(f"output {out} is the source model folder; choose another directory")
     t0 = time.perf_counter()

@@ -52,6 +52,7 @@ DEFAULTS = {
     "chunks": 12,  # sequential GPTQ: Hessian passes over the calibration feeds
     "sensitivity_feeds": 32,  # feeds (CFG pairs) used to measure per-layer costs
     "max_batch": 256,  # samples per U-Net call during calibration passes
+    "hessian_bytes": 2 << 30,  # GPTQ: Hessians held at once (a chunk ends earlier when they would exceed it)
 }
 
 
@@ -377,6 +378,24 @@ def _supported(module) -> str | None:
     return None
 
 
+def _chunks(names: Sequence[str], mods: dict, k: int, max_bytes: int) -> list[list[str]]:
+    """Consecutive layers, at most ``k`` a chunk and their float64 Hessians within ``max_bytes`` together."""
+    parts: list[list[str]] = []
+    cur: list[str] = []
+    size = 0
+    for n in names:
+        cols = _flat(mods[n].weight).shape[1]
+        b = cols * cols * 8
+        if cur and (len(cur) >= k or size + b > max_bytes):
+            parts.append(cur)
+            cur, size = [], 0
+        cur.append(n)
+        size += b
+    if cur:
+        parts.append(cur)
+    return parts
+
+
 def quantize_weights(unet, batches, plan: dict[str, tuple[int, int | None]], *, method: str, order: Sequence[str],
                      sequential: bool = True, chunks: int = DEFAULTS["chunks"], apply: bool = True, progress: bool = False,
                      act_order: bool = False, **kw) -> tuple[dict[str, G.LayerGrid], dict[str, Any]]:
@@ -395,8 +414,7 @@ def quantize_weights(unet, batches, plan: dict[str, tuple[int, int | None]], *, 
         for n in names:
             grids[n], ints[n] = G.rtn(mods[n], n, *plan[n])
     else:
-        k = max(1, math.ceil(len(names) / max(1, chunks)))
-        parts = [names[i : i + k] for i in range(0, len(names), k)]
+        parts = _chunks(names, mods, max(1, math.ceil(len(names) / max(1, chunks))), DEFAULTS["hessian_bytes"])
         bar = tqdm(total=len(names), desc=f"gptq w{'/'.join(str(b) for b in sorted({p[0] for p in plan.values()}))}",
                    unit="layer", disable=not progress)
         for part in parts:
