@@ -477,6 +477,6 @@ def quantize(path: Path, spec) -> dict:
         "format": "weight-only: INT8 / INT4 per-axis constants + DEQUANTIZE (fp32 compute)",
         "layers_int8": len(rep["int8"]), "layers_int4": len(rep["int4"]), "layers_float": len(fallbacks),
         "layers_grouped": rep["grouped"], "fallbacks": fallbacks, "activations": None, "activation_bits": None,
-        "scale_factors": {k: round(v, 9) for k, v in rep["folded"].items()}, "split": rep["split"],
+        "scale_factors": dict(rep["folded"]), "split": rep["split"],  # exact floats: scale = grid scale * factor
         "verified": "integers and scales read back from the flatbuffer equal the grid's", "notes": notes,
     }

@@ -1,0 +1,114 @@
+"""Quantization grids lowered to TFLite: INT8 / INT4 weights holding exactly the grid's integers, run by LiteRT.
+
+The default run converts once (litert-torch takes ~30 s for the tiny U-Net): a mixed-precision grid
+with int8 per-channel, int4 per-channel and int4 group-wise layers (convolutions, 1x1 convolutions
+and fully-connected layers), so every storage form is read back and checked. Whole-model w8 / w4
+exports (file sizes) are slow tests.
+"""
+
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("litert_torch")
+pytest.importorskip("ai_edge_litert")
+
+from pocketfusion import artifact  # noqa: E402
+from pocketfusion.checkpoint import load_model  # noqa: E402
+from pocketfusion.compress.grid import QuantGrid, apply, layer_group_size, quantizable_layers, rtn, rtn_grid  # noqa: E402
+from pocketfusion.export.api import export_model  # noqa: E402
+from pocketfusion.export.base import TOLERANCE, ExportConfig  # noqa: E402
+from pocketfusion.export.quant_tflite import Q_SUFFIX, expected_scale, read_integers, read_model  # noqa: E402
+from pocketfusion.runtimes.base import load_session  # noqa: E402
+
+CFG = ExportConfig(targets=("tflite",), components=("unet",))
+GROUP = 8  # the tiny U-Net is 8-32 channels wide: groups of 8 make most 4-bit layers group-wise
+
+
+def mixed_grid(unet) -> QuantGrid:
+    """Every third layer at 8 bits, the rest at 4 (group-wise where the input channels allow)."""
+    grid = QuantGrid("w4", "rtn", settings={"group_size": GROUP})
+    ints = {}
+    for k, (name, mod) in enumerate(quantizable_layers(unet).items()):
+        bits = 8 if k % 3 == 0 else 4
+        grid.layers[name], ints[name] = rtn(mod, name, bits, layer_group_size(mod, bits, GROUP))
+    apply(unet, grid, ints)
+    return grid
+
+
+def quantized_copy(src, dst, make_grid):
+    shutil.copytree(src, dst)
+    unet = load_model(dst).components["unet"]
+    grid = make_grid(unet)
+    unet.save_pretrained(str(dst / "unet"), safe_serialization=True)
+    grid.save(dst / "unet", unet)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def mixed(tiny_sd, tmp_path_factory):
+    root = tmp_path_factory.mktemp("qtflite")
+    src = quantized_copy(tiny_sd, root / "m", mixed_grid)
+    export_model(load_model(src), CFG, root / "e", progress=False)
+    return src, root / "e", artifact.load_manifest(root / "e").metrics["components"]["tflite/unet"]
+
+
+def test_mixed_grid_is_held_bit_for_bit_and_runs(mixed):
+    src, exp, entry = mixed
+    model = load_model(src)
+    grid, unet = model.quant, model.components["unet"]
+    q = entry["quantization"]
+    assert q["layers_float"] == 0 and q["fallbacks"] == {}
+    n8 = sum(g.bits == 8 for g in grid.layers.values())
+    assert q["layers_int8"] == n8 and q["layers_int4"] == len(grid.layers) - n8
+    grouped = [n for n, g in grid.layers.items() if g.group_size]
+    assert q["layers_grouped"] == len(grouped) > 0
+    kinds = {(grid.layers[n].kind, grid.layers[n].shape[2:] if grid.layers[n].kind == "conv" else ()) for n in grouped}
+    assert ("conv", (3, 3)) in kinds and ("conv", (1, 1)) in kinds and ("linear", ()) in kinds
+
+    want = grid.integers(unet)
+    got = read_integers(read_model(exp / "tflite" / "unet.tflite"))
+    assert set(got) == set(grid.layers)
+    for name, layer in grid.layers.items():
+        assert got[name]["bits"] == layer.bits
+        assert np.array_equal(got[name]["q"], want[name].numpy()), name
+        # the grid's scales; where the converter folded a constant into a weight, times that constant
+        assert np.array_equal(got[name]["scale"], expected_scale(layer, q["scale_factors"].get(name, 1.0))), name
+
+    assert entry["parity"]["status"] == "pass" and entry["parity"]["rel"] < TOLERANCE["tflite"], entry["parity"]
+    s = load_session(exp / "tflite" / "unet.tflite", "tflite", threads=1)
+    assert "XNNPACK" in s.device
+    ops = entry["ops"]
+    assert ops["DEQUANTIZE"] >= len(grid.layers) and ops["TRANSPOSE"] > 0  # 3x3 group-wise layers re-lay their rows
+
+
+def test_integer_storage_widths(mixed):
+    from ai_edge_litert import schema_py_generated as schema
+
+    src, exp, _ = mixed
+    grid = load_model(src).quant
+    m = read_model(exp / "tflite" / "unet.tflite")
+    tensors = {t.name.decode(): t for t in m.subgraphs[0].tensors}
+    for name, layer in grid.layers.items():
+        t = tensors.get(name + Q_SUFFIX)
+        assert t is not None, name
+        n = int(np.prod(layer.shape))
+        assert t.type == (schema.TensorType.INT8 if layer.bits == 8 else schema.TensorType.INT4)
+        assert len(m.buffers[t.buffer].data) == (n if layer.bits == 8 else (n + 1) // 2), name
+        assert len(t.quantization.scale) == layer.scale.numel() and t.quantization.quantizedDimension == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [8, 4])
+def test_whole_model_w8_w4_sizes(tiny_sd, tmp_path, bits):
+    src = quantized_copy(tiny_sd, tmp_path / "m", lambda u: rtn_grid(u, bits, group_size=GROUP))
+    export_model(load_model(src), CFG, tmp_path / "e", progress=False)
+    export_model(load_model(tiny_sd), CFG, tmp_path / "f", progress=False)
+    entry = artifact.load_manifest(tmp_path / "e").metrics["components"]["tflite/unet"]
+    fp32 = artifact.load_manifest(tmp_path / "f").metrics["components"]["tflite/unet"]
+    grid = load_model(src).quant
+    assert entry["quantization"][f"layers_int{bits}"] == len(grid.layers) and entry["parity"]["status"] == "pass"
+    weight_bytes = sum(4 * int(np.prod(g.shape)) for g in grid.layers.values())
+    stored = sum(int(np.prod(g.shape)) * bits // 8 + 12 * g.scale.numel() for g in grid.layers.values())  # + fp32 scale, int64 zero point
+    assert entry["size_bytes"] <= fp32["size_bytes"] - weight_bytes + stored + 1024 * len(grid.layers)
