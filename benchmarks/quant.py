@@ -689,8 +689,10 @@ def make_rows(b: Bench, progress: bool) -> None:
             from pocketfusion.compress.quant import rtn_like
 
             _, m, _ = b.compressed_model(scheme, "gptq")
+            t0 = time.perf_counter()
             u = copy.deepcopy(unet)
             grid = rtn_like(u, m.quant)
+            r.make_seconds = time.perf_counter() - t0
             r.size_bytes, r.size_kind, r.fp32_bytes = grid_packed_bytes(u, grid), "packed", b.fp32_param_bytes
             r.bits_detail = grid_bits_detail(grid, bits)
             r.run, r.generate = torch_runner(u), b.torch_generate(u)
