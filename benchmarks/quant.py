@@ -735,6 +735,12 @@ def make_rows(b: Bench, progress: bool) -> None:
             r.size_bytes, r.size_kind, r.fp32_bytes = size, "file", fp32
             counts = [f"{q.get(k, 0)} {lab}" for k, lab in (("layers_int4", "int4"), ("layers_int8", "int8"), ("layers_float", "float")) if q.get(k)]
             r.bits_detail = f"{r.bits} ({', '.join(counts)})" if counts else str(r.bits)
+            acts = q.get("activations")
+            if isinstance(acts, dict):
+                kinds = [f"{k} {v}" for k, v in acts.items() if isinstance(v, int) and v]
+                r.notes.append("activations: " + (", ".join(kinds) or "float") + (f" ({acts['note']})" if acts.get("note") else ""))
+            elif acts:
+                r.notes.append(f"activations: {acts}")
             if q.get("fallbacks"):
                 r.notes.append(f"{len(q['fallbacks'])} fallbacks (see JSON)")
             r.notes += [n for n in q.get("notes", [])][:3]
