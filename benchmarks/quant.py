@@ -14,7 +14,8 @@ Every row quantizes the same fp32 U-Net (default: the bundled demo model) and is
 * **peers on the same U-Net** — optimum-quanto ``quantize(weights=qint8|qint4); freeze``; torchao
   ``Int8WeightOnlyConfig`` (its default filter: Linear only) and ``IntxWeightOnlyConfig`` int8
   per-channel / int4 ``PerGroup(32)`` on Linear + Conv2d (layers whose input size is not a multiple
-  of 32 stay fp32 at int4: torchao refuses them); onnxruntime ``quantize_dynamic`` int8 (per tensor,
+  of 32 stay fp32 at int4: torchao refuses them; ``Int4WeightOnlyConfig`` does not run on this CPU
+  build: its plain format needs the ``mslk`` package, its ``opaque`` format is not in 0.18); onnxruntime ``quantize_dynamic`` int8 (per tensor,
   its default, and per channel) and ``MatMulNBitsQuantizer`` 4-bit on pocketfusion's fp32
   ``unet.onnx``; ai-edge-quantizer's stock recipes (``weight_only_wi8_afp32``,
   ``weight_only_wi4_afp32``, ``dynamic_wi8_afp32``) on pocketfusion's fp32 ``unet.tflite``;
@@ -278,8 +279,17 @@ def peer_quanto(unet, bits: int):
     with quiet():
         quantize(u, weights={8: qint8, 4: qint4}[bits])
         freeze(u)
-    n = sum(1 for m in u.modules() if type(m).__name__.startswith("Q") and hasattr(m, "weight_qtype"))
-    return u, [f"{n} modules quantized (Linear + Conv2d); quanto defaults ({'per channel' if bits == 8 else 'group 128 where it divides'})"]
+    qmods = [m for m in u.modules() if hasattr(m, "weight_qtype") and m.weight_qtype is not None]
+    note = f"{len(qmods)} Linear/Conv2d quantized with quanto's defaults"
+    if bits == 4:  # quanto picks 128 (or 96, 64) inputs a group where it divides, else one scale per output channel
+        sizes: dict[str, int] = {}
+        for m in qmods:
+            k = f"g{m.weight_group_size}" if m.weight_group_size else "per-channel"
+            sizes[k] = sizes.get(k, 0) + 1
+        note += " (affine int4; " + ", ".join(f"{v} {k}" for k, v in sorted(sizes.items())) + ")"
+    else:
+        note += " (symmetric int8 per output channel)"
+    return u, [note]
 
 
 def _divisible(group: int):
