@@ -30,8 +30,8 @@ TOLERANCE.update({"onnx-a16": 1e-2, "onnx-a8": 0.25, "tflite-a16": 1e-2, "tflite
 # ExecuTorch/XNNPACK has no weight-only int8/int4 kernels: its int8-weight kernels quantize their
 # input activations to int8 - per token at run time ("qd8", schemes w8 / w4 / w8a16) or statically
 # from calibration (w8a8: "-a8"). Measured (RTN grids, rel. error vs the on-grid PyTorch U-Net):
-# tiny fixture U-Net qd8 2.3e-2 (w8) / 2.6e-2 (w4).
-TOLERANCE.update({"executorch-qd8": 5e-2, "executorch-a8": 0.25})
+# demo U-Net qd8 3.8e-2 (w8; worst golden feed, t=1), tiny fixture U-Nets 2.3e-2 (w8) / 2.6e-2 (w4).
+TOLERANCE.update({"executorch-qd8": 0.1, "executorch-a8": 0.25})
 
 
 class ExportError(UserError):
