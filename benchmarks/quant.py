@@ -966,7 +966,7 @@ def main(argv=None) -> int:
         host = f"{platform.processor() or platform.machine()}, {a.threads} thread(s)"
         print(f"\n{model.path.name} U-Net ({b.fp32_param_bytes / 4e6:.2f} M params); errors on {len(feeds)} held-out calibration feeds "
               f"(CFG pairs); images: {len(prompts)} held-out prompts x {a.steps} steps, seeds {a.seed}..; "
-              (f"latency: {a.rounds}x{a.runs} interleaved calls, {host}" if "latency" not in b.skip else f"latency skipped, {host}"))
+              + (f"latency: {a.rounds}x{a.runs} interleaved calls, {host}" if "latency" not in b.skip else f"latency skipped, {host}"))
         print(table)
         result = {
             "schema": "pocketfusion.bench.quant", "schema_version": 1,
