@@ -467,16 +467,25 @@ def quantize(path: Path, spec) -> dict:
             "+ DEQUANTIZE / RESHAPE / TRANSPOSE: LiteRT has no weight-only block-wise int4"
         )
     fallbacks = dict(rep["fallbacks"])
+    acts = None
+    said = []
     if fallbacks:
-        logger.warning("tflite: %s: %d grid layer(s) kept fp32 (%s)", spec.name, len(fallbacks),
-                       "; ".join(f"{k}: {v}" for k, v in list(fallbacks.items())[:3]) + (" ..." if len(fallbacks) > 3 else ""))
+        said.append(f"{len(fallbacks)} grid layer(s) kept fp32 ("
+                    + "; ".join(f"{k}: {v}" for k, v in list(fallbacks.items())[:3]) + (" ..." if len(fallbacks) > 3 else "") + ")")
     if grid.activations:
-        notes.append("activation quantization (w8a8 / w8a16) is not lowered to TFLite yet: weights only, fp32 activations")
+        why = ("activation quantization (w8a8 / w8a16) is not lowered to TFLite yet: weights only, fp32 activations "
+               "(ai-edge-quantizer's static recipes restricted to CONV_2D / FULLY_CONNECTED run in LiteRT, but a first "
+               "measurement on the tiny fixture gave relative error 0.19 at a16 and 0.26 at a8)")
+        acts = {"bits": None, "requested": grid.activations.get("bits"), "reason": why}
+        notes.append(why)
+        said.append(f"activations kept fp32 (scheme {grid.scheme})")
+    if said:
+        logger.warning("tflite: %s: %s", spec.name, "; ".join(said))
     return {
         "scheme": grid.scheme, "method": grid.method,
         "format": "weight-only: INT8 / INT4 per-axis constants + DEQUANTIZE (fp32 compute)",
         "layers_int8": len(rep["int8"]), "layers_int4": len(rep["int4"]), "layers_float": len(fallbacks),
-        "layers_grouped": rep["grouped"], "fallbacks": fallbacks, "activations": None, "activation_bits": None,
+        "layers_grouped": rep["grouped"], "fallbacks": fallbacks, "activations": acts, "activation_bits": None,
         "scale_factors": dict(rep["folded"]), "split": rep["split"],  # exact floats: scale = grid scale * factor
         "verified": "integers and scales read back from the flatbuffer equal the grid's", "notes": notes,
     }
