@@ -241,6 +241,10 @@ def compress(model, out: str | Path, *, scheme: str, method: str = "gptq", calib
         for k, u in variants.items():
             r = quant_metrics(model, _with_unet(model, u), prompts=prompts, steps=image_steps, seed=seed, reference=cache)
             images[k] = r["image_psnr_db"]
+        if grid.activations:  # what a target with static activation quantization would compute
+            with Q.simulate_activations(unet, grid.activations["layers"]):
+                r = quant_metrics(model, _with_unet(model, unet), prompts=prompts, steps=image_steps, seed=seed, reference=cache)
+            images[f"{method}+{scheme}_activations_simulated"] = r["image_psnr_db"]
         metrics["image_psnr_vs_fp32"] = {"prompts": prompts, "steps": image_steps, "seed": seed, **images}
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
 
@@ -271,10 +275,10 @@ def summary(manifest) -> str:
     lines.append(f"  weights: {b['ratio_fp16_scales']:.1%} of fp32 ({b['stored_fp16_scales'] / 1e6:.2f} MB with fp16 scales, "
                  f"{b['ratio_fp32_scales']:.1%} with fp32 scales); {lay['int8']} layers int8, {lay['int4']} int4")
     for k, e in m["unet_heldout_error"].items():
-        lines.append(f"  U-Net held-out {k:<28} rel err {e['rel']:.2e}  SNR {e['snr_db']:5.1f} dB")
+        lines.append(f"  U-Net held-out {k:<34} rel err {e['rel']:.2e}  SNR {e['snr_db']:5.1f} dB")
     for k, e in m.get("image_psnr_vs_fp32", {}).items():
         if isinstance(e, dict):
-            lines.append(f"  images vs fp32 {k:<29} PSNR mean {e['mean_db']:5.1f} dB, min {e['min_db']:5.1f} dB")
+            lines.append(f"  images vs fp32 {k:<34} PSNR mean {e['mean_db']:5.1f} dB, min {e['min_db']:5.1f} dB")
     if m["activation_fallbacks"]:
         lines.append(f"  activations: {len(m['activation_fallbacks'])} layer inputs fall back to 16 bits")
     return "\n".join(lines)

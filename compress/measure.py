@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-VARIANTS = ("w8-rtn", "w8-gptq", "w4-rtn", "w4-rtn-mixedbits", "w4-gptq-uniform", "w4-gptq", "w8a8-gptq", "w8a16-gptq")
+VARIANTS = ("w8-rtn", "w8-gptq", "w4-rtn", "w4-gptq-uniform", "w4-gptq", "w4-rtn-mixedbits", "w8a8-gptq", "w8a16-gptq")
 
 
 def measure(model, *, variants=VARIANTS, n_calib: int = 32, n_images: int = 8, steps: int = 50, accuracy: int | None = None,
