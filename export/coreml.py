@@ -68,13 +68,13 @@ def _ct_convert(ct, model, notes: list[str], **kwargs):
     return mlmodel
 
 
-def _convert(ct, spec: ComponentSpec, cfg: ExportConfig) -> tuple[object, str, list[str]]:
+def _convert(ct, spec: ComponentSpec, cfg: ExportConfig, target: str | None = None) -> tuple[object, str, list[str]]:
     """(MLModel, frontend used, notes): torch.export first, torch.jit.trace as the fallback."""
     import torch
 
     kwargs = dict(
         convert_to="mlprogram",
-        minimum_deployment_target=getattr(ct.target, cfg.coreml_deployment_target),
+        minimum_deployment_target=getattr(ct.target, target or cfg.coreml_deployment_target),
         compute_precision=ct.precision.FLOAT16 if cfg.coreml_precision == "fp16" else ct.precision.FLOAT32,
     )
     args = spec.example_args()
@@ -190,18 +190,43 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict
     ``precision``, ``frontend`` (torch.export or torch.jit.trace), ``heavy_op_dtypes``, ``opset``,
     ``spec_version``, ``io_check``, ``rewrites`` and ``notes``.
 
+    With a quantization grid (``spec.quant``) the grid's layers are compressed with Core ML's own
+    linear quantizer (``export.quant_coreml``: int8 per channel, int4 per block; 4-bit raises the
+    deployment target to iOS18 and says so), the integers are read back from the saved package and
+    compared with the grid bit for bit, and ``quantization`` is added (layers, fallbacks, read-back).
+
     Raises:
-        ExportError: both conversion paths fail, or the saved package disagrees with the spec.
+        ExportError: both conversion paths fail, the saved package disagrees with the spec, or it
+            does not hold the grid's integers.
     """
     ct = require("coremltools", "coreml")
     path = Path(path)
-    mlmodel, frontend, notes = _convert(ct, spec, cfg)
+    target, bumped = cfg.coreml_deployment_target, None
+    if spec.quant is not None:
+        from pocketfusion.export import quant_coreml as qc
+
+        if qc.needs_ios18(spec.quant) and target != "iOS18":
+            target = "iOS18"
+            bumped = f"deployment target raised {cfg.coreml_deployment_target} -> iOS18: 4-bit (per-block int4) weights need iOS18"
+            logger.info("coreml: %s: %s", spec.name, bumped)
+    mlmodel, frontend, notes = _convert(ct, spec, cfg, target)
+    consts: dict = {}
+    if spec.quant is not None:
+        try:
+            mlmodel, consts, missing = qc.quantize(mlmodel, spec.quant, spec.module.unet, cfg.coreml_precision)
+        except Exception as e:  # coremltools raises many types
+            raise ExportError(f"coreml: {spec.name}: weight quantization failed ({_first_line(e)})") from e
     path.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         tmp = tmpdir / path.name
         mlmodel.save(str(tmp))
         check = validate_package(tmp, spec)
+        if spec.quant is not None:
+            back = qc.readback(tmp, spec.quant, spec.module.unet, consts, cfg.coreml_precision)
+            if back["mismatch"]:
+                raise ExportError(f"coreml: {spec.name}: the package does not hold the grid integers of {len(back['mismatch'])} "
+                                  f"layers: {', '.join(back['mismatch'][:5])}")
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -209,10 +234,25 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict
         shutil.rmtree(tmpdir, ignore_errors=True)
     ops = check["ops"]
     logger.info("coreml: %s -> %s via %s (%d MIL ops)", spec.name, path, frontend, sum(ops.values()))
+    extra = {}
+    if spec.quant is not None:
+        from pocketfusion.compress.grid import quantizable_layers
+
+        n_float = len(set(quantizable_layers(spec.module.unet)) - set(spec.quant.layers))
+        q = qc.summary(spec.quant, consts, missing, n_float, target, bumped, cfg.coreml_precision)
+        q["readback"] = {k: v for k, v in back.items() if k != "mismatch"}
+        extra["quantization"] = q
+        logger.info(
+            "coreml/%s: %s -> %d int8 + %d int4 weight layers (%s), %d float%s; activations %s",
+            spec.name, spec.quant.scheme, q["layers_int8"], q["layers_int4"], ", ".join(f"{k} x{v}" for k, v in back["constexpr_ops"].items()),
+            q["layers_float"], f"; {len(missing)} grid layers not found in the program, kept float" if missing else "",
+            q["activations"],
+        )
     return {
+        **extra,
         "ops": ops,
         "compute_ops": sum(n for t, n in ops.items() if t != "const"),
-        "deployment_target": cfg.coreml_deployment_target,
+        "deployment_target": target,
         "precision": cfg.coreml_precision,
         "frontend": frontend,
         "heavy_op_dtypes": check["heavy_op_dtypes"],
