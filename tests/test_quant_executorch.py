@@ -103,7 +103,8 @@ def test_mixed_grid_lowers_to_one_blob_with_parity(mixed):
     p = e["parity"]
     assert p["status"] == "pass" and q["tolerance_key"] == "executorch-qd8" and p["tolerance"] == TOLERANCE["executorch-qd8"]
     assert 1e-4 < p["rel"] < TOLERANCE["executorch-qd8"], p  # above fp32's: the activations are int8
-    assert abs(p["rel"] - q["simulated_rel_err"]) < 0.5 * q["simulated_rel_err"]  # the kernels match PyTorch's simulation
+    # XNNPACK quantizes activations per token; PyTorch's simulation of the graph per tensor (coarser)
+    assert p["rel"] <= 1.5 * q["simulated_rel_err"], (p["rel"], q["simulated_rel_err"])
     json.dumps(e)
 
 
