@@ -109,7 +109,7 @@ def plan(grid, *, have_calibration: bool) -> dict[str, LayerPlan]:
         else:
             acts = DYNAMIC
             if abits == 8:
-                reason.append("8-bit activations wanted but no calibration feeds: dynamic int8 activations")
+                reason.append("8-bit activations wanted, no calibration feeds (or executorch_activations=dynamic): dynamic int8")
             elif abits == 16:
                 reason.append("16-bit activations wanted: XNNPACK has none, dynamic int8 activations")
             elif grid.activations and abits is None:

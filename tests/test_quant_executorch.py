@@ -173,14 +173,14 @@ def test_pure_schemes_vs_fp32(bits, fp32_size, tmp_path):
     q = e["quantization"]
     assert e["delegation"]["delegate_blobs"] == 1 and e["parity"]["status"] == "pass", e["parity"]
     assert q["readback"]["weights_found"] == q["readback"]["scales_found"] == len(model.quant.layers)
-    ratio = e["size_bytes"] / fp32_size
+    ratio = e["size_bytes"] / fp32_size  # measured: 0.33 (w8), 0.30 (w4); the demo U-Net: 0.28 / 0.24
     if bits == 8:  # fully held: every layer int8 per channel with the grid's integers
         assert q["storage"] == {"int8-channel": len(model.quant.layers)} and not q["fallbacks"]
         assert q["integers_equal_grid"] == len(model.quant.layers)
-        assert ratio < 0.40, ratio
+        assert ratio < 0.37, ratio
     else:  # convs fall back to int8 (no 4-bit convolution in XNNPACK)
         assert q["layers_int4"] > 0 and any("re-quantized" in r for r in q["fallbacks"].values())
-        assert ratio < 0.40, ratio
+        assert ratio < 0.34, ratio
 
 
 @pytest.mark.slow
