@@ -13,6 +13,7 @@ ct = pytest.importorskip("coremltools")
 
 from pocketfusion.compress import grid as G  # noqa: E402
 from pocketfusion.export.base import ExportConfig  # noqa: E402
+from pocketfusion.testing.fixtures import export_entry, save_quantized  # noqa: E402
 
 CFG = ExportConfig(targets=("coreml",), components=("unet",))  # fp16, iOS17 defaults
 ON_MAC = sys.platform == "darwin"
@@ -32,21 +33,11 @@ def _quantized_unet(dst, bits, group_size):
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**TINY).eval()
-    grid = G.rtn_grid(unet, bits, group_size=group_size)
-    unet.save_pretrained(str(dst))
-    grid.save(dst, unet)
-    return dst
+    return save_quantized(dst, lambda u: G.rtn_grid(u, bits, group_size=group_size), unet=unet)
 
 
 def _export(folder, out, cfg=CFG):
-    from pocketfusion import artifact
-    from pocketfusion.checkpoint import load_model
-    from pocketfusion.export.api import export_model
-
-    model = load_model(folder)
-    export_model(model, cfg, out, progress=False)
-    entry = artifact.load_manifest(out).metrics["components"]["coreml/unet"]
-    return model, out / entry["path"], entry
+    return export_entry(folder, cfg, out, "coreml/unet")
 
 
 @pytest.fixture(scope="module")

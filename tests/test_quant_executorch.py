@@ -17,6 +17,7 @@ pytest.importorskip("executorch")
 from pocketfusion.compress import grid as G  # noqa: E402
 from pocketfusion.export import quant_executorch as qe  # noqa: E402
 from pocketfusion.export.base import TOLERANCE, ExportConfig  # noqa: E402
+from pocketfusion.testing import fixtures  # noqa: E402
 
 # Small enough to lower in about a minute, and still: one transformer block (self/cross attention,
 # GEGLU), resnets with time projections, a downsampler, a nearest upsampler (the rewrite's float
@@ -48,22 +49,11 @@ def mixed_grid(unet, scheme="w4"):
 
 
 def save_quantized(folder, grid_fn):
-    unet = tiny_unet()
-    grid = grid_fn(unet)
-    unet.save_pretrained(str(folder))
-    grid.save(folder, unet)
-    return folder
+    return fixtures.save_quantized(folder, grid_fn, unet=tiny_unet())
 
 
 def export(folder, out, cfg=CFG):
-    from pocketfusion import artifact
-    from pocketfusion.checkpoint import load_model
-    from pocketfusion.export.api import export_model
-
-    model = load_model(folder)
-    export_model(model, cfg, out, progress=False)
-    entry = artifact.load_manifest(out).metrics["components"]["executorch/unet"]
-    return model, out / entry["path"], entry
+    return fixtures.export_entry(folder, cfg, out, "executorch/unet")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Quantization grids lowered to ONNX: QDQ int8 / int4 weights holding exactly the grid's integers."""
 
-import shutil
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from pocketfusion.compress.grid import QuantGrid, rtn_grid  # noqa: E402
 from pocketfusion.export.api import export_model  # noqa: E402
 from pocketfusion.export.base import TOLERANCE, ExportConfig  # noqa: E402
 from pocketfusion.export.quant_onnx import Q_SUFFIX, read_integers  # noqa: E402
+from pocketfusion.testing.fixtures import save_quantized  # noqa: E402
 
 CFG = ExportConfig(targets=("onnx",), components=("unet",))
 GROUP = 8  # the tiny U-Net is 8-32 channels wide: groups of 8 make most layers group-wise
@@ -22,15 +22,14 @@ GROUP = 8  # the tiny U-Net is 8-32 channels wide: groups of 8 make most layers 
 
 def quantized_copy(src, dst, bits, *, scheme=None, activations=None):
     """A copy of the tiny pipeline whose U-Net is RTN-quantized on a grid (what `compress --quant` writes)."""
-    shutil.copytree(src, dst)
-    model = load_model(dst)
-    unet = model.components["unet"]
-    grid = rtn_grid(unet, bits, group_size=GROUP, scheme=scheme)
-    if activations:
-        grid.activations = activations
-    unet.save_pretrained(str(dst / "unet"), safe_serialization=True)
-    grid.save(dst / "unet", unet)
-    return dst
+
+    def make(unet):
+        grid = rtn_grid(unet, bits, group_size=GROUP, scheme=scheme)
+        if activations:
+            grid.activations = activations
+        return grid
+
+    return save_quantized(dst, make, copy_from=src)
 
 
 @pytest.fixture(scope="module")

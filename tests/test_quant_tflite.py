@@ -6,7 +6,6 @@ and fully-connected layers), so every storage form is read back and checked. Who
 exports (file sizes) are slow tests.
 """
 
-import shutil
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from pocketfusion.export.api import export_model  # noqa: E402
 from pocketfusion.export.base import TOLERANCE, ExportConfig  # noqa: E402
 from pocketfusion.export.quant_tflite import Q_SUFFIX, expected_scale, read_integers, read_model  # noqa: E402
 from pocketfusion.runtimes.base import load_session  # noqa: E402
+from pocketfusion.testing.fixtures import save_quantized  # noqa: E402
 
 CFG = ExportConfig(targets=("tflite",), components=("unet",))
 GROUP = 8  # the tiny U-Net is 8-32 channels wide: groups of 8 make most 4-bit layers group-wise
@@ -38,12 +38,7 @@ def mixed_grid(unet) -> QuantGrid:
 
 
 def quantized_copy(src, dst, make_grid):
-    shutil.copytree(src, dst)
-    unet = load_model(dst).components["unet"]
-    grid = make_grid(unet)
-    unet.save_pretrained(str(dst / "unet"), safe_serialization=True)
-    grid.save(dst / "unet", unet)
-    return dst
+    return save_quantized(dst, make_grid, copy_from=src)
 
 
 @pytest.fixture(scope="module")
