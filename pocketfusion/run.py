@@ -2,7 +2,10 @@
 
 load → generate a showcase grid → evaluate prompt accuracy on the held-out prompts → time one
 image → export every component to each target whose backend is installed (parity measured) →
-write ``grid.png``, ``eval.png``, ``eval.json``, ``export/`` and ``manifest.json``.
+quantize the U-Net (``compress``, default W8 GPTQ on the built-in calibration prompts) →
+evaluate the quantized pipeline on the same prompts and seeds (prompt accuracy, image PSNR vs
+fp32) → export the quantized U-Net to the same targets → write ``grid.png``, ``eval.png``,
+``eval.json``, ``export/``, ``compressed/``, ``export-<scheme>/`` and ``manifest.json``.
 Targets whose backend is missing are listed in the manifest with the extra that installs them.
 """
 
@@ -23,6 +26,8 @@ class RunConfig:
     seed: int = 0
     eval_prompts: int | None = None
     targets: tuple[str, ...] | None = None  # None: every target whose backend is installed
+    quant: str | None = "w8"  # compress scheme (w8 / w4 / w8a8 / w8a16), None: skip the compress stage
+    quant_prompts: int = 8  # calibration prompts for compress
 
     def __post_init__(self) -> None:
         from pocketfusion.generate import GenerateConfig
@@ -35,6 +40,12 @@ class RunConfig:
         bad = [t for t in self.targets or () if t not in TARGETS]
         if bad:
             raise UserError(f"unknown target {', '.join(bad)}; available: {', '.join(TARGETS)}")
+        from pocketfusion.compress.quant import SCHEMES
+
+        if self.quant is not None and self.quant not in SCHEMES:
+            raise UserError(f"unknown quantization scheme {self.quant!r} (choose from {', '.join(SCHEMES)}, or none)")
+        if self.quant_prompts < 2:
+            raise UserError(f"--quant-prompts must be >= 2 (some are held out to measure the error), got {self.quant_prompts}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,7 +64,8 @@ def run(model, cfg: RunConfig, out: Path, *, showcase: Sequence[str]) -> str:
         images, _ = generate_images(model, list(showcase), gen)
         save_png(grid(images, cols=3), tmp / "grid.png")
         result = evaluate(model, gen, cfg.eval_prompts, progress=True)
-        save_png(grid(result.pop("images"), cols=20), tmp / "eval.png")
+        eval_images = result.pop("images")
+        save_png(grid(eval_images, cols=20), tmp / "eval.png")
         per_image = time_one_image(model, gen, showcase[0])
         info = describe(model)
         metrics = {
@@ -68,6 +80,8 @@ def run(model, cfg: RunConfig, out: Path, *, showcase: Sequence[str]) -> str:
         exported = _export(model, cfg, tmp / "export")
         if exported is not None:
             metrics["export"] = exported
+        if cfg.quant is not None:
+            metrics["compress"] = _compress(model, cfg, gen, tmp, eval_images, metrics.get("export"))
         artifact.atomic_write_text(tmp / "eval.json", json.dumps(result, indent=2) + "\n")
         artifact.write_manifest(tmp, stage="run", settings=cfg.to_dict(), source=source, metrics=metrics)
     lines = [f"wrote {out}/ (grid.png, eval.png, eval.json, manifest.json)"]
@@ -76,12 +90,65 @@ def run(model, cfg: RunConfig, out: Path, *, showcase: Sequence[str]) -> str:
     lines.append(f"  all five    {metrics['all_attributes_correct']:6.1%}  over {metrics['eval_prompts']} held-out prompts")
     lines.append(f"  {per_image:.2f} s per {cfg.steps}-step CFG image (batch 1, this machine)")
     for key, e in metrics.get("export", {}).get("components", {}).items():
-        p = e.get("parity", {})
-        err = f"rel err {p['rel']:.1e}" if "rel" in p else f"parity: {p.get('status', 'skipped')}"
-        lines.append(f"  export {key:<24} {e['size_bytes'] / 1e6:7.2f} MB  {err}")
+        lines.append(_export_line(key, e, indent=2))
     for target, why in metrics.get("export", {}).get("skipped", {}).items():
         lines.append(f"  export {target}: skipped ({why})")
+    if "compress" in metrics:
+        c = metrics["compress"]
+        lines.append(f"  compress {c['scheme']} ({c['method']}): U-Net weights {c['weights_ratio_fp16_scales']:.1%} of fp32, "
+                     f"held-out U-Net SNR {c['unet_snr_db']:.1f} dB")
+        acc = "  ".join(f"{a} {v:.1%}" for a, v in c["prompt_accuracy"].items())
+        lines.append(f"    {c['eval_prompts']} prompts: PSNR vs fp32 images mean {c['image_psnr_db']['mean_db']:.1f} dB, "
+                     f"min {c['image_psnr_db']['min_db']:.1f} dB; accuracy {acc}")
+        for key, e in c.get("export", {}).get("components", {}).items():
+            lines.append(_export_line(key, e, indent=4))
     return "\n".join(lines)
+
+
+def _export_line(key: str, e: dict, *, indent: int) -> str:
+    p = e.get("parity", {})
+    err = f"rel err {p['rel']:.1e}" if "rel" in p else f"parity: {p.get('status', 'skipped')}"
+    ratio = f" ({e['size_ratio_to_fp32']:.1%} of the fp32 file)" if "size_ratio_to_fp32" in e else ""
+    return f"{' ' * indent}export {key:<{26 - indent}} {e['size_bytes'] / 1e6:7.2f} MB{ratio}  {err}"
+
+
+def _compress(model, cfg: RunConfig, gen, tmp: Path, fp32_images, fp32_export: dict | None) -> dict:
+    """Quantize the U-Net into ``tmp/compressed``, evaluate the quantized pipeline against the fp32
+    one (same prompts and seeds) and export its U-Net to ``tmp/export-<scheme>``."""
+    import numpy as np
+
+    from pocketfusion.checkpoint import load_model
+    from pocketfusion.compress.api import compress
+    from pocketfusion.generate import evaluate
+    from pocketfusion.pipeline import psnr
+
+    cman = compress(model, tmp / "compressed", scheme=cfg.quant, n_prompts=cfg.quant_prompts, seed=cfg.seed)
+    qmodel = load_model(tmp / "compressed")
+    m = cman.metrics
+    res = evaluate(qmodel, gen, cfg.eval_prompts, progress=True)
+    values = np.array([psnr(a, b) for a, b in zip(res.pop("images"), fp32_images)])
+    out = {
+        "scheme": m["scheme"], "method": m["method"],
+        "weights_ratio_fp16_scales": m["unet_bytes"]["ratio_fp16_scales"],
+        "unet_snr_db": m["unet_heldout_error"][m["method"]]["snr_db"],
+        "unet_heldout_error": m["unet_heldout_error"],
+        "eval_prompts": res["n"], "prompt_accuracy": res["per_attribute"], "all_attributes_correct": res["all_correct"],
+        "image_psnr_db": {"mean_db": float(values.mean()), "min_db": float(values.min()), "median_db": float(np.median(values))},
+        "seconds_per_image_batched": res["seconds_per_image_batched"],
+    }
+    targets = tuple(c.split("/")[0] for c in (fp32_export or {}).get("components", {}) if c.endswith("/unet"))
+    if targets:
+        from pocketfusion.export.api import export_model
+        from pocketfusion.export.base import ExportConfig
+
+        man = export_model(qmodel, ExportConfig(targets=targets, components=("unet",)), tmp / f"export-{cfg.quant}")
+        comps = man.metrics["components"]
+        for key, e in comps.items():
+            ref = fp32_export["components"].get(key)
+            if ref:
+                e["size_ratio_to_fp32"] = e["size_bytes"] / ref["size_bytes"]
+        out["export"] = {"components": comps}
+    return out
 
 
 _BACKENDS = {"onnx": ("onnxruntime", "onnx"), "executorch": ("executorch", "executorch"),

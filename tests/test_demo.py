@@ -48,10 +48,21 @@ def test_follows_position_words(held_out_eval):
 
 
 def test_run_writes_a_complete_artifact(tmp_path, capsys):
+    # Every stage the README's main command runs, at small settings: ONNX only, W8 on 2 calibration prompts.
     out = tmp_path / "run"
-    assert main(["run", "--prompts", "8", "--steps", "10", "--target", "", "-o", str(out)]) == 0
+    argv = ["run", "--prompts", "8", "--steps", "10", "--target", "onnx", "--quant", "w8", "--quant-prompts", "2", "-o", str(out)]
+    assert main(argv) == 0
     m = artifact.load_manifest(out)
     assert m.stage == "run" and set(m.files) >= {"grid.png", "eval.png", "eval.json"}
+    assert {"onnx/unet", "onnx/text_encoder", "onnx/vae_decoder"} <= set(m.metrics["export"]["components"])
+    c = m.metrics["compress"]
+    assert c["scheme"] == "w8" and c["eval_prompts"] == 8 and 0.2 < c["weights_ratio_fp16_scales"] < 0.3
+    assert c["image_psnr_db"]["min_db"] > 30 and c["unet_snr_db"] > 25, c
+    assert min(c["prompt_accuracy"].values()) >= min(m.metrics["prompt_accuracy"].values()) - 0.25
+    q = c["export"]["components"]["onnx/unet"]
+    assert q["parity"]["rel"] < 1e-4 and q["size_ratio_to_fp32"] < 0.35, q
+    assert (out / "compressed" / "unet" / "quantization.json").is_file()
+    assert artifact.load_manifest(out / "compressed").stage == "compress"
     assert m.source["sha256"] == artifact.content_hash(DEMO_MODEL)
     assert set(m.metrics["prompt_accuracy"]) == {"shape", "color", "background", "size", "position"}
     assert m.metrics["seconds_per_image_batch1"] > 0 and m.metrics["macs_per_call"]["unet"] > 0
