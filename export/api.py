@@ -65,6 +65,39 @@ def parity(session, spec: ComponentSpec, refs: list[dict[str, np.ndarray]]) -> d
     return {"max_abs": max_abs, "mean_abs": mean_abs, "rel": max_abs / max(peak, 1e-12), "feeds": len(spec.golden), "ref_max_abs": peak}
 
 
+def versus_fp32(session, spec: ComponentSpec, size_bytes: int, *, max_feeds: int = 16, timing_runs: int = 10) -> dict:
+    """What a quantized U-Net costs against the float model it came from, measured through ``session``:
+    error on the calibration set's held-out feeds against the fp32 U-Net's recorded outputs (relative
+    RMS error and SNR), file size against the fp32 weights, and host latency per call (median)."""
+    pairs = spec.heldout[:: max(1, -(-len(spec.heldout) // max_feeds))]
+    num = den = 0.0
+    for feed, ref in pairs:
+        got = session.run(feed)
+        for name, r in ref.items():
+            r = np.asarray(r, dtype=np.float64)
+            g = np.asarray(got[name], dtype=np.float64).reshape(r.shape)
+            num += float(((g - r) ** 2).sum())
+            den += float((r**2).sum())
+    fp32_bytes = 4 * sum(p.numel() for p in spec.module.parameters())
+    times = []
+    feed = spec.golden[0]
+    for i in range(2 + timing_runs):
+        t0 = time.perf_counter()
+        session.run(feed)
+        if i >= 2:  # two warm-up calls
+            times.append(time.perf_counter() - t0)
+    return {
+        "heldout_feeds": len(pairs),
+        "rel": float(np.sqrt(num / den)) if den else float("nan"),
+        "snr_db": float(10 * np.log10(den / num)) if num else float("inf"),
+        "fp32_weight_bytes": fp32_bytes,
+        "size_ratio_to_fp32_weights": size_bytes / fp32_bytes,
+        "latency_ms_median": 1e3 * float(np.median(times)),
+        "latency_runs": timing_runs,
+        "device": session.device,
+    }
+
+
 def _tolerance(target: str, cfg: ExportConfig, info: dict | None = None) -> float:
     if target == "coreml" and cfg.coreml_precision == "fp16":
         return TOLERANCE["coreml-fp16"]
@@ -151,6 +184,8 @@ def export_model(model, cfg: ExportConfig, out: str | Path, *, progress: bool = 
                             f"{target}/{spec.name}: relative error {p['rel']:.3g} (max abs {p['max_abs']:.3g}) "
                             f"exceeds the {target} tolerance {tol:g}"
                         )
+                    if spec.quant is not None and spec.heldout:
+                        entry["versus_fp32"] = versus_fp32(session, spec, size)
             results[f"{target}/{spec.name}"] = entry
             logger.info("%s/%s: %.1f s, %d bytes", target, spec.name, seconds, size)
         artifact.write_manifest(tmp, stage="export", settings=cfg.to_dict(), source=source, metrics={"components": results})

@@ -51,6 +51,7 @@ class ComponentSpec:
     golden: list[dict[str, np.ndarray]] = field(default_factory=list)  # feeds, first one is the example
     quant: object = None  # compress.grid.QuantGrid of the U-Net (names relative to module.unet), or None
     calibration: list[dict[str, np.ndarray]] = field(default_factory=list)  # U-Net feeds for static activation quantization
+    heldout: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = field(default_factory=list)  # (feed, fp32 output): calibration's held-out part
 
     def example_args(self):
         import torch
@@ -163,10 +164,13 @@ def _attach_quant(spec: ComponentSpec, model) -> None:
     """The grid of a `compress --quant` U-Net, and its calibration feeds when activations are quantized."""
     spec.quant = model.quant
     calib = model.path / "calibration"
-    if model.quant is not None and model.quant.activations and calib.is_dir():
+    if model.quant is not None and calib.is_dir():
         from pocketfusion.calibration import load
 
-        spec.calibration = load(calib).unet_feeds("calib")
+        cset = load(calib)
+        if model.quant.activations:
+            spec.calibration = cset.unet_feeds("calib")
+        spec.heldout = list(zip(cset.unet_feeds("heldout"), cset.unet_outputs("heldout")))
 
 
 def pipeline_specs(model, prompts: list[str], *, seed: int = 0) -> list[ComponentSpec]:

@@ -129,7 +129,19 @@ def raise_opset(model, opset: int):
     cur = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if cur is not None and cur >= opset:
         return model
+    # The converter passes the model through one serialized proto (2 GiB at most): the weights' bytes
+    # are set aside while it runs (it reads shapes, not large constants) and put back after.
+    stash = {}
+    for t in model.graph.initializer:
+        if len(t.raw_data) > (1 << 16):
+            stash[t.name] = t.raw_data
+            t.ClearField("raw_data")
     model = onnx.version_converter.convert_version(model, opset)
+    for t in model.graph.initializer:
+        if t.name in stash:
+            t.raw_data = stash.pop(t.name)
+    if stash:
+        raise RuntimeError(f"onnx version converter dropped initializers: {sorted(stash)[:3]}")
     model.ir_version = max(model.ir_version, 10)
     del model.graph.value_info[:]  # the converter's shape inference: not needed, ~4 % of a small U-Net's file
     return model

@@ -109,7 +109,9 @@ def _export_line(key: str, e: dict, *, indent: int) -> str:
     p = e.get("parity", {})
     err = f"rel err {p['rel']:.1e}" if "rel" in p else f"parity: {p.get('status', 'skipped')}"
     ratio = f" ({e['size_ratio_to_fp32']:.1%} of the fp32 file)" if "size_ratio_to_fp32" in e else ""
-    return f"{' ' * indent}export {key:<{26 - indent}} {e['size_bytes'] / 1e6:7.2f} MB{ratio}  {err}"
+    v = e.get("versus_fp32")
+    vs = f", SNR vs fp32 {v['snr_db']:.1f} dB, {v['latency_ms_median']:.2f} ms/call" if v else ""
+    return f"{' ' * indent}export {key:<{26 - indent}} {e['size_bytes'] / 1e6:7.2f} MB{ratio}  {err}{vs}"
 
 
 def _compress(model, cfg: RunConfig, gen, tmp: Path, fp32_images, fp32_export: dict | None) -> dict:
