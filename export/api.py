@@ -65,7 +65,12 @@ def parity(session, spec: ComponentSpec, refs: list[dict[str, np.ndarray]]) -> d
     return {"max_abs": max_abs, "mean_abs": mean_abs, "rel": max_abs / max(peak, 1e-12), "feeds": len(spec.golden), "ref_max_abs": peak}
 
 
-def versus_fp32(session, spec: ComponentSpec, size_bytes: int, *, max_feeds: int = 16, timing_runs: int = 10) -> dict:
+def size_versus_fp32(spec: ComponentSpec, size_bytes: int) -> dict:
+    fp32_bytes = 4 * sum(p.numel() for p in spec.module.parameters())
+    return {"fp32_weight_bytes": fp32_bytes, "size_ratio_to_fp32_weights": size_bytes / fp32_bytes}
+
+
+def versus_fp32(session, spec: ComponentSpec, size_bytes: int, *, max_feeds: int = 64, timing_runs: int = 10) -> dict:
     """What a quantized U-Net costs against the float model it came from, measured through ``session``:
     error on the calibration set's held-out feeds against the fp32 U-Net's recorded outputs (relative
     RMS error and SNR), file size against the fp32 weights, and host latency per call (median)."""
@@ -78,7 +83,6 @@ def versus_fp32(session, spec: ComponentSpec, size_bytes: int, *, max_feeds: int
             g = np.asarray(got[name], dtype=np.float64).reshape(r.shape)
             num += float(((g - r) ** 2).sum())
             den += float((r**2).sum())
-    fp32_bytes = 4 * sum(p.numel() for p in spec.module.parameters())
     times = []
     feed = spec.golden[0]
     for i in range(2 + timing_runs):
@@ -90,8 +94,7 @@ def versus_fp32(session, spec: ComponentSpec, size_bytes: int, *, max_feeds: int
         "heldout_feeds": len(pairs),
         "rel": float(np.sqrt(num / den)) if den else float("nan"),
         "snr_db": float(10 * np.log10(den / num)) if num else float("inf"),
-        "fp32_weight_bytes": fp32_bytes,
-        "size_ratio_to_fp32_weights": size_bytes / fp32_bytes,
+        **size_versus_fp32(spec, size_bytes),
         "latency_ms_median": 1e3 * float(np.median(times)),
         "latency_runs": timing_runs,
         "device": session.device,
@@ -169,6 +172,8 @@ def export_model(model, cfg: ExportConfig, out: str | Path, *, progress: bool = 
                 "inputs": [s.to_dict() for s in spec.inputs], "outputs": [s.to_dict() for s in spec.outputs],
                 "size_bytes": size, "export_seconds": round(seconds, 2), **info,
             }
+            if spec.quant is not None:  # completed by versus_fp32 where the target runs here
+                entry["versus_fp32"] = size_versus_fp32(spec, size)
             tol = _tolerance(target, cfg, info)
             if cfg.check_parity and mod.RUNTIME is not None:
                 try:

@@ -113,10 +113,11 @@ def cmd_export(args) -> int:
         if "delegation" in e:
             extra = f", {e['delegation'].get('delegate_blobs')} XNNPACK blobs"
         print(f"  {key:<26} {e['size_bytes'] / 1e6:8.2f} MB  {e['export_seconds']:6.1f} s  {err}{extra}")
-        if "versus_fp32" in e:
-            v = e["versus_fp32"]
-            print(f"  {'':<26} vs fp32: {v['size_ratio_to_fp32_weights']:.1%} of its weights, held-out SNR {v['snr_db']:.1f} dB "
-                  f"(rel {v['rel']:.1e}, {v['heldout_feeds']} feeds), {v['latency_ms_median']:.2f} ms/call")
+        v = e.get("versus_fp32")
+        if v:
+            measured = (f", held-out SNR {v['snr_db']:.1f} dB (rel {v['rel']:.1e}, {v['heldout_feeds']} feeds), "
+                        f"{v['latency_ms_median']:.2f} ms/call") if "snr_db" in v else ""
+            print(f"  {'':<26} vs fp32: {v['size_ratio_to_fp32_weights']:.1%} of its weights{measured}")
     return 0
 
 

@@ -108,9 +108,11 @@ def run(model, cfg: RunConfig, out: Path, *, showcase: Sequence[str]) -> str:
 def _export_line(key: str, e: dict, *, indent: int) -> str:
     p = e.get("parity", {})
     err = f"rel err {p['rel']:.1e}" if "rel" in p else f"parity: {p.get('status', 'skipped')}"
-    ratio = f" ({e['size_ratio_to_fp32']:.1%} of the fp32 file)" if "size_ratio_to_fp32" in e else ""
-    v = e.get("versus_fp32")
-    vs = f", SNR vs fp32 {v['snr_db']:.1f} dB, {v['latency_ms_median']:.2f} ms/call" if v else ""
+    ratio = f" ({e['size_ratio_to_float_export']:.1%} of the {e['float_export_precision']} export)" if "size_ratio_to_float_export" in e else ""
+    v = e.get("versus_fp32", {})
+    vs = f", {v['size_ratio_to_fp32_weights']:.1%} of fp32 weights" if v else ""
+    if "snr_db" in v:
+        vs += f", SNR vs fp32 {v['snr_db']:.1f} dB, {v['latency_ms_median']:.2f} ms/call"
     return f"{' ' * indent}export {key:<{26 - indent}} {e['size_bytes'] / 1e6:7.2f} MB{ratio}  {err}{vs}"
 
 
@@ -147,8 +149,9 @@ def _compress(model, cfg: RunConfig, gen, tmp: Path, fp32_images, fp32_export: d
         comps = man.metrics["components"]
         for key, e in comps.items():
             ref = fp32_export["components"].get(key)
-            if ref:
-                e["size_ratio_to_fp32"] = e["size_bytes"] / ref["size_bytes"]
+            if ref:  # against the same target's float export (Core ML's is fp16 unless asked otherwise)
+                e["size_ratio_to_float_export"] = e["size_bytes"] / ref["size_bytes"]
+                e["float_export_precision"] = ref.get("precision", "fp32")
         out["export"] = {"components": comps}
     return out
 

@@ -60,7 +60,7 @@ def test_run_writes_a_complete_artifact(tmp_path, capsys):
     assert c["image_psnr_db"]["min_db"] > 30 and c["unet_snr_db"] > 25, c
     assert min(c["prompt_accuracy"].values()) >= min(m.metrics["prompt_accuracy"].values()) - 0.25
     q = c["export"]["components"]["onnx/unet"]
-    assert q["parity"]["rel"] < 1e-4 and q["size_ratio_to_fp32"] < 0.35, q
+    assert q["parity"]["rel"] < 1e-4 and q["size_ratio_to_float_export"] < 0.35, q
     v = q["versus_fp32"]  # through onnxruntime, against the fp32 U-Net's recorded outputs
     assert v["heldout_feeds"] >= 1 and abs(v["snr_db"] - c["unet_snr_db"]) < 1.0 and v["latency_ms_median"] > 0, (v, c)
     assert (out / "compressed" / "unet" / "quantization.json").is_file()

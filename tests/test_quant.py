@@ -122,6 +122,14 @@ def test_compress_cli_round_trip_on_demo(tmp_path, capsys):
     from pocketfusion import calibration as C
 
     assert C.load(out / "calibration").unet_feeds("calib")
+    # export measures the artifact against the fp32 U-Net on the held-out feeds, through onnxruntime
+    exp = tmp_path / "exp"
+    assert main(["export", str(out), "--target", "onnx", "--components", "unet", "-o", str(exp)]) == 0
+    assert "vs fp32" in capsys.readouterr().out
+    v = artifact.load_manifest(exp).metrics["components"]["onnx/unet"]["versus_fp32"]
+    assert v["heldout_feeds"] > 0
+    assert abs(v["snr_db"] - err["gptq"]["snr_db"]) < 0.5, (v, err["gptq"])
+    assert 0.1 < v["size_ratio_to_fp32_weights"] < 0.25 and v["latency_ms_median"] > 0
     images, _ = generate_images(model, ["a large red circle on a blue background, center"], GenerateConfig(steps=4))
     assert images[0].shape == (64, 64, 3)
 
