@@ -248,7 +248,8 @@ def cmd_run(args) -> int:
 
     targets = tuple(t.strip() for t in args.target.split(",") if t.strip()) if args.target is not None else None
     cfg = RunConfig(steps=args.steps, guidance=args.guidance, seed=args.seed, eval_prompts=args.prompts, targets=targets,
-                    quant=None if args.quant == "none" else args.quant, quant_prompts=args.quant_prompts)
+                    quant=None if args.quant == "none" else args.quant, quant_prompts=args.quant_prompts,
+                    bench_runs=args.bench_runs)
     model = _load(args)
     summary = run(model, cfg, Path(args.output), showcase=SHOWCASE_PROMPTS)
     print(summary)
@@ -263,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--verbose", "-v", action="store_true", help="log more, and show tracebacks")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("run", help="the main job end to end: load, generate a grid, evaluate, export, compress (quantize, evaluate, export), write an artifact directory")
+    p = sub.add_parser("run", help="the main job end to end: load, generate a grid, evaluate, export, compress (quantize, evaluate, export), bench, write an artifact directory")
     _model_arg(p)
     _gen_args(p)
     p.add_argument("--prompts", type=int, default=None, help="evaluate on the first N held-out prompts (default: all 240)")
@@ -271,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="w8", choices=["w8", "w4", "w8a8", "w8a16", "none"],
                    help="compress stage: quantize the U-Net, evaluate it against fp32 and export it (default w8; none: skip)")
     p.add_argument("--quant-prompts", type=int, default=8, help="calibration prompts for the compress stage (default 8)")
+    p.add_argument("--bench-runs", type=int, default=10, help="timed calls per component in the bench stage (default 10; 0: skip)")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     p.set_defaults(func=cmd_run)
 

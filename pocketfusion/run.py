@@ -4,8 +4,10 @@ load → generate a showcase grid → evaluate prompt accuracy on the held-out p
 image → export every component to each target whose backend is installed (parity measured) →
 quantize the U-Net (``compress``, default W8 GPTQ on the built-in calibration prompts) →
 evaluate the quantized pipeline on the same prompts and seeds (prompt accuracy, image PSNR vs
-fp32) → export the quantized U-Net to the same targets → write ``grid.png``, ``eval.png``,
-``eval.json``, ``export/``, ``compressed/``, ``export-<scheme>/`` and ``manifest.json``.
+fp32) → export the quantized U-Net to the same targets → benchmark both exports on this host
+(latency, peak memory, each in its own process, interleaved) → write ``grid.png``, ``eval.png``,
+``eval.json``, ``export/``, ``compressed/``, ``export-<scheme>/``, ``bench.json``,
+``report.html`` and ``manifest.json``.
 Targets whose backend is missing are listed in the manifest with the extra that installs them.
 """
 
@@ -28,6 +30,7 @@ class RunConfig:
     targets: tuple[str, ...] | None = None  # None: every target whose backend is installed
     quant: str | None = "w8"  # compress scheme (w8 / w4 / w8a8 / w8a16), None: skip the compress stage
     quant_prompts: int = 8  # calibration prompts for compress
+    bench_runs: int = 10  # timed calls per component in the bench stage; 0: skip it
 
     def __post_init__(self) -> None:
         from pocketfusion.generate import GenerateConfig
@@ -44,6 +47,8 @@ class RunConfig:
 
         if self.quant is not None and self.quant not in SCHEMES:
             raise UserError(f"unknown quantization scheme {self.quant!r} (choose from {', '.join(SCHEMES)}, or none)")
+        if self.bench_runs < 0:
+            raise UserError(f"--bench-runs must be >= 0, got {self.bench_runs}")
         if self.quant_prompts < 2:
             raise UserError(f"--quant-prompts must be >= 2 (some are held out to measure the error), got {self.quant_prompts}")
 
@@ -82,9 +87,11 @@ def run(model, cfg: RunConfig, out: Path, *, showcase: Sequence[str]) -> str:
             metrics["export"] = exported
         if cfg.quant is not None:
             metrics["compress"] = _compress(model, cfg, gen, tmp, eval_images, metrics.get("export"))
+        if cfg.bench_runs and metrics.get("export", {}).get("components"):
+            metrics["bench"] = _bench(cfg, tmp)
         artifact.atomic_write_text(tmp / "eval.json", json.dumps(result, indent=2) + "\n")
         artifact.write_manifest(tmp, stage="run", settings=cfg.to_dict(), source=source, metrics=metrics)
-    lines = [f"wrote {out}/ (grid.png, eval.png, eval.json, manifest.json)"]
+    lines = [f"wrote {out}/ (grid.png, eval.png, eval.json, manifest.json{', bench.json, report.html' if 'bench' in metrics else ''})"]
     for attr, acc in metrics["prompt_accuracy"].items():
         lines.append(f"  {attr:<11} {acc:6.1%}")
     lines.append(f"  all five    {metrics['all_attributes_correct']:6.1%}  over {metrics['eval_prompts']} held-out prompts")
@@ -102,7 +109,30 @@ def run(model, cfg: RunConfig, out: Path, *, showcase: Sequence[str]) -> str:
                      f"min {c['image_psnr_db']['min_db']:.1f} dB; accuracy {acc}")
         for key, e in c.get("export", {}).get("components", {}).items():
             lines.append(_export_line(key, e, indent=4))
+    for key, b in metrics.get("bench", {}).get("median_ms", {}).items():
+        lines.append(f"  bench {key:<33} {b:8.2f} ms  peak {metrics['bench']['peak_rss_mib'][key]:6.1f} MiB")
+    for label, rs in metrics.get("bench", {}).get("speed_vs_float", {}).items():
+        lines.append(f"  bench {label} U-Net speed vs float (>1: faster): " + ", ".join(f"{k.split('/')[0]} {v:.2f}x" for k, v in rs.items()))
     return "\n".join(lines)
+
+
+def _bench(cfg: RunConfig, tmp: Path) -> dict:
+    """Both exports timed on this host (``runtimes.bench``), interleaved; ``bench.json`` + ``report.html``."""
+    from pocketfusion import artifact
+    from pocketfusion.runtimes.bench import BenchConfig, bench
+    from pocketfusion.runtimes.report import write_report
+
+    dirs = [tmp / "export"] + ([tmp / f"export-{cfg.quant}"] if cfg.quant and (tmp / f"export-{cfg.quant}").is_dir() else [])
+    res = bench(dirs, BenchConfig(runs=cfg.bench_runs, warmup=2, rounds=2 if len(dirs) > 1 else 1, steps=cfg.steps))
+    artifact.atomic_write_text(tmp / "bench.json", json.dumps(res, indent=2) + "\n")
+    write_report([tmp / "bench.json"], tmp / "report.html")
+    key = lambda r: f"{r['artifact']}:{r['runtime']}/{r['component']}"  # noqa: E731
+    return {
+        "median_ms": {key(r): r["latency_ms"]["median"] for r in res["results"]},
+        "peak_rss_mib": {key(r): r["peak_rss_mib"] for r in res["results"]},
+        "speed_vs_float": res.get("ratios", {}),  # float median / this median, per runtime/component
+        "host": res["host"].get("processor"), "runs": cfg.bench_runs, "notes": res["notes"],
+    }
 
 
 def _export_line(key: str, e: dict, *, indent: int) -> str:

@@ -50,7 +50,8 @@ def test_follows_position_words(held_out_eval):
 def test_run_writes_a_complete_artifact(tmp_path, capsys):
     # Every stage the README's main command runs, at small settings: ONNX only, W8 on 2 calibration prompts.
     out = tmp_path / "run"
-    argv = ["run", "--prompts", "8", "--steps", "10", "--target", "onnx", "--quant", "w8", "--quant-prompts", "2", "-o", str(out)]
+    argv = ["run", "--prompts", "8", "--steps", "10", "--target", "onnx", "--quant", "w8", "--quant-prompts", "2",
+            "--bench-runs", "3", "-o", str(out)]
     assert main(argv) == 0
     m = artifact.load_manifest(out)
     assert m.stage == "run" and set(m.files) >= {"grid.png", "eval.png", "eval.json"}
@@ -65,6 +66,10 @@ def test_run_writes_a_complete_artifact(tmp_path, capsys):
     assert v["heldout_feeds"] >= 1 and abs(v["snr_db"] - c["unet_snr_db"]) < 1.0 and v["latency_ms_median"] > 0, (v, c)
     assert (out / "compressed" / "unet" / "quantization.json").is_file()
     assert artifact.load_manifest(out / "compressed").stage == "compress"
+    b = m.metrics["bench"]  # both exports timed through onnxruntime, each in its own process
+    assert {"export:onnxruntime/unet", "export:onnxruntime/end_to_end", "export-w8:onnxruntime/unet"} <= set(b["median_ms"]), b
+    assert all(v > 0 for v in b["median_ms"].values()) and b["speed_vs_float"]["export-w8"]["onnxruntime/unet"] > 0
+    assert json.loads((out / "bench.json").read_text())["schema"] and (out / "report.html").stat().st_size > 1000
     assert m.source["sha256"] == artifact.content_hash(DEMO_MODEL)
     assert set(m.metrics["prompt_accuracy"]) == {"shape", "color", "background", "size", "position"}
     assert m.metrics["seconds_per_image_batch1"] > 0 and m.metrics["macs_per_call"]["unet"] > 0
