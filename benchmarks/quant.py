@@ -170,20 +170,6 @@ def output_error(run: Callable, feeds: list[dict], refs: list[np.ndarray]) -> di
     }
 
 
-def image_psnr(ref: list[np.ndarray], images: list[np.ndarray]) -> dict:
-    from pocketfusion.pipeline import psnr
-
-    values = [psnr(a, b) for a, b in zip(images, ref)]
-    finite = [v for v in values if np.isfinite(v)]
-    mse = float(np.mean([np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2) for a, b in zip(images, ref)]))
-    return {
-        "mean_db": float(np.mean(finite)) if finite else float("inf"), "min_db": float(min(values)),
-        "pooled_db": float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse)),
-        "identical_images": len(values) - len(finite),
-        "per_image_db": [round(v, 2) if np.isfinite(v) else None for v in values],
-    }
-
-
 def accuracy_summary(acc: dict) -> dict:
     per = acc["per_attribute"]
     return {"mean": float(np.mean(list(per.values()))), "per_attribute": per, "all_correct": acc["all_correct"], "n": acc["n"]}
@@ -617,6 +603,8 @@ class Bench:
         self.rows.append(row)
 
     def measure(self, row: Row) -> None:
+        from pocketfusion.compress.api import image_psnr
+
         try:
             if row.run is not None:
                 row.error = output_error(row.run, self.feeds, self.refs)

@@ -44,6 +44,7 @@ def image_psnr(ref: list[np.ndarray], images: list[np.ndarray]) -> dict[str, Any
         "mean_db": float(np.mean(finite)) if finite else float("inf"),
         "min_db": float(min(values)),
         "pooled_db": float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse)),
+        "identical_images": len(values) - len(finite),
         "per_image_db": [round(v, 2) if np.isfinite(v) else None for v in values],
     }
 

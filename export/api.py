@@ -70,19 +70,22 @@ def size_versus_fp32(spec: ComponentSpec, size_bytes: int) -> dict:
     return {"fp32_weight_bytes": fp32_bytes, "size_ratio_to_fp32_weights": size_bytes / fp32_bytes}
 
 
-def versus_fp32(session, spec: ComponentSpec, size_bytes: int, *, max_feeds: int = 64, timing_runs: int = 10) -> dict:
+def measured_versus_fp32(session, spec: ComponentSpec, *, max_feeds: int = 64, timing_runs: int = 10) -> dict:
     """What a quantized U-Net costs against the float model it came from, measured through ``session``:
     error on the calibration set's held-out feeds against the fp32 U-Net's recorded outputs (relative
-    RMS error and SNR), file size against the fp32 weights, and host latency per call (median)."""
+    RMS error and SNR, as ``compress`` reports them) and host latency per call (median)."""
+    import torch
+
+    from pocketfusion.compress.quant import output_error
+
     pairs = spec.heldout[:: max(1, -(-len(spec.heldout) // max_feeds))]
-    num = den = 0.0
+    refs, outs = [], []
     for feed, ref in pairs:
         got = session.run(feed)
         for name, r in ref.items():
-            r = np.asarray(r, dtype=np.float64)
-            g = np.asarray(got[name], dtype=np.float64).reshape(r.shape)
-            num += float(((g - r) ** 2).sum())
-            den += float((r**2).sum())
+            refs.append(torch.from_numpy(np.asarray(r, dtype=np.float32)))
+            outs.append(torch.from_numpy(np.asarray(got[name], dtype=np.float32).reshape(r.shape)))
+    err = output_error(refs, outs)
     times = []
     feed = spec.golden[0]
     for i in range(2 + timing_runs):
@@ -91,13 +94,8 @@ def versus_fp32(session, spec: ComponentSpec, size_bytes: int, *, max_feeds: int
         if i >= 2:  # two warm-up calls
             times.append(time.perf_counter() - t0)
     return {
-        "heldout_feeds": len(pairs),
-        "rel": float(np.sqrt(num / den)) if den else float("nan"),
-        "snr_db": float(10 * np.log10(den / num)) if num else float("inf"),
-        **size_versus_fp32(spec, size_bytes),
-        "latency_ms_median": 1e3 * float(np.median(times)),
-        "latency_runs": timing_runs,
-        "device": session.device,
+        "heldout_feeds": len(pairs), "rel": err["rel"], "snr_db": err["snr_db"],
+        "latency_ms_median": 1e3 * float(np.median(times)), "latency_runs": timing_runs, "device": session.device,
     }
 
 
@@ -172,7 +170,7 @@ def export_model(model, cfg: ExportConfig, out: str | Path, *, progress: bool = 
                 "inputs": [s.to_dict() for s in spec.inputs], "outputs": [s.to_dict() for s in spec.outputs],
                 "size_bytes": size, "export_seconds": round(seconds, 2), **info,
             }
-            if spec.quant is not None:  # completed by versus_fp32 where the target runs here
+            if spec.quant is not None:  # completed by measured_versus_fp32 where the target runs here
                 entry["versus_fp32"] = size_versus_fp32(spec, size)
             tol = _tolerance(target, cfg, info)
             if cfg.check_parity and mod.RUNTIME is not None:
@@ -190,7 +188,7 @@ def export_model(model, cfg: ExportConfig, out: str | Path, *, progress: bool = 
                             f"exceeds the {target} tolerance {tol:g}"
                         )
                     if spec.quant is not None and spec.heldout:
-                        entry["versus_fp32"] = versus_fp32(session, spec, size)
+                        entry["versus_fp32"].update(measured_versus_fp32(session, spec))
             results[f"{target}/{spec.name}"] = entry
             logger.info("%s/%s: %.1f s, %d bytes", target, spec.name, seconds, size)
         artifact.write_manifest(tmp, stage="export", settings=cfg.to_dict(), source=source, metrics={"components": results})

@@ -149,25 +149,21 @@ def _export_line(key: str, e: dict, *, indent: int) -> str:
 def _compress(model, cfg: RunConfig, gen, tmp: Path, fp32_images, fp32_export: dict | None) -> dict:
     """Quantize the U-Net into ``tmp/compressed``, evaluate the quantized pipeline against the fp32
     one (same prompts and seeds) and export its U-Net to ``tmp/export-<scheme>``."""
-    import numpy as np
-
     from pocketfusion.checkpoint import load_model
-    from pocketfusion.compress.api import compress
+    from pocketfusion.compress.api import compress, image_psnr
     from pocketfusion.generate import evaluate
-    from pocketfusion.pipeline import psnr
 
     cman = compress(model, tmp / "compressed", scheme=cfg.quant, n_prompts=cfg.quant_prompts, seed=cfg.seed)
     qmodel = load_model(tmp / "compressed")
     m = cman.metrics
     res = evaluate(qmodel, gen, cfg.eval_prompts, progress=True)
-    values = np.array([psnr(a, b) for a, b in zip(res.pop("images"), fp32_images)])
     out = {
         "scheme": m["scheme"], "method": m["method"],
         "weights_ratio_fp16_scales": m["unet_bytes"]["ratio_fp16_scales"],
         "unet_snr_db": m["unet_heldout_error"][m["method"]]["snr_db"],
         "unet_heldout_error": m["unet_heldout_error"],
         "eval_prompts": res["n"], "prompt_accuracy": res["per_attribute"], "all_attributes_correct": res["all_correct"],
-        "image_psnr_db": {"mean_db": float(values.mean()), "min_db": float(values.min()), "median_db": float(np.median(values))},
+        "image_psnr_db": image_psnr(fp32_images, res.pop("images")),
         "seconds_per_image_batched": res["seconds_per_image_batched"],
     }
     targets = tuple(c.split("/")[0] for c in (fp32_export or {}).get("components", {}) if c.endswith("/unet"))
