@@ -5,4 +5,4 @@ compress → export → bench, plus generate / eval on any stage's output. Impor
 imports no backend (torch included).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

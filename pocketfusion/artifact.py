@@ -1,21 +1,32 @@
-"""The artifact manifest: the one contract between stages.
+"""The artifact manifest: the one contract between stages (schema version 2).
 
 Every stage writes a directory holding its files and a ``manifest.json``::
 
     {
-      "schema_version": 1,
-      "stage": "export",                      # what made this directory
-      "settings": {...},                      # the stage's configuration, as given
-      "source": {"path": "...", "sha256": "..."} | null,   # what it was made from
+      "schema_version": 2,
+      "stage": "export",                       # what made this directory
+      "settings": {...},                       # the stage config's to_dict()
+      "source": {"path": "...", "sha256": "..."} | null,    # what it was made from
+      "components": [                          # typed: where each component is, what it takes
+        {"name": "unet", "path": "onnx/unet.onnx", "format": "onnx", "target": "onnx",
+         "inputs": [{"name": "sample", "shape": [2, 4, 8, 8], "dtype": "float32"}, ...],
+         "outputs": [...], "grid": {"path": "unet", "scheme": "w8", "method": "gptq"} | absent,
+         "layer_map": {"down_blocks.0.resnets.0.conv1": "<name in the file>", ...} | absent}, ...],
+      "calibration": {"path": "calibration", "sha256": "..."} | null,
+      "sampler": {"scheduler": "scheduler", "latent_shape": [1, 4, 8, 8], "scaling_factor": ...,
+                  "max_length": 16, "guidance": "cfg", "default_steps": 50, "tokenizer": "tokenizer"} | null,
       "files": {"unet/model.pte": {"size": 123, "sha256": "..."}, ...},
-      "metrics": {...},                       # everything measured on the result
-      "created": "2026-11-23T12:00:00+00:00",
-      "tool": {"name": "pocketfusion", "version": "0.1.0"}
+      "metrics": {...},                        # everything measured on the result (per component: by key)
+      "notes": [...],
+      "created": "2026-12-01T12:00:00+00:00",
+      "tool": {"name": "pocketfusion", "version": "0.2.0"}
     }
 
-A directory is written under a temporary name next to its destination and renamed into place
-only when complete (``staged_dir``), so an interrupted run never leaves a directory that looks
-finished. ``load_manifest`` verifies every checksum and rejects unknown schema versions.
+No stage finds another's output by a file-name convention: it reads these fields. A directory is
+written under a temporary name next to its destination and renamed into place only when complete
+(``staged_dir``), so an interrupted run never leaves a directory that looks finished.
+``load_manifest`` verifies every checksum and rejects other schema versions with one line naming
+the version.
 """
 
 from __future__ import annotations
@@ -27,14 +38,14 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pocketfusion.errors import ManifestError, UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
 
@@ -63,24 +74,218 @@ def content_hash(root: str | Path) -> str:
 
 
 @dataclass(frozen=True)
+class TensorSpec:
+    """One named input or output of a component: static shape and numpy dtype name."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TensorSpec:
+        return cls(str(d["name"]), tuple(int(s) for s in d["shape"]), str(d["dtype"]))
+
+
+@dataclass(frozen=True)
+class GridRef:
+    """Where a component's quantization grid lies (``compress``): a folder, relative to the manifest,
+    holding ``quantization.json`` + ``quantization.safetensors``; read with ``pocketfusion.compress.quant.grid``."""
+
+    path: str
+    scheme: str
+    method: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "scheme": self.scheme, "method": self.method}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> GridRef:
+        return cls(str(d["path"]), str(d["scheme"]), str(d["method"]))
+
+
+@dataclass(frozen=True)
+class CalibrationRef:
+    """A calibration set (``calibrate``) an artifact was made with: a directory relative to the manifest
+    (or absolute) and its content hash, checked when it is opened."""
+
+    path: str
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CalibrationRef:
+        return cls(str(d["path"]), str(d["sha256"]))
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """What a stage's output was made from: the input's path and content hash."""
+
+    path: str
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SourceRef:
+        return cls(str(d["path"]), str(d["sha256"]))
+
+
+# What a component's path holds.
+FORMATS = ("diffusers", "transformers", "tokenizer", "scheduler", "onnx", "pte", "tflite", "mlpackage")
+
+
+@dataclass(frozen=True)
+class Component:
+    """One component of an artifact: where it is, what it takes and gives, how it was quantized.
+
+    ``name`` is the pipeline slot (``text_encoder``, ``unet``, ``vae_decoder``, ``tokenizer``, ...);
+    ``target`` the export target for an exported file (None for PyTorch weights). ``layer_map``
+    maps PyTorch module names to the tensor/node names in the written file (recorded at export
+    time; the quantized exporters read the integers back through it).
+    """
+
+    name: str
+    path: str
+    format: str
+    target: str | None = None
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    grid: GridRef | None = None
+    layer_map: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ManifestError(f"component {self.name}: unknown format {self.format!r} (known: {', '.join(FORMATS)})")
+
+    @property
+    def key(self) -> str:
+        """``target/name`` for an exported component, ``name`` otherwise (the key of its metrics)."""
+        return f"{self.target}/{self.name}" if self.target else self.name
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((s for s in self.inputs if s.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "path": self.path, "format": self.format}
+        if self.target is not None:
+            d["target"] = self.target
+        if self.inputs or self.outputs:
+            d["inputs"] = [s.to_dict() for s in self.inputs]
+            d["outputs"] = [s.to_dict() for s in self.outputs]
+        if self.grid is not None:
+            d["grid"] = self.grid.to_dict()
+        if self.layer_map:
+            d["layer_map"] = dict(self.layer_map)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Component:
+        return cls(
+            name=str(d["name"]), path=str(d["path"]), format=str(d["format"]), target=d.get("target"),
+            inputs=tuple(TensorSpec.from_dict(s) for s in d.get("inputs", ())),
+            outputs=tuple(TensorSpec.from_dict(s) for s in d.get("outputs", ())),
+            grid=GridRef.from_dict(d["grid"]) if d.get("grid") else None,
+            layer_map=dict(d.get("layer_map", {})),
+        )
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """How the runtime pipeline samples an artifact's components (export) or a model (source).
+
+    ``guidance`` says how the U-Net is guided: ``"cfg"`` (a batch-2 call per step, unconditional +
+    conditional halves), ``"embedded"`` (a batch-1 call with the guidance scale as an input, a
+    distilled student) or ``"none"``. ``scheduler`` is the scheduler config folder, relative to
+    the manifest; ``default_steps`` the step count the model was made for.
+    """
+
+    scheduler: str
+    latent_shape: tuple[int, ...]
+    scaling_factor: float
+    max_length: int
+    guidance: str = "cfg"
+    default_steps: int = 50
+    tokenizer: str = "tokenizer"
+
+    def __post_init__(self) -> None:
+        if self.guidance not in ("cfg", "embedded", "none"):
+            raise ManifestError(f"sampler guidance {self.guidance!r} is not one of cfg, embedded, none")
+
+    @property
+    def unet_batch(self) -> int:
+        return 2 if self.guidance == "cfg" else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["latent_shape"] = list(self.latent_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Sampler:
+        kw = {k: d[k] for k in ("scheduler", "scaling_factor", "max_length", "guidance", "default_steps", "tokenizer") if k in d}
+        return cls(latent_shape=tuple(int(s) for s in d["latent_shape"]), **kw)
+
+
+@dataclass(frozen=True)
 class Manifest:
+    """``manifest.json`` of an artifact directory (schema version 2).
+
+    Typed fields are the contract a later stage reads; ``metrics`` holds what was measured (keyed by
+    ``Component.key`` where it is per component) and is never needed to find a file.
+    """
+
     schema_version: int
     stage: str
     settings: Mapping[str, Any]
-    source: Mapping[str, Any] | None
+    source: SourceRef | None
     files: Mapping[str, Mapping[str, Any]]
+    components: tuple[Component, ...] = ()
+    calibration: CalibrationRef | None = None
+    sampler: Sampler | None = None
     metrics: Mapping[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
     created: str = ""
     tool: Mapping[str, Any] = field(default_factory=dict)
+
+    def component(self, name: str, target: str | None = None) -> Component:
+        """The component ``name`` (of ``target``, for an export).
+
+        Raises:
+            ManifestError: no such component; the message lists those present.
+        """
+        for c in self.components:
+            if c.name == name and c.target == target:
+                return c
+        have = ", ".join(c.key for c in self.components) or "none"
+        want = f"{target}/{name}" if target else name
+        raise ManifestError(f"artifact ({self.stage}) has no component {want} (it has: {have})")
+
+    def find(self, name: str, target: str | None = None) -> Component | None:
+        return next((c for c in self.components if c.name == name and c.target == target), None)
+
+    def targets(self) -> tuple[str, ...]:
+        """Export targets present, in first-seen order."""
+        return tuple(dict.fromkeys(c.target for c in self.components if c.target))
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": self.schema_version,
             "stage": self.stage,
             "settings": dict(self.settings),
-            "source": dict(self.source) if self.source is not None else None,
+            "source": self.source.to_dict() if self.source is not None else None,
+            "components": [c.to_dict() for c in self.components],
+            "calibration": self.calibration.to_dict() if self.calibration is not None else None,
+            "sampler": self.sampler.to_dict() if self.sampler is not None else None,
             "files": {k: dict(v) for k, v in self.files.items()},
             "metrics": dict(self.metrics),
+            "notes": list(self.notes),
             "created": self.created,
             "tool": dict(self.tool),
         }
@@ -91,26 +296,30 @@ class Manifest:
             raise ManifestError("manifest is not a JSON object")
         version = d.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise ManifestError(f"manifest schema_version {version!r} is not supported (this pocketfusion reads {SCHEMA_VERSION})")
+            hint = " (written by pocketfusion 0.1: re-run the stage that made it)" if version == 1 else ""
+            raise ManifestError(f"manifest schema_version {version!r} is not supported{hint}; this pocketfusion reads version {SCHEMA_VERSION}")
         missing = [k for k in ("stage", "settings", "source", "files") if k not in d]
         if missing:
             raise ManifestError(f"manifest lacks {', '.join(missing)}")
-        return cls(
-            schema_version=version,
-            stage=d["stage"],
-            settings=d["settings"],
-            source=d["source"],
-            files=d["files"],
-            metrics=d.get("metrics", {}),
-            created=d.get("created", ""),
-            tool=d.get("tool", {}),
-        )
+        try:
+            return cls(
+                schema_version=version, stage=d["stage"], settings=d["settings"],
+                source=SourceRef.from_dict(d["source"]) if d["source"] else None,
+                files=d["files"],
+                components=tuple(Component.from_dict(c) for c in d.get("components", ())),
+                calibration=CalibrationRef.from_dict(d["calibration"]) if d.get("calibration") else None,
+                sampler=Sampler.from_dict(d["sampler"]) if d.get("sampler") else None,
+                metrics=d.get("metrics", {}), notes=tuple(d.get("notes", ())),
+                created=d.get("created", ""), tool=d.get("tool", {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ManifestError(f"manifest field malformed: {type(e).__name__}: {e}") from None
 
 
-def source_ref(path: str | Path) -> dict[str, str]:
+def source_ref(path: str | Path) -> SourceRef:
     """Reference to a stage's input: its path and content hash."""
     p = Path(path).resolve()
-    return {"path": str(p), "sha256": content_hash(p)}
+    return SourceRef(str(p), content_hash(p))
 
 
 def write_manifest(
@@ -118,26 +327,47 @@ def write_manifest(
     *,
     stage: str,
     settings: Mapping[str, Any],
-    source: Mapping[str, Any] | None,
+    source: SourceRef | None,
+    components: Sequence[Component] = (),
+    calibration: CalibrationRef | None = None,
+    sampler: Sampler | None = None,
     metrics: Mapping[str, Any] | None = None,
+    notes: Sequence[str] = (),
 ) -> Manifest:
-    """Checksum every file under ``directory`` and write its manifest.json (atomically)."""
+    """Checksum every file under ``directory`` and write its manifest.json (atomically).
+
+    Raises:
+        ManifestError: a component's path does not exist under ``directory``.
+    """
     from pocketfusion import __version__
 
     root = Path(directory)
+    for c in components:
+        if not (root / c.path).exists():
+            raise ManifestError(f"component {c.key}: {c.path} does not exist in {root}")
     files = {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in _walk(root)}
     m = Manifest(
         schema_version=SCHEMA_VERSION,
         stage=stage,
         settings=dict(settings),
-        source=dict(source) if source is not None else None,
+        source=source,
         files=files,
+        components=tuple(components),
+        calibration=calibration,
+        sampler=sampler,
         metrics=dict(metrics or {}),
+        notes=tuple(notes),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         tool={"name": "pocketfusion", "version": __version__},
     )
     atomic_write_text(root / MANIFEST, json.dumps(m.to_dict(), indent=2, sort_keys=False) + "\n")
     return m
+
+
+def resolve_path(directory: str | Path, rel: str) -> Path:
+    """A manifest path (relative to its directory, or absolute) as a filesystem path."""
+    p = Path(rel)
+    return p if p.is_absolute() else Path(directory) / p
 
 
 def load_manifest(directory: str | Path, *, verify: bool = True) -> Manifest:

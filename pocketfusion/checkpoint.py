@@ -48,7 +48,15 @@ class Model:
     class_name: str  # pipeline class, or the component's class for a bare folder
     components: dict[str, Any] = field(default_factory=dict)
     manifest: Any = None  # artifact.Manifest when the folder carries one
-    quant: Any = None  # compress.grid.QuantGrid when the U-Net was quantized by `compress --quant`
+
+    def ref(self, name: str):
+        """The manifest's typed entry (``artifact.Component``) for component ``name``, or None."""
+        return self.manifest.find(name) if self.manifest is not None else None
+
+    @property
+    def quantized(self) -> bool:
+        """Whether a stage put a component's weights on a quantization grid (``compress --quant``)."""
+        return self.manifest is not None and any(c.grid is not None for c in self.manifest.components)
 
     @property
     def unet(self):
@@ -286,24 +294,12 @@ def load_model(path: str | Path | None = None, *, allow_pickle: bool = False, ve
         for need in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             if need not in model.components:
                 raise CheckpointError(f"{root}: pipeline lacks a {need}")
-        model.quant = _load_grid(root / "unet", model.components["unet"])
         return model
     if (root / "config.json").is_file():
         comp = load_component(root, allow_pickle=allow_pickle)
         name = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae"}.get(type(comp).__name__, "text_encoder")
-        quant = _load_grid(root, comp) if name == "unet" else None
-        return Model(path=root, kind="component", class_name=type(comp).__name__, components={name: comp}, manifest=manifest, quant=quant)
+        return Model(path=root, kind="component", class_name=type(comp).__name__, components={name: comp}, manifest=manifest)
     raise CheckpointError(f"{root}: neither model_index.json (pipeline) nor config.json (component) found")
-
-
-def _load_grid(folder: Path, unet):
-    """The U-Net's quantization grid (``compress --quant``), checked against its weights, or None."""
-    from pocketfusion.compress.grid import QuantGrid
-
-    grid = QuantGrid.load(folder)
-    if grid is not None:
-        grid.integers(unet)  # raises when a weight is off its grid
-    return grid
 
 
 def build_pipeline(model: Model):
@@ -318,3 +314,23 @@ def build_pipeline(model: Model):
     pipe = cls(**kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def sampler_of(model: Model, *, default_steps: int | None = None):
+    """How a pipeline samples (``artifact.Sampler``): from its manifest when a stage recorded it,
+    else from its components (a U-Net with ``time_cond_proj_dim`` takes the guidance scale as an
+    input: ``guidance="embedded"``, batch 1; otherwise classifier-free guidance, batch 2)."""
+    from pocketfusion import artifact
+
+    model.require_pipeline()
+    if model.manifest is not None and model.manifest.sampler is not None:
+        return model.manifest.sampler
+    unet, vae = model.components["unet"], model.components["vae"]
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    embedded = getattr(unet.config, "time_cond_proj_dim", None) is not None
+    return artifact.Sampler(
+        scheduler="scheduler", tokenizer="tokenizer", latent_shape=(1, unet.config.in_channels, h, w),
+        scaling_factor=float(vae.config.scaling_factor), max_length=int(model.components["tokenizer"].model_max_length),
+        guidance="embedded" if embedded else "cfg", default_steps=default_steps or 50,
+    )
