@@ -159,6 +159,7 @@ class Component:
     outputs: tuple[TensorSpec, ...] = ()
     grid: GridRef | None = None
     layer_map: Mapping[str, str] = field(default_factory=dict)
+    golden: str | None = None  # safetensors of golden (inputs, outputs) sets (``write_golden``), relative to the manifest
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -183,6 +184,8 @@ class Component:
             d["grid"] = self.grid.to_dict()
         if self.layer_map:
             d["layer_map"] = dict(self.layer_map)
+        if self.golden is not None:
+            d["golden"] = self.golden
         return d
 
     @classmethod
@@ -192,7 +195,7 @@ class Component:
             inputs=tuple(TensorSpec.from_dict(s) for s in d.get("inputs", ())),
             outputs=tuple(TensorSpec.from_dict(s) for s in d.get("outputs", ())),
             grid=GridRef.from_dict(d["grid"]) if d.get("grid") else None,
-            layer_map=dict(d.get("layer_map", {})),
+            layer_map=dict(d.get("layer_map", {})), golden=d.get("golden"),
         )
 
 
@@ -447,10 +450,6 @@ def staged_dir(dest: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
         raise
 
 
-def golden_path(directory: str | Path, component: str) -> Path:
-    return Path(directory) / "golden" / f"{component}.safetensors"
-
-
 def write_golden(path: str | Path, sets: list[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> None:
     """Store golden (inputs, outputs) sets as ``{i}.in.{name}`` / ``{i}.out.{name}`` arrays."""
     import numpy as np
@@ -463,13 +462,13 @@ def write_golden(path: str | Path, sets: list[tuple[Mapping[str, Any], Mapping[s
     save_file(tensors, str(path))
 
 
-def read_golden(directory: str | Path, component: str, index: int = 0) -> tuple[dict, dict]:
-    """(inputs, outputs) of golden set ``index`` of an export directory's ``component``."""
+def read_golden(path: str | Path, index: int = 0) -> tuple[dict, dict]:
+    """(inputs, outputs) of golden set ``index`` of a golden file (``Component.golden``, resolved)."""
     from safetensors.numpy import load_file
 
-    g = load_file(str(golden_path(directory, component)))
+    g = load_file(str(path))
     ins = {k.split(".in.", 1)[1]: v for k, v in g.items() if k.startswith(f"{index}.in.")}
     outs = {k.split(".out.", 1)[1]: v for k, v in g.items() if k.startswith(f"{index}.out.")}
     if not ins:
-        raise ManifestError(f"{golden_path(directory, component)} has no golden set {index}")
+        raise ManifestError(f"{path} has no golden set {index}")
     return ins, outs
