@@ -10,6 +10,6 @@ Nothing here imports torch at import time.
 """
 
 from pocketfusion.compress.api import compress, quant_metrics
-from pocketfusion.compress.quant import METHODS, SCHEMES, quantize_unet
+from pocketfusion.compress.quant._old_quant import METHODS, SCHEMES, quantize_unet
 
 __all__ = ["METHODS", "SCHEMES", "compress", "quant_metrics", "quantize_unet"]

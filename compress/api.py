@@ -91,7 +91,7 @@ def _check_bare_unet(cset, unet, where: str) -> None:
     """A saved set fits a bare U-Net when its shapes match and the U-Net reproduces its recorded outputs."""
     import torch
 
-    from pocketfusion.compress.quant import stack_feeds, unet_call
+    from pocketfusion.compress.quant._old_quant import stack_feeds, unet_call
 
     cfg = unet.config
     h, w = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
@@ -161,8 +161,8 @@ def compress(model, out: str | Path, *, scheme: str, method: str = "gptq", calib
     import torch
 
     from pocketfusion import artifact
-    from pocketfusion.compress import grid as G
-    from pocketfusion.compress import quant as Q
+    from pocketfusion.compress.quant import grid as G
+    from pocketfusion.compress.quant import _old_quant as Q
 
     if scheme not in Q.SCHEMES:
         raise UserError(f"unknown quantization scheme {scheme!r} (choose from {', '.join(Q.SCHEMES)})")

@@ -24,8 +24,8 @@ VARIANTS = ("w8-rtn", "w8-gptq", "w4-rtn", "w4-gptq-uniform", "w4-gptq", "w4-rtn
 def measure(model, *, variants=VARIANTS, n_calib: int = 32, n_images: int = 8, steps: int = 50, accuracy: int | None = None,
             group_size: int = 32, seed: int = 0, progress: bool = True) -> dict:
     from pocketfusion import calibration as C
-    from pocketfusion.compress import grid as G
-    from pocketfusion.compress import quant as Q
+    from pocketfusion.compress.quant import grid as G
+    from pocketfusion.compress.quant import _old_quant as Q
     from pocketfusion.compress.api import _with_unet, quant_metrics
     from pocketfusion.demo.scenes import split_scenes
 

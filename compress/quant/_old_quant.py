@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from pocketfusion.compress import grid as G
+from pocketfusion.compress.quant import grid as G
 from pocketfusion.errors import UserError
 
 logger = logging.getLogger(__name__)

@@ -262,3 +262,30 @@ def rtn_grid(unet, bits: int, *, group_size: int = 32, scheme: str | None = None
         grid.layers[name], ints[name] = g, q
     apply(unet, grid, ints)
     return grid
+
+
+def load_grid(model, name: str = "unet") -> QuantGrid | None:
+    """The quantization grid of component ``name`` of a loaded ``checkpoint.Model``, checked against its weights.
+
+    Found only through the typed manifest: ``model.ref(name).grid`` (an ``artifact.GridRef`` whose
+    ``path`` is relative to ``model.path``; ``"."`` for a bare component folder). None when the
+    model has no manifest or the component has no grid.
+
+    Raises:
+        UserError: the grid named by the manifest is missing or unreadable, or a weight of the
+            component is off its grid (edited after compress?).
+    """
+    from pocketfusion import artifact
+
+    ref = model.ref(name)
+    if ref is None or ref.grid is None:
+        return None
+    folder = artifact.resolve_path(model.path, ref.grid.path)
+    grid = QuantGrid.load(folder)
+    if grid is None:
+        raise UserError(f"{model.path}: the manifest names a quantization grid for {name} at {ref.grid.path}, but {folder / GRID_JSON} is missing")
+    module = model.components.get(name)
+    if module is None:
+        raise UserError(f"{model.path}: the manifest names a quantization grid for {name}, but the model has no {name}")
+    grid.integers(module)  # raises when a weight is off its grid
+    return grid
