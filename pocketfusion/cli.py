@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
-from pocketfusion.errors import UserError  # stdlib-only module
+from pocketfusion.errors import Terminated, UserError  # stdlib-only module
 
 logger = logging.getLogger("pocketfusion")
 
@@ -30,7 +31,7 @@ SHOWCASE_PROMPTS = (
 )
 
 
-_RUNTIME_CHOICES = ("onnxruntime", "onnx", "executorch", "litert", "tflite", "coreml")
+from pocketfusion.backends import RUNTIME_CHOICES as _RUNTIME_CHOICES  # noqa: E402  (stdlib-only module)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,7 +78,7 @@ def cmd_generate(args) -> int:
     _check_output(out, (".png",))
     cfg = _gen_config(args)
     if args.runtime:
-        from pocketfusion.pipeline import RuntimePipeline
+        from pocketfusion.runtimes.pipeline import RuntimePipeline
 
         if args.model is None:
             raise UserError("--runtime needs an export directory (pocketfusion export ... -o DIR)")
@@ -93,7 +94,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from pocketfusion.export.api import export_model
+    from pocketfusion.export.api import export
     from pocketfusion.export.base import ExportConfig
 
     targets = tuple(t.strip() for t in args.target.split(",") if t.strip())
@@ -101,24 +102,36 @@ def cmd_export(args) -> int:
     cfg = ExportConfig(
         targets=targets, components=components, onnx_opset=args.opset, coreml_deployment_target=args.coreml_target,
         coreml_precision=args.coreml_precision, max_delegates=args.max_delegates, rewrite=not args.no_rewrite,
-        check_parity=not args.no_parity,
+        check_parity=not args.no_parity, executorch_activations=args.executorch_activations,
     )
     model = _load(args)
-    manifest = export_model(model, cfg, Path(args.output))
+    manifest = export(model, cfg, Path(args.output))
     print(f"wrote {args.output}/")
-    for key, e in manifest.metrics["components"].items():
+    print(format_export(manifest, indent=2))
+    return 0
+
+
+def format_export(manifest, *, indent: int = 2) -> str:
+    """One line per exported component (size, time, parity), plus its error against fp32 when quantized."""
+    lines = []
+    figures = manifest.metrics.get("components", {})
+    pad = " " * indent
+    for c in manifest.components:
+        if c.target is None:
+            continue
+        e = figures.get(c.key, {})
         p = e.get("parity", {})
-        err = f"rel err {p['rel']:.2e} ({p['status']})" if "rel" in p else f"parity {p.get('status', 'skipped')}"
-        extra = ""
-        if "delegation" in e:
-            extra = f", {e['delegation'].get('delegate_blobs')} XNNPACK blobs"
-        print(f"  {key:<26} {e['size_bytes'] / 1e6:8.2f} MB  {e['export_seconds']:6.1f} s  {err}{extra}")
+        err = f"rel_max {p['rel_max']:.2e} ({p['status']})" if "rel_max" in p else f"parity {p.get('status', 'skipped')}"
+        extra = f", {e['delegation'].get('delegate_blobs')} XNNPACK blobs" if "delegation" in e else ""
+        ratio = (f" ({e['size_ratio_to_float_export']:.1%} of the {e['float_export_precision']} export)"
+                 if "size_ratio_to_float_export" in e else "")
+        lines.append(f"{pad}{c.key:<{28 - indent}} {e.get('size_bytes', 0) / 1e6:8.2f} MB{ratio}  {e.get('export_seconds', 0):6.1f} s  {err}{extra}")
         v = e.get("versus_fp32")
         if v:
-            measured = (f", held-out SNR {v['snr_db']:.1f} dB (rel {v['rel']:.1e}, {v['heldout_feeds']} feeds), "
+            measured = (f", held-out SNR {v['snr_db']:.1f} dB (rel_rms {v['rel_rms']:.1e}, {v['heldout_feeds']} feeds), "
                         f"{v['latency_ms_median']:.2f} ms/call") if "snr_db" in v else ""
-            print(f"  {'':<26} vs fp32: {v['size_ratio_to_fp32_weights']:.1%} of its weights{measured}")
-    return 0
+            lines.append(f"{pad}{'':<{28 - indent}} vs fp32: {v['size_ratio_to_fp32_weights']:.1%} of its weights{measured}")
+    return "\n".join(lines)
 
 
 def _eval_json(result: dict) -> dict:
@@ -134,7 +147,7 @@ def cmd_eval(args) -> int:
         _check_output(out, (".json",))
     cfg = _gen_config(args)
     if args.runtime:
-        from pocketfusion.generate import evaluate_runtime
+        from pocketfusion.runtimes.pipeline import evaluate_runtime
 
         if args.model is None:
             raise UserError("--runtime needs an export directory (pocketfusion export ... -o DIR)")
@@ -203,29 +216,27 @@ def cmd_report(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from pocketfusion.calibration import DEFAULT_PROMPTS, capture, heldout_count, read_prompts, resolve, save
+    from pocketfusion.calibration import CalibrationConfig, calibrate, heldout_count
 
-    prompts = read_prompts(args.prompts, args.num_prompts) if args.prompts else None  # bad file: fail before loading
+    cfg = CalibrationConfig(prompts=args.prompts, n_prompts=args.num_prompts, steps=args.steps, n_timesteps=args.timesteps,
+                            guidance=args.guidance, seed=args.seed)
+    cfg.check_prompt_file()  # bad file: fail before loading the model
     model = _load(args)
-    kw = dict(steps=args.steps, n_timesteps=args.timesteps, guidance=args.guidance, seed=args.seed, progress=True)
-    if prompts is not None:
-        cset = capture(model, prompts, **kw)
-    else:
-        cset = resolve(model, None, n_prompts=args.num_prompts or DEFAULT_PROMPTS, **kw)
-    save(cset, Path(args.output))
+    cset = calibrate(model, cfg, Path(args.output), progress=True)
     n, k = len(cset.prompts), cset.settings["n_timesteps"]
     print(f"wrote {args.output}/ ({n} prompts x {k} timesteps = {n * k} U-Net CFG pairs; last {heldout_count(n)} prompts held out)")
     return 0
 
 
 def cmd_compress(args) -> int:
-    from pocketfusion.compress.api import compress, summary
+    from pocketfusion.compress.quant import QuantConfig, quantize, summary
 
     if args.calib is not None and not Path(args.calib).exists():
         raise UserError(f"--calib {args.calib} does not exist (a prompts .txt file or a directory made by 'pocketfusion calibrate')")
+    cfg = QuantConfig(scheme=args.quant, method=args.method, calib=args.calib, n_prompts=args.num_prompts,
+                      group_size=args.group_size, seed=args.seed)
     model = _load(args)
-    manifest = compress(model, Path(args.output), scheme=args.quant, method=args.method, calib=args.calib,
-                        n_prompts=args.num_prompts, group_size=args.group_size, seed=args.seed, progress=True)
+    manifest = quantize(model, cfg, Path(args.output), progress=True)
     print(f"wrote {args.output}/ ({args.quant}, {args.method})")
     print(summary(manifest))
     return 0
@@ -263,7 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"pocketfusion {__version__}")
     ap.add_argument("--verbose", "-v", action="store_true", help="log more, and show tracebacks")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_run(sub)
+    _add_generate(sub)
+    _add_eval(sub)
+    _add_export(sub)
+    _add_compress(sub)
+    _add_calibrate(sub)
+    _add_bench(sub)
+    _add_report(sub)
+    _add_info(sub)
+    return ap
 
+
+def _add_run(sub) -> None:
     p = sub.add_parser("run", help="the main job end to end: load, generate a grid, evaluate, export, compress (quantize, evaluate, export), bench, write an artifact directory")
     _model_arg(p)
     _gen_args(p)
@@ -276,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     p.set_defaults(func=cmd_run)
 
+
+def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="text to image; several --prompt give a grid")
     _model_arg(p)
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
@@ -285,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output PNG")
     p.set_defaults(func=cmd_generate)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="prompt accuracy per attribute on the demo grammar's held-out prompts")
     _model_arg(p)
     _gen_args(p)
@@ -294,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="report JSON")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export text encoder, U-Net and VAE decoder to ONNX / ExecuTorch / TFLite / Core ML")
     _model_arg(p)
     p.add_argument("--target", default="onnx,executorch,tflite,coreml", help="comma-separated targets (default: all)")
@@ -304,9 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-delegates", type=int, default=8, help="fail when the ExecuTorch U-Net splits into more XNNPACK blobs")
     p.add_argument("--no-rewrite", action="store_true", help="skip the delegation rewrites (for comparison)")
     p.add_argument("--no-parity", action="store_true", help="skip running the exports against PyTorch")
+    p.add_argument("--executorch-activations", default=None, choices=["dynamic", "static"],
+                   help="ExecuTorch int8 activations of a quantized U-Net (default: the grid's: static for w8a8, else dynamic)")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     p.set_defaults(func=cmd_export)
 
+
+def _add_compress(sub) -> None:
     p = sub.add_parser("compress", help="quantize the U-Net (weights on an int8/int4 grid every exporter lowers) with calibration")
     _model_arg(p)
     p.add_argument("--quant", required=True, choices=["w8", "w4", "w8a8", "w8a16"],
@@ -320,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     p.set_defaults(func=cmd_compress)
 
+
+def _add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="record real component inputs (U-Net CFG pairs across the trajectory) as a calibration set")
     _model_arg(p)
     p.add_argument("--prompts", default=None, metavar="FILE", help="text file, one prompt a line (default: built-in demo prompts, demo model only)")
@@ -332,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     p.set_defaults(func=cmd_calibrate)
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="latency and peak memory of export directories on this host (each run in its own process)")
     p.add_argument("artifacts", nargs="+", help="export directories; several are measured interleaved and compared")
     p.add_argument("--runtime", default=None, help="comma-separated runtimes (default: all the artifact has)")
@@ -347,16 +384,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rootfs", default=None, help="qemu-arm64: where the arm64 userland lives (default ~/.cache/pocketfusion/arm64)")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_report(sub) -> None:
     p = sub.add_parser("report", help="self-contained HTML report (plots inlined) from bench results")
     p.add_argument("results", nargs="+", help="bench results JSON files")
     p.add_argument("-o", "--output", required=True, help="output .html")
     p.set_defaults(func=cmd_report)
 
+
+def _add_info(sub) -> None:
     p = sub.add_parser("info", help="components, parameters, dtype and MACs per call")
     _model_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_info)
-    return ap
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         _quiet_third_party()
+    previous = signal.signal(signal.SIGTERM, _terminate)  # a kill cleans up like Ctrl-C (staged outputs removed)
     try:
         return args.func(args)
     except UserError as e:
@@ -375,9 +416,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         sys.stderr.write(f"error: {e}\n")
         return 2
+    except Terminated:
+        sys.stderr.write("error: terminated (SIGTERM); nothing was left behind\n")
+        return 143
     except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted\n")
+        sys.stderr.write("error: interrupted; nothing was left behind\n")
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 def _quiet_third_party() -> None:

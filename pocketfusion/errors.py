@@ -17,3 +17,8 @@ class ManifestError(UserError):
 
 class MissingBackendError(UserError):
     """An optional dependency is not installed; the message names the extra to install."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread by the CLI's handler: unwinds like Ctrl-C, so every staged
+    output is removed on the way out (``artifact.staged_dir`` cleans up on any BaseException)."""

@@ -1,4 +1,4 @@
-"""Text to image through a loaded checkpoint, and the demo model's prompt-accuracy evaluation."""
+"""Text to image through a loaded checkpoint (PyTorch), and prompt accuracy on a model's prompt suite."""
 
 from __future__ import annotations
 
@@ -95,61 +95,22 @@ def time_one_image(model, cfg: GenerateConfig, prompt: str, repeats: int = 3) ->
     return float(np.median(times))
 
 
-def evaluate(model, cfg: GenerateConfig, n_prompts: int | None = None, *, progress: bool = False) -> dict:
-    """Prompt accuracy of a demo-grammar model on the held-out prompt set.
+def evaluate(model, cfg: GenerateConfig, n_prompts: int | None = None, *, progress: bool = False, suite=None) -> dict:
+    """Prompt accuracy of a model on its prompt suite's held-out prompts (``pocketfusion.suite``).
 
-    Returns the metric dict of ``pocketfusion.demo.metrics.prompt_accuracy`` plus timing and
-    settings. ``n_prompts`` takes the first N held-out prompts (default: all 240).
+    Returns the suite evaluator's metric dict plus timing and settings. ``n_prompts`` takes the
+    first N held-out prompts (default: all; 240 for the demo model).
+
+    Raises:
+        UserError: the model has no built-in suite (not the demo grammar) and none is given.
     """
-    from pocketfusion.demo.metrics import prompt_accuracy
-    from pocketfusion.demo.scenes import split_scenes
+    from pocketfusion.suite import require_suite
 
-    _, held = split_scenes()
-    if n_prompts is not None:
-        if n_prompts < 1:
-            raise UserError(f"--prompts must be >= 1, got {n_prompts}")
-        if n_prompts > len(held):
-            raise UserError(f"--prompts {n_prompts} exceeds the {len(held)} held-out prompts")
-        held = held[:n_prompts]
-    images, sec = generate_images(model, [s.prompt for s in held], cfg, progress=progress)
-    result = prompt_accuracy(images, held)
+    suite = suite or require_suite(model, "eval")
+    prompts = suite.heldout(n_prompts)
+    images, sec = generate_images(model, prompts, cfg, progress=progress)
+    result = suite.evaluate(images, prompts)
     result["settings"] = cfg.to_dict()
     result["seconds_per_image_batched"] = sec
     result["images"] = images  # callers decide whether to save; not JSON
-    return result
-
-
-def evaluate_runtime(export_dir, runtime: str, cfg: GenerateConfig, n_prompts: int | None = None, *, progress: bool = False) -> dict:
-    """Prompt accuracy through an export directory's runtime, and PSNR of each image against the
-    PyTorch pipeline of the export's source model at the same seed."""
-    from pathlib import Path
-
-    from tqdm import tqdm
-
-    from pocketfusion import artifact
-    from pocketfusion.checkpoint import load_model
-    from pocketfusion.demo.metrics import prompt_accuracy
-    from pocketfusion.demo.scenes import split_scenes
-    from pocketfusion.pipeline import RuntimePipeline, psnr
-
-    _, held = split_scenes()
-    held = held[: n_prompts or len(held)]
-    pipe = RuntimePipeline(export_dir, runtime)
-    t0 = time.perf_counter()
-    images = [pipe(s.prompt, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed + i)
-              for i, s in enumerate(tqdm(held, desc=f"generate ({runtime})", disable=not progress))]
-    sec = (time.perf_counter() - t0) / len(held)
-    result = prompt_accuracy(images, held)
-    result.update(runtime=pipe.runtime, device=pipe.device, settings=cfg.to_dict(), seconds_per_image=sec)
-    src = artifact.load_manifest(Path(export_dir)).source
-    if src and Path(src["path"]).exists():
-        ref, _ = generate_images(load_model(src["path"]), [s.prompt for s in held], cfg, progress=progress)
-        values = [psnr(a, b) for a, b in zip(images, ref)]
-        finite = [v for v in values if np.isfinite(v)]
-        result["psnr_vs_pytorch_db"] = {
-            "mean": float(np.mean(finite)) if finite else float("inf"), "min": float(min(values)),
-            "identical_images": len(values) - len(finite),
-        }
-        result["pytorch_reference"] = prompt_accuracy(ref, held)["per_attribute"]
-    result["images"] = images
     return result

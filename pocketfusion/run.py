@@ -38,11 +38,9 @@ class RunConfig:
         if self.eval_prompts is not None and self.eval_prompts < 1:
             raise UserError(f"--prompts must be >= 1, got {self.eval_prompts}")
         GenerateConfig(steps=self.steps, guidance=self.guidance, seed=self.seed)  # validates
-        from pocketfusion.export.base import TARGETS
+        from pocketfusion.backends import check_targets
 
-        bad = [t for t in self.targets or () if t not in TARGETS]
-        if bad:
-            raise UserError(f"unknown target {', '.join(bad)}; available: {', '.join(TARGETS)}")
+        check_targets(self.targets or ())
         from pocketfusion.compress.quant import SCHEMES
 
         if self.quant is not None and self.quant not in SCHEMES:
@@ -64,7 +62,7 @@ def run(model, cfg: RunConfig, out: Path, *, showcase: Sequence[str]) -> str:
 
     model.require_pipeline()
     gen = GenerateConfig(steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed)
-    source = {"path": str(Path(model.path).resolve()), "sha256": artifact.content_hash(model.path)}
+    source = artifact.source_ref(model.path)
     with artifact.staged_dir(out) as tmp:
         images, _ = generate_images(model, list(showcase), gen)
         save_png(grid(images, cols=3), tmp / "grid.png")
@@ -91,11 +89,15 @@ def run(model, cfg: RunConfig, out: Path, *, showcase: Sequence[str]) -> str:
             metrics["bench"] = _bench(cfg, tmp)
         artifact.atomic_write_text(tmp / "eval.json", json.dumps(result, indent=2) + "\n")
         artifact.write_manifest(tmp, stage="run", settings=cfg.to_dict(), source=source, metrics=metrics)
+    return _summary(out, cfg, metrics)
+
+
+def _summary(out: Path, cfg: RunConfig, metrics: dict) -> str:
     lines = [f"wrote {out}/ (grid.png, eval.png, eval.json, manifest.json{', bench.json, report.html' if 'bench' in metrics else ''})"]
     for attr, acc in metrics["prompt_accuracy"].items():
         lines.append(f"  {attr:<11} {acc:6.1%}")
     lines.append(f"  all five    {metrics['all_attributes_correct']:6.1%}  over {metrics['eval_prompts']} held-out prompts")
-    lines.append(f"  {per_image:.2f} s per {cfg.steps}-step CFG image (batch 1, this machine)")
+    lines.append(f"  {metrics['seconds_per_image_batch1']:.2f} s per {cfg.steps}-step CFG image (batch 1, this machine)")
     for key, e in metrics.get("export", {}).get("components", {}).items():
         lines.append(_export_line(key, e, indent=2))
     for target, why in metrics.get("export", {}).get("skipped", {}).items():
@@ -137,7 +139,7 @@ def _bench(cfg: RunConfig, tmp: Path) -> dict:
 
 def _export_line(key: str, e: dict, *, indent: int) -> str:
     p = e.get("parity", {})
-    err = f"rel err {p['rel']:.1e}" if "rel" in p else f"parity: {p.get('status', 'skipped')}"
+    err = f"rel_max {p['rel_max']:.1e}" if "rel_max" in p else f"parity: {p.get('status', 'skipped')}"
     ratio = f" ({e['size_ratio_to_float_export']:.1%} of the {e['float_export_precision']} export)" if "size_ratio_to_float_export" in e else ""
     v = e.get("versus_fp32", {})
     vs = f", {v['size_ratio_to_fp32_weights']:.1%} of fp32 weights" if v else ""
@@ -150,10 +152,11 @@ def _compress(model, cfg: RunConfig, gen, tmp: Path, fp32_images, fp32_export: d
     """Quantize the U-Net into ``tmp/compressed``, evaluate the quantized pipeline against the fp32
     one (same prompts and seeds) and export its U-Net to ``tmp/export-<scheme>``."""
     from pocketfusion.checkpoint import load_model
-    from pocketfusion.compress.api import compress, image_psnr
+    from pocketfusion.compress.quant import QuantConfig, quantize
     from pocketfusion.generate import evaluate
+    from pocketfusion.metrics import image_psnr
 
-    cman = compress(model, tmp / "compressed", scheme=cfg.quant, n_prompts=cfg.quant_prompts, seed=cfg.seed)
+    cman = quantize(model, QuantConfig(scheme=cfg.quant, n_prompts=cfg.quant_prompts, seed=cfg.seed), tmp / "compressed")
     qmodel = load_model(tmp / "compressed")
     m = cman.metrics
     res = evaluate(qmodel, gen, cfg.eval_prompts, progress=True)
@@ -168,11 +171,11 @@ def _compress(model, cfg: RunConfig, gen, tmp: Path, fp32_images, fp32_export: d
     }
     targets = tuple(c.split("/")[0] for c in (fp32_export or {}).get("components", {}) if c.endswith("/unet"))
     if targets:
-        from pocketfusion.export.api import export_model
+        from pocketfusion.export.api import export
         from pocketfusion.export.base import ExportConfig
 
-        man = export_model(qmodel, ExportConfig(targets=targets, components=("unet",)), tmp / f"export-{cfg.quant}")
-        comps = man.metrics["components"]
+        man = export(qmodel, ExportConfig(targets=targets, components=("unet",)), tmp / f"export-{cfg.quant}")
+        comps = dict(man.metrics["components"])
         for key, e in comps.items():
             ref = fp32_export["components"].get(key)
             if ref:  # against the same target's float export (Core ML's is fp16 unless asked otherwise)
@@ -182,21 +185,15 @@ def _compress(model, cfg: RunConfig, gen, tmp: Path, fp32_images, fp32_export: d
     return out
 
 
-_BACKENDS = {"onnx": ("onnxruntime", "onnx"), "executorch": ("executorch", "executorch"),
-             "tflite": ("litert_torch", "tflite"), "coreml": ("coremltools", "coreml")}
-
-
 def _export(model, cfg: RunConfig, out: Path) -> dict | None:
-    import importlib.util
+    from pocketfusion import backends
+    from pocketfusion.export.api import export
+    from pocketfusion.export.base import ExportConfig
 
-    from pocketfusion.export.api import export_model
-    from pocketfusion.export.base import TARGETS, ExportConfig
-
-    wanted = cfg.targets if cfg.targets is not None else TARGETS
-    skipped = {t: f"not installed: pip install 'pocketfusion[{_BACKENDS[t][1]}]'" for t in wanted
-               if importlib.util.find_spec(_BACKENDS[t][0]) is None}
+    wanted = cfg.targets if cfg.targets is not None else backends.TARGETS
+    skipped = {t: f"not installed: pip install 'pocketfusion[{backends.backend(t).extra}]'" for t in wanted if not backends.installed(t)}
     targets = tuple(t for t in wanted if t not in skipped)
     if not targets:
         return {"components": {}, "skipped": skipped}
-    manifest = export_model(model, ExportConfig(targets=targets), out)
-    return {"components": manifest.metrics["components"], "skipped": skipped}
+    manifest = export(model, ExportConfig(targets=targets), out)
+    return {"components": dict(manifest.metrics["components"]), "skipped": skipped}

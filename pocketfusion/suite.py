@@ -86,6 +86,15 @@ def from_file(path: str | Path, n: int | None = None) -> PromptSuite:
     return PromptSuite(name=str(path), train_prompts=tuple(read_prompts(path, n)))
 
 
+def builtin(name: str) -> PromptSuite:
+    """A built-in suite by name (``demo``)."""
+    if name != "demo":
+        raise UserError(f"unknown prompt suite {name!r}; built in: demo")
+    from pocketfusion.demo.suite import demo_suite
+
+    return demo_suite()
+
+
 def suite_for(model) -> PromptSuite | None:
     """The built-in suite that fits ``model`` (the demo model, or a pipeline with its tokenizer), else None."""
     from pocketfusion.demo.suite import demo_suite, is_demo_compatible

@@ -110,26 +110,31 @@ def versions() -> dict:
     return out
 
 
-def _jobs(root: Path, cfg: BenchConfig) -> list[dict]:
-    from pocketfusion import artifact
-    from pocketfusion.runtimes.base import TARGET_RUNTIME, canonical
-
-    m = artifact.load_manifest(root)
+def _exported(root: Path, m) -> list:
+    """The export manifest's runtime components (typed ``artifact.Component``s with a target)."""
     if m.stage != "export":
         raise UserError(f"{root} is a {m.stage!r} artifact; bench needs an export directory")
-    wanted = {canonical(r) for r in cfg.runtimes} if cfg.runtimes else None
+    return [c for c in m.components if c.target is not None]
+
+
+def _jobs(root: Path, cfg: BenchConfig) -> list[dict]:
+    from pocketfusion import artifact, backends
+
+    m = artifact.load_manifest(root)
+    sizes = m.metrics.get("components", {})
+    wanted = {backends.canonical_runtime(r) for r in cfg.runtimes} if cfg.runtimes else None
     jobs = []
     by_runtime: dict[str, list[str]] = {}
-    for key, e in m.metrics["components"].items():
-        runtime = TARGET_RUNTIME[e["target"]]
-        if wanted is not None and runtime not in wanted:
+    for c in _exported(root, m):
+        b = backends.backend(c.target)
+        if wanted is not None and b.runtime not in wanted:
             continue
-        if runtime == "coreml" and sys.platform != "darwin":
+        if not b.runs_on_linux and sys.platform != "darwin":
             continue  # reported once in notes
-        jobs.append({"root": str(root), "runtime": runtime, "component": e["component"], "path": e["path"],
-                     "size_bytes": e["size_bytes"]})
-        by_runtime.setdefault(runtime, []).append(e["component"])
-    if cfg.end_to_end:
+        jobs.append({"root": str(root), "runtime": b.runtime, "component": c.name, "path": c.path, "golden": c.golden,
+                     "size_bytes": sizes.get(c.key, {}).get("size_bytes")})
+        by_runtime.setdefault(b.runtime, []).append(c.name)
+    if cfg.end_to_end and m.sampler is not None:
         for runtime, comps in by_runtime.items():
             if {"text_encoder", "unet", "vae_decoder"} <= set(comps):
                 jobs.append({"root": str(root), "runtime": runtime, "component": "end_to_end", "path": None, "size_bytes": None})
@@ -152,23 +157,23 @@ def _run_child(job: dict, cfg: BenchConfig, runs: int) -> dict:
 
 
 def _macs(root: Path) -> dict:
-    """MACs per call of each component, from the source model when it is still on disk."""
+    """MACs per call of each component at its exported batch, from the source model when it is still on disk."""
     from pocketfusion import artifact
 
     m = artifact.load_manifest(root, verify=False)
-    src = (m.source or {}).get("path")
-    if not src or not Path(src).exists():
+    if m.source is None or not Path(m.source.path).exists():
         return {}
     try:
         from pocketfusion.checkpoint import load_model
         from pocketfusion.macs import component_callable, component_inputs, count_macs
 
-        model = load_model(src, verify=False)
+        model = load_model(m.source.path, verify=False)
         out = {}
-        for name in ("text_encoder", "unet", "vae_decoder"):
-            batch = 2 if name == "unet" else 1
-            args, kwargs = component_inputs(model, name, batch=batch)
-            out[name] = count_macs(component_callable(model, name), args, kwargs)["total"]
+        for c in m.components:
+            if c.target is None or c.name in out or not c.inputs:
+                continue
+            args, kwargs = component_inputs(model, c.name, batch=c.inputs[0].shape[0])
+            out[c.name] = count_macs(component_callable(model, c.name), args, kwargs)["total"]
         return out
     except Exception:  # MACs are an annotation; a source that no longer loads does not stop the bench
         return {}
@@ -302,28 +307,26 @@ def device_bench(dirs: list[Path], device: str, cfg: BenchConfig, *, runner: Pat
     results, notes = [], []
     for d in dirs:
         m = artifact.load_manifest(d)
-        comps = m.metrics.get("components", {}) if m.stage == "export" else {}
-        if not comps:
-            raise UserError(f"{d} is not an export directory")
+        comps = _exported(d, m)
+        sizes = m.metrics.get("components", {})
         if device == "qemu-arm64":
+            from pocketfusion.backends import canonical_runtime
             from pocketfusion.runtimes.devices import qemu
 
-            from pocketfusion.runtimes.base import canonical
-
-            wanted = {canonical(r) for r in (cfg.runtimes or ("onnxruntime", "litert"))}
+            wanted = {canonical_runtime(r) for r in (cfg.runtimes or ("onnxruntime", "litert"))}
             runtimes = tuple(r for r in ("onnxruntime", "litert") if r in wanted)
             root = qemu.prepare_rootfs(rootfs or Path.home() / ".cache" / "pocketfusion" / "arm64", runtimes)
-            for key, e in comps.items():
-                rt = {"onnx": "onnxruntime", "tflite": "litert"}.get(e["target"])
+            for c in comps:
+                rt = {"onnx": "onnxruntime", "tflite": "litert"}.get(c.target)
                 if rt not in runtimes:
                     continue
-                r = qemu.run_component(root, d, e["component"], rt, runs=cfg.runs)
+                r = qemu.run_component(root, d, c.name, rt, runs=cfg.runs)
                 lat = r.pop("latencies_ms")
-                results.append({"artifact": d.resolve().name, "runtime": rt, "component": e["component"],
+                results.append({"artifact": d.resolve().name, "runtime": rt, "component": c.name,
                                 "device": f"qemu-user arm64 ({r['machine']})", "load_ms": r["load_ms"],
                                 "latency_ms": _summary(lat), "latencies_ms": lat, "peak_rss_mib": r["peak_rss_mib"],
-                                "rss_growth_mib": None, "size_bytes": e["size_bytes"], "timing_label": r["timing_label"],
-                                "rel_err_vs_host": r["rel_err"]})
+                                "rss_growth_mib": None, "size_bytes": sizes.get(c.key, {}).get("size_bytes"),
+                                "timing_label": r["timing_label"], "rel_max_vs_host": r["rel_max"]})
             notes.append("qemu-arm64: emulated timings, not device timings; peak memory includes the emulator")
         elif device.startswith("android"):
             from pocketfusion.runtimes.devices import adb
@@ -332,25 +335,25 @@ def device_bench(dirs: list[Path], device: str, cfg: BenchConfig, *, runner: Pat
                 raise UserError("--device android needs --runner PATH (executor_runner for .pte, benchmark_model for .tflite)")
             serial = device.split(":", 1)[1] if ":" in device else None
             ext = ".pte" if adb.runner_kind(runner) == "executor_runner" else ".tflite"
-            for key, e in comps.items():
-                if not e["path"].endswith(ext):
+            for c in comps:
+                if not c.path.endswith(ext):
                     continue
-                r = adb.bench_on_device(adb.AdbJob(artifact=d / e["path"], runner=runner, serial=serial, runs=cfg.runs,
+                r = adb.bench_on_device(adb.AdbJob(artifact=artifact.resolve_path(d, c.path), runner=runner, serial=serial, runs=cfg.runs,
                                                    warmup=cfg.warmup, threads=cfg.threads or 4))
-                results.append({"artifact": d.resolve().name, "runtime": runner.name, "component": e["component"],
+                results.append({"artifact": d.resolve().name, "runtime": runner.name, "component": c.name,
                                 "device": r["device"], "load_ms": r.get("load_ms"), "latency_ms": {"mean": r["latency_ms_avg"]},
-                                "peak_rss_mib": r.get("peak_rss_mib"), "size_bytes": e["size_bytes"]})
+                                "peak_rss_mib": r.get("peak_rss_mib"), "size_bytes": sizes.get(c.key, {}).get("size_bytes")})
         elif device in ("mac", "iphone"):
             from pocketfusion.runtimes.devices import ios
 
             if device == "iphone":
                 found = ios.iphone_devices()  # raises on Linux / without Xcode
                 raise UserError(f"iPhone timing runs in apps/ios through Xcode ({len(found)} connected); use --device mac for Core ML here")
-            for key, e in comps.items():
-                if e["target"] == "coreml":
-                    feeds = artifact.read_golden(d, e["component"])[0]
-                    r = ios.coreml_bench(d / e["path"], feeds, runs=cfg.runs, warmup=cfg.warmup)
-                    results.append({"artifact": d.resolve().name, "runtime": "coreml", "component": e["component"], **r})
+            for c in comps:
+                if c.target == "coreml":
+                    feeds = artifact.read_golden(artifact.resolve_path(d, c.golden))[0]
+                    r = ios.coreml_bench(artifact.resolve_path(d, c.path), feeds, runs=cfg.runs, warmup=cfg.warmup)
+                    results.append({"artifact": d.resolve().name, "runtime": "coreml", "component": c.name, **r})
         else:
             raise UserError(f"unknown device {device!r}; choose host, qemu-arm64, android[:SERIAL], mac or iphone")
     return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

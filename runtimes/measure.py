@@ -38,18 +38,18 @@ def _peak_kib() -> int:
 def measure(job: dict) -> dict:
     import importlib
 
-    from pocketfusion.runtimes.base import RUNTIMES, canonical
+    from pocketfusion import backends
 
-    runtime = canonical(job["runtime"])
+    runtime = backends.canonical_runtime(job["runtime"])
     root = Path(job["root"])
-    importlib.import_module(RUNTIMES[runtime][0])  # baseline includes the runtime's own import
+    importlib.import_module(backends.for_runtime(runtime).runtime_probe)  # baseline includes the runtime's own import
     if job["component"] == "end_to_end":
-        import pocketfusion.pipeline  # noqa: F401
+        import pocketfusion.runtimes.pipeline  # noqa: F401
     base_rss = _status_kib("VmRSS") or 0
     threads = job.get("threads")
     t0 = time.perf_counter()
     if job["component"] == "end_to_end":
-        from pocketfusion.pipeline import RuntimePipeline
+        from pocketfusion.runtimes.pipeline import RuntimePipeline
 
         pipe = RuntimePipeline(root, runtime, threads=threads)
         device = pipe.device
@@ -62,7 +62,7 @@ def measure(job: dict) -> dict:
 
         session = load_session(root / job["path"], runtime, threads=threads)
         device = session.device
-        feeds = read_golden(root, job["component"])[0]
+        feeds = read_golden(root / job["golden"])[0]
 
         def call():
             session.run(feeds)

@@ -140,16 +140,16 @@ def run_component(root: Path, export_dir: Path, component: str, runtime: str = "
         raise UserError(f"{root} is not a prepared arm64 rootfs (run prepare_rootfs first)")
     m = artifact.load_manifest(export_dir)
     target = {"onnxruntime": "onnx", "litert": "tflite"}[runtime]
-    entry = m.metrics["components"].get(f"{target}/{component}")
+    entry = m.find(component, target)
     if entry is None:
         raise UserError(f"{export_dir} has no {target} export of {component}")
     job_dir = root / "opt" / "pocketfusion" / "job"
     shutil.rmtree(job_dir, ignore_errors=True)
     job_dir.mkdir(parents=True)
-    src = Path(export_dir) / entry["path"]
+    src = artifact.resolve_path(export_dir, entry.path)
     for f in src.parent.glob(src.name + "*"):
         shutil.copy2(f, job_dir / f.name)
-    inputs, outputs = artifact.read_golden(export_dir, component)
+    inputs, outputs = artifact.read_golden(artifact.resolve_path(export_dir, entry.golden))
     feeds = {}
     for name, v in inputs.items():
         np.save(job_dir / f"{name}.npy", v)
@@ -177,6 +177,6 @@ def run_component(root: Path, export_dir: Path, component: str, runtime: str = "
     out = np.load(job_dir / "out.npy").reshape(ref.shape)
     err = float(np.abs(out.astype(np.float64) - ref).max())
     res.update(component=component, runtime=runtime, wall_seconds=wall, max_abs_err_vs_host_torch=err,
-               rel_err=err / max(float(np.abs(ref).max()), 1e-12), timing_label="emulated (qemu-user), not a device timing",
+               rel_max=err / max(float(np.abs(ref).max()), 1e-12), timing_label="emulated (qemu-user), not a device timing",
                latency_ms_median=float(np.median(res["latencies_ms"])))
     return res
