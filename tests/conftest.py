@@ -34,9 +34,9 @@ def tiny_onnx_export(tiny_sd, tmp_path_factory):
     """The tiny pipeline exported to ONNX (all three components), once per run."""
     pytest.importorskip("onnxruntime")
     from pocketfusion.checkpoint import load_model
-    from pocketfusion.export.api import export_model
+    from pocketfusion.export.api import export
     from pocketfusion.export.base import ExportConfig
 
     out = tmp_path_factory.mktemp("onnx") / "exp"
-    export_model(load_model(tiny_sd), ExportConfig(targets=("onnx",)), out, progress=False)
+    export(load_model(tiny_sd), ExportConfig(targets=("onnx",)), out, progress=False)
     return out

@@ -17,7 +17,14 @@ def _make(tmp_path, name="out"):
         (d / "a.bin").write_bytes(b"hello")
         (d / "sub").mkdir()
         (d / "sub" / "b.txt").write_text("world")
-        artifact.write_manifest(d, stage="test", settings={"x": 1}, source={"path": "/src", "sha256": "0" * 64}, metrics={"err": 0.5})
+        artifact.write_manifest(d, stage="test", settings={"x": 1}, source=artifact.SourceRef("/src", "0" * 64),
+                                components=(artifact.Component("a", "a.bin", "onnx", target="onnx",
+                                                               inputs=(artifact.TensorSpec("x", (2, 4), "float32"),),
+                                                               outputs=(artifact.TensorSpec("y", (2, 4), "float32"),),
+                                                               layer_map={"conv": "onnx::Conv_3"}),
+                                            artifact.Component("unet", "sub", "diffusers", grid=artifact.GridRef("sub", "w8", "gptq"))),
+                                calibration=artifact.CalibrationRef("sub", "1" * 64),
+                                sampler=artifact.Sampler("scheduler", (1, 4, 8, 8), 0.18, 77), metrics={"err": 0.5})
     return dest
 
 
@@ -31,6 +38,34 @@ def test_manifest_round_trip(tmp_path):
     again = artifact.Manifest.from_dict(json.loads((dest / "manifest.json").read_text()))
     assert again == m
     assert artifact.Manifest.from_dict(m.to_dict()) == m
+
+
+def test_typed_fields(tmp_path):
+    m = artifact.load_manifest(_make(tmp_path))
+    a = m.component("a", "onnx")
+    assert a.key == "onnx/a" and a.inputs[0].shape == (2, 4) and a.layer_map == {"conv": "onnx::Conv_3"}
+    assert m.component("unet").grid == artifact.GridRef("sub", "w8", "gptq") and m.targets() == ("onnx",)
+    assert m.calibration.sha256 == "1" * 64 and m.sampler.unet_batch == 2 and m.sampler.latent_shape == (1, 4, 8, 8)
+    with pytest.raises(ManifestError, match=r"no component tflite/a \(it has: onnx/a, unet\)"):
+        m.component("a", "tflite")
+
+
+def test_component_paths_must_exist(tmp_path):
+    with pytest.raises(ManifestError, match="component onnx/x: x.onnx does not exist"):
+        artifact.write_manifest(tmp_path, stage="t", settings={}, source=None, components=(artifact.Component("x", "x.onnx", "onnx", "onnx"),))
+    with pytest.raises(ManifestError, match="unknown format 'zip'"):
+        artifact.Component("x", "x.zip", "zip")
+    with pytest.raises(ManifestError, match="guidance 'half'"):
+        artifact.Sampler("s", (1, 4, 8, 8), 1.0, 16, guidance="half")
+
+
+def test_version_1_refused_with_its_version(tmp_path):
+    dest = _make(tmp_path)
+    data = json.loads((dest / "manifest.json").read_text())
+    data["schema_version"] = 1
+    (dest / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=r"schema_version 1 is not supported \(written by pocketfusion 0.1"):
+        artifact.load_manifest(dest)
 
 
 def test_checksum_failure_names_file(tmp_path):

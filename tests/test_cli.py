@@ -9,7 +9,7 @@ from pocketfusion.cli import main
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "pocketfusion.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "pocketfusion", *args], capture_output=True, text=True)
 
 
 def test_help_does_not_import_torch():
@@ -31,7 +31,7 @@ def test_help_does_not_import_torch():
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, message, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "pocketfusion.cli", *args], capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run([sys.executable, "-m", "pocketfusion", *args], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), r.stderr
@@ -75,3 +75,36 @@ def test_info_json(tiny_sd, capsys):
 def test_generate_needs_pipeline(tiny_sd, tmp_path, capsys):
     assert main(["generate", str(tiny_sd / "unet"), "--prompt", "x", "-o", str(tmp_path / "x.png")]) == 2
     assert "needs a full pipeline" in capsys.readouterr().err
+
+
+def test_python_m_is_the_console_script():
+    import shutil
+
+    script = shutil.which("pocketfusion", path=str(__import__("pathlib").Path(sys.executable).parent))
+    a = _run("--version")
+    assert a.returncode == 0 and a.stdout.startswith("pocketfusion ")
+    if script:
+        b = subprocess.run([script, "--version"], capture_output=True, text=True)
+        assert (b.returncode, b.stdout) == (a.returncode, a.stdout)
+
+
+@pytest.mark.parametrize("sig, code, word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+def test_kill_and_ctrl_c_leave_nothing_behind(tmp_path, sig, code, word):
+    """A stage stopped by SIGTERM (kill, job schedulers) or Ctrl-C removes its staging directory,
+    leaves no output, prints one line and exits non-zero."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "cal"
+    proc = subprocess.Popen([sys.executable, "-m", "pocketfusion", "run", "--target", "", "--quant", "none",
+                             "--bench-runs", "0", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not any(p.name.endswith(".partial") for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.kill(proc.pid, getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1].startswith(f"error: {word}"), err
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
