@@ -1,0 +1,136 @@
+"""Smoke test of the quantization benchmark's row functions (pocketfusion.benchmarks.quant) on the tiny
+SD-1.5 U-Net (real quantizers, real errors)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from pocketfusion.benchmarks.latency import interleaved_latency
+from pocketfusion.benchmarks.quant import parse_args
+from pocketfusion.benchmarks.quant.measure import artifact_bytes, param_bytes, session_runner, state_dict_bytes, torch_runner, unet_error
+from pocketfusion.benchmarks.quant.output import format_table
+from pocketfusion.benchmarks.quant.peers_onnx import onnx_op_counts, peer_ort_dynamic
+from pocketfusion.benchmarks.quant.peers_pytorch import peer_quanto, peer_torchao
+from pocketfusion.benchmarks.quant.pocketfusion_rows import grid_packed_bytes, pf_rtn
+from pocketfusion.benchmarks.quant.rows import Row
+from pocketfusion.benchmarks.quant.targets import swap_unet, unet_path
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from pocketfusion.export.components import unet_spec
+    from pocketfusion.testing.fixtures import TINY_SEQ_LEN, tiny_unet
+
+    unet = tiny_unet("sd15")
+    spec = unet_spec(unet, seq_len=TINY_SEQ_LEN)
+    return unet, spec
+
+
+def _refs(unet, feeds):
+    return [torch_runner(unet)(f) for f in feeds]
+
+
+def test_pytorch_rows_measure_what_they_claim(tiny):
+    import torch
+
+    unet, spec = tiny
+    feeds = spec.golden
+    refs = _refs(unet, feeds)
+    before = [p.detach().clone() for p in unet.parameters()]
+
+    same = unet_error(torch_runner(unet), feeds, refs)
+    assert same["rel_max"] == 0 and same["rel_rms"] == 0 and math.isinf(same["snr_db"]) and same["feeds"] == 3
+    assert "rel" not in same
+
+    u8, g8 = pf_rtn(unet, 8)
+    u4, g4 = pf_rtn(unet, 4)
+    e8 = unet_error(torch_runner(u8), feeds, refs)
+    e4 = unet_error(torch_runner(u4), feeds, refs)
+    assert e8["snr_db"] > 30 and e4["snr_db"] < e8["snr_db"] - 10  # 4 bits cost ~24 dB more than 8
+    assert abs(e8["snr_db"] + 20 * math.log10(e8["rel_rms"])) < 1e-6
+    assert set(g8.integers(u8)) == set(g8.layers)  # the copy's weights lie on its grid
+    fp32 = param_bytes(unet)
+    p8, p4 = grid_packed_bytes(u8, g8) / fp32, grid_packed_bytes(u4, g4) / fp32
+    assert 0.25 < p8 < 0.40 and 0.12 < p4 < p8 - 0.08
+
+    qu, notes = peer_quanto(unet, 8)
+    eq = unet_error(torch_runner(qu), feeds, refs)
+    assert eq["snr_db"] > 30 and "quantized" in notes[0]
+    assert qu.conv_in.weight._data.dtype == torch.int8  # Conv2d too
+    assert state_dict_bytes(qu) < 0.8 * state_dict_bytes(unet)  # tiny tensors: pickle overhead dominates
+
+    tu, notes = peer_torchao(unet, "int8")  # stock filter: Linear only, convs stay fp32
+    et = unet_error(torch_runner(tu), feeds, refs)
+    assert et["snr_db"] > 30 and "Linear only" in notes[0]
+    assert state_dict_bytes(tu) > state_dict_bytes(qu)
+
+    for p, q in zip(before, unet.parameters()):  # every row quantized a copy
+        assert bool((p == q).all())
+
+
+def test_ort_dynamic_row_on_an_export(tiny, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from pocketfusion.runtimes.base import load_session
+    from pocketfusion.testing.fixtures import export_tiny_unet
+
+    unet, _ = tiny
+    spec, path, _ = export_tiny_unet("onnx", "sd15", tmp_path)
+    refs = _refs(unet, spec.golden)
+    out = peer_ort_dynamic(path, tmp_path / "dyn.onnx", per_channel=False)
+    assert not (tmp_path / "dyn.pre.onnx").exists()
+    assert artifact_bytes(out) < 0.95 * artifact_bytes(path)  # tiny weights: graph overhead dominates
+    ops = onnx_op_counts(out)
+    assert ops.get("MatMulInteger", 0) + ops.get("ConvInteger", 0) > 0
+    err = unet_error(session_runner(load_session(out, "onnxruntime", threads=1)), spec.golden, refs)
+    fp = unet_error(session_runner(load_session(path, "onnxruntime", threads=1)), spec.golden, refs)
+    assert fp["rel_max"] < 1e-4 and 15 < err["snr_db"] < fp["snr_db"]
+
+
+def test_table_latency_and_args():
+    ok = Row("pocketfusion GPTQ w4", "pocketfusion", "pytorch", 4, size_bytes=2e6, size_kind="packed", fp32_bytes=1.4e7,
+             error={"rel_max": 0.02, "snr_db": 38.7}, images={"mean_db": 30.0, "min_db": 25.0}, accuracy={"mean": 0.95},
+             latency={"median_ms": 3.0}, notes=["a | b"])
+    w8 = Row("ORT quantize_dynamic int8", "onnxruntime", "onnx", 8, size_bytes=4e6, size_kind="file", fp32_bytes=1.4e7)
+    na = Row("pocketfusion GPTQ w8 -> coreml", "pocketfusion", "coreml", 8, status="not available", reason="no lowering yet")
+    table = format_table([ok, na, w8]).splitlines()
+    assert len(table) == 5 and table[0].count("|") == table[2].count("|") == table[4].count("|")
+    assert "ORT" in table[2] and "not available" in table[3] and "no lowering yet" in table[3]  # W8 rows before W4
+    assert "14.3" in table[4] and "(packed)" in table[4] and "2.00e-02" in table[4] and "38.7" in table[4] and "a / b" in table[4]
+    assert ok.to_dict()["size_pct_of_fp32"] == pytest.approx(100 * 2 / 14)
+
+    calls = {"a": 0, "b": 0}
+
+    def bump(k):
+        calls[k] += 1
+
+    lat = interleaved_latency({"a": lambda: bump("a"), "b": lambda: bump("b")}, runs=3, rounds=2, warmup=1)
+    assert calls == {"a": 7, "b": 7} and len(lat["a"]["samples_ms"]) == 6
+    assert 0 <= lat["a"]["min_ms"] <= lat["a"]["median_ms"] <= lat["a"]["p90_ms"]
+
+    a = parse_args(["--skip", "quanto,coreml", "--skip", "images"])
+    assert a.skip == ["quanto", "coreml", "images"] and a.prompts == 8
+    with pytest.raises(SystemExit):
+        parse_args(["--skip", "nonsense"])
+
+
+def test_swap_unet_into_an_export(tiny_onnx_export, tmp_path):
+    from pocketfusion import artifact
+    from pocketfusion.metrics import psnr
+    from pocketfusion.runtimes.pipeline import RuntimePipeline
+
+    src = unet_path(tiny_onnx_export, "onnx")  # found through the manifest's typed component
+    (tmp_path / "q").mkdir()
+    q = peer_ort_dynamic(src, tmp_path / "q" / src.name, per_channel=False)
+    dst = swap_unet(tiny_onnx_export, "onnx", q, tmp_path / "swapped")
+    m = artifact.load_manifest(dst)  # checksums verified
+    comp = m.component("unet", "onnx")
+    assert m.files[comp.path]["sha256"] == artifact.sha256_file(q)
+    assert m.metrics["components"][comp.key]["size_bytes"] == q.stat().st_size
+    assert m.sampler is not None and {c.key for c in m.components} >= {"onnx/text_encoder", "onnx/unet", "onnx/vae_decoder"}
+    prompt = "a large red circle on a blue background, center"
+    img_q = RuntimePipeline(dst, "onnx", threads=1)(prompt, steps=2, seed=0)
+    img_f = RuntimePipeline(tiny_onnx_export, "onnx", threads=1)(prompt, steps=2, seed=0)
+    assert img_q.shape == img_f.shape and np.isfinite(psnr(img_q, img_f))  # the swapped U-Net ran
+    with pytest.raises(ValueError):
+        swap_unet(tiny_onnx_export, "onnx", tmp_path / "q" / "other.onnx", tmp_path / "bad")
