@@ -189,7 +189,14 @@ def package(work: Path, out: Path, settings: dict) -> None:
     }
     with artifact.staged_dir(out) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
-        artifact.write_manifest(tmp, stage="train-demo", settings=settings, source=None, metrics=metrics)
+        components = [artifact.Component("text_encoder", "text_encoder", "transformers"), artifact.Component("unet", "unet", "diffusers"),
+                      artifact.Component("vae", "vae", "diffusers"), artifact.Component("tokenizer", "tokenizer", "tokenizer"),
+                      artifact.Component("scheduler", "scheduler", "scheduler")]
+        size = pipe.unet.config.sample_size
+        sampler = artifact.Sampler(scheduler="scheduler", latent_shape=(1, pipe.unet.config.in_channels, size, size),
+                                   scaling_factor=float(pipe.vae.config.scaling_factor), max_length=pipe.tokenizer.model_max_length)
+        artifact.write_manifest(tmp, stage="train-demo", settings=settings, source=None, components=components, sampler=sampler,
+                                metrics=metrics)
 
 
 def main(argv: list[str] | None = None) -> None:
