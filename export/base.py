@@ -1,38 +1,44 @@
-"""Shared types of the exporters: the config, the exporter protocol, parity errors.
+"""Shared types of the exporters: the stage config, the exporter protocol, parity tolerances, errors.
 
-An exporter is a module ``pocketfusion.export.<target>`` with::
+An exporter is the module ``pocketfusion.backends.backend(target).exporter`` with::
 
-    EXTENSION: str                 # ".onnx", ".pte", ".tflite", ".mlpackage"
-    RUNTIME: str | None            # runtime that runs it here (runtimes.base.RUNTIMES), None if none
-    def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict: ...
+    def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Exported: ...
 
-``export_component`` writes ``path`` (a file, or a directory for .mlpackage) and returns JSON-able
-facts for the manifest: ``rewrites`` (list of str: what was rewritten and why), ``notes``,
-and target-specific figures (ExecuTorch: ``delegation``; Core ML: ``ops``...). It raises
+It writes ``path`` (a file, or a directory for ``.mlpackage``; ``path`` ends in the backend's
+``extension``) and returns an ``Exported``: the JSON-able facts measured on it (``info``: ``rewrites``,
+``notes`` and target-specific figures such as ExecuTorch's ``delegation`` or Core ML's ``ops``) and
+the ``layer_map`` (PyTorch module name, relative to the spec's source module -> the name of the
+tensor or node holding its weight in the written file; ``export.layer_map``). It raises
 ``ExportError`` (naming component and target) when the converter fails.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
+from pocketfusion import backends
 from pocketfusion.errors import UserError
 
-TARGETS = ("onnx", "executorch", "tflite", "coreml")
-EXPORTERS: dict[str, str] = {t: f"pocketfusion.export.{t}" for t in TARGETS}
+COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+# the model component (``checkpoint.Model.components`` key) each exported component wraps
+SOURCES = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae"}
 
-# Parity tolerance per target, as relative error max|out-ref| / max|ref| over the golden inputs.
+# Parity tolerance per target, as ``rel_max`` (``metrics.parity_error``: max |out - ref| / max |ref|
+# over the golden inputs).
 TOLERANCE: dict[str, float] = {"onnx": 1e-4, "executorch": 1e-4, "tflite": 1e-4, "coreml": 1e-4, "coreml-fp16": 2e-2}
 # Quantized activations (static, calibrated: schemes w8a8 / w8a16) add their own error; the key is
 # "<target>-a<bits>" with the lowest activation bit width the artifact uses
 # (info["quantization"]["activation_bits"]). Measured on the demo U-Net (RTN w8 grid, ONNX, 65 calibration
-# feeds from `pocketfusion calibrate`, golden feeds held out): a16 3.4e-3, a8 7.9e-2.
+# feeds from `pocketfusion calibrate`, golden feeds held out): rel_max a16 3.4e-3, a8 7.9e-2.
 TOLERANCE.update({"onnx-a16": 1e-2, "onnx-a8": 0.25, "tflite-a16": 1e-2, "tflite-a8": 0.25})
 # ExecuTorch/XNNPACK has no weight-only int8/int4 kernels: its int8-weight kernels quantize their
 # input activations to int8 - per token at run time ("qd8", schemes w8 / w4 / w8a16) or statically
-# from calibration (w8a8: "-a8"). Measured (RTN grids, rel. error vs the on-grid PyTorch U-Net):
+# from calibration (w8a8: "-a8"). Measured (RTN grids, rel_max vs the on-grid PyTorch U-Net):
 # demo U-Net qd8 3.8e-2 (w8; worst golden feed, t=1), tiny fixture U-Nets 2.3e-2 (w8) / 2.6e-2 (w4).
 TOLERANCE.update({"executorch-qd8": 0.1, "executorch-a8": 0.25})
+
+EXECUTORCH_ACTIVATIONS = ("grid", "dynamic")
 
 
 class ExportError(UserError):
@@ -45,8 +51,17 @@ class ParityError(UserError):
 
 @dataclass(frozen=True)
 class ExportConfig:
-    targets: tuple[str, ...] = TARGETS
-    components: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder")
+    """Settings of the ``export`` stage (``export.export(model, ExportConfig, out)``).
+
+    ``executorch_activations``: ``"grid"`` lowers a grid's static 8-bit activations (w8a8) as static
+    int8 from the calibration set; ``"dynamic"`` lowers them as XNNPACK's dynamic per-token int8
+    (measured on the demo U-Net, w8a8: rel_max 0.21 static vs 0.038 dynamic: XNNPACK's static
+    kernels also requantize every conv/linear output). ``executorch_profile_runs``: ETDump runs that
+    measure the share of ExecuTorch run time outside the XNNPACK delegates (0: not measured).
+    """
+
+    targets: tuple[str, ...] = backends.TARGETS
+    components: tuple[str, ...] = COMPONENTS
     onnx_opset: int = 18
     coreml_deployment_target: str = "iOS17"  # or "iOS18"
     coreml_precision: str = "fp16"  # or "fp32"
@@ -54,12 +69,18 @@ class ExportConfig:
     rewrite: bool = True  # apply the delegation / op rewrites
     check_parity: bool = True
     seed: int = 0
-    extra: dict = field(default_factory=dict)
+    executorch_activations: str = "grid"  # or "dynamic"
+    executorch_profile_runs: int = 4
 
     def __post_init__(self) -> None:
-        bad = [t for t in self.targets if t not in TARGETS]
-        if bad or not self.targets:
-            raise UserError(f"unknown target {', '.join(bad) or '(none)'}; available: {', '.join(TARGETS)}")
+        object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "components", tuple(self.components))
+        if not self.targets:
+            raise UserError(f"no target given; available: {', '.join(backends.TARGETS)}")
+        backends.check_targets(self.targets)
+        bad = [c for c in self.components if c not in COMPONENTS]
+        if bad or not self.components:
+            raise UserError(f"unknown component {', '.join(bad) or '(none)'}; available: {', '.join(COMPONENTS)}")
         if self.coreml_deployment_target not in ("iOS17", "iOS18"):
             raise UserError(f"--coreml-target must be iOS17 or iOS18, got {self.coreml_deployment_target}")
         if self.coreml_precision not in ("fp16", "fp32"):
@@ -68,9 +89,35 @@ class ExportConfig:
             raise UserError(f"--opset must be in 7..21, got {self.onnx_opset}")
         if self.max_delegates < 1:
             raise UserError(f"--max-delegates must be >= 1, got {self.max_delegates}")
+        if self.executorch_activations not in EXECUTORCH_ACTIVATIONS:
+            raise UserError(f"executorch_activations must be one of {', '.join(EXECUTORCH_ACTIVATIONS)}, "
+                            f"got {self.executorch_activations!r}")
+        if self.executorch_profile_runs < 0:
+            raise UserError(f"executorch_profile_runs must be >= 0, got {self.executorch_profile_runs}")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["targets"] = list(self.targets)
         d["components"] = list(self.components)
         return d
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What an exporter reports about a written component: measured facts and the layer map."""
+
+    info: dict[str, Any]  # JSON-able; lands in the manifest's metrics["components"][key]
+    layer_map: dict[str, str] = field(default_factory=dict)  # module name -> tensor/node name in the file
+
+
+def tolerance(target: str, cfg: ExportConfig, info: dict | None = None) -> float:
+    """The parity tolerance (``rel_max``) that applies to one exported component."""
+    if target == "coreml" and cfg.coreml_precision == "fp16":
+        return TOLERANCE["coreml-fp16"]
+    quant = (info or {}).get("quantization") or {}
+    if quant.get("tolerance_key") in TOLERANCE:  # the exporter names its case (e.g. "executorch-qd8")
+        return TOLERANCE[quant["tolerance_key"]]
+    bits = quant.get("activation_bits")
+    if bits and f"{target}-a{bits}" in TOLERANCE:  # statically quantized activations
+        return TOLERANCE[f"{target}-a{bits}"]
+    return TOLERANCE[target]

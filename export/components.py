@@ -1,7 +1,7 @@
 """Pipeline components as exportable modules with static, named tensor interfaces.
 
 Every exporter sees the same three wrappers, so input/output names and dtypes agree across
-targets and with ``pocketfusion.pipeline``:
+targets and with the runtime pipeline (``pocketfusion.runtimes.pipeline``):
 
 =============  ===========================================================  ===================
 component      inputs (static shapes, batch B)                              output
@@ -10,53 +10,73 @@ text_encoder   input_ids int32 (B, L)                                       last
 unet           sample (B, C, h, w), timestep float32 (B,),                  noise_pred
                encoder_hidden_states (B, L, D)
                [+ text_embeds (B, T), time_ids (B, 6) for SDXL]
+               [+ guidance float32 (B,) for a guidance-embedded U-Net]
 vae_decoder    latent (B, C, h, w) — already divided by the scaling factor  image in [-1, 1]
 =============  ===========================================================  ===================
 
-The U-Net is exported at batch 2 (the two halves of a classifier-free-guidance step); the text
-encoder and decoder at batch 1.
+The U-Net's batch comes from the model: 2 for classifier-free guidance (the two halves of a CFG
+step), 1 for a U-Net that takes the guidance scale as an input (``time_cond_proj_dim``: its
+embedding of ``guidance - 1`` is its ``timestep_cond``, as diffusers' pipelines compute it).
+The text encoder and decoder are exported at batch 1.
+
+Each spec names its ``source``: the model component its wrapper holds (``unet``, ``vae``,
+``text_encoder``, an attribute of the wrapper of that name), whose module names are the keys of
+its quantization grid and of the export's layer map.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+from pocketfusion.artifact import TensorSpec
+from pocketfusion.errors import UserError
+from pocketfusion.export.base import SOURCES
 
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # numpy dtype name
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TensorSpec:
-        return cls(d["name"], tuple(d["shape"]), d["dtype"])
+GOLDEN_GUIDANCE = 4.0  # the guidance scale of the golden sampling run (and of random golden feeds)
 
 
 @dataclass
 class ComponentSpec:
-    """One exportable component: the wrapper module, its I/O specs and golden input sets."""
+    """One exportable component: the wrapper module, its I/O specs, golden inputs and quantization."""
 
     name: str
-    module: object  # torch.nn.Module
+    module: Any  # torch.nn.Module wrapping the source component as attribute ``source``
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     golden: list[dict[str, np.ndarray]] = field(default_factory=list)  # feeds, first one is the example
-    quant: object = None  # compress.grid.QuantGrid of the U-Net (names relative to module.unet), or None
-    calibration: list[dict[str, np.ndarray]] = field(default_factory=list)  # U-Net feeds for static activation quantization
-    heldout: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = field(default_factory=list)  # (feed, fp32 output): calibration's held-out part
+    source: str = ""  # the model component wrapped (``SOURCES[name]``)
+    grid: Any = None  # compress.quant.grid.QuantGrid of the source module (names relative to it), or None
+    calibration: list[dict[str, np.ndarray]] = field(default_factory=list)  # feeds for static activation quantization
+    heldout: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = field(default_factory=list)  # (feed, fp32 output)
+
+    def __post_init__(self) -> None:
+        self.source = self.source or SOURCES.get(self.name, self.name)
+
+    @property
+    def source_module(self):
+        """The wrapped model component (``module.<source>``): what a grid and a layer map name layers of."""
+        return getattr(self.module, self.source)
 
     def example_args(self):
         import torch
 
         return tuple(torch.from_numpy(self.golden[0][s.name]) for s in self.inputs)
+
+
+def guidance_embedding(w, dim: int):
+    """Sinusoidal embedding of guidance scales ``w`` (B,), as diffusers' pipelines compute it for a
+    U-Net with ``time_cond_proj_dim`` (``get_guidance_scale_embedding``)."""
+    import torch
+
+    w = w.float() * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    emb = w[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
 def _wrappers():
@@ -75,12 +95,21 @@ def _wrappers():
             super().__init__()
             self.unet = unet
             self.sdxl = unet.config.addition_embed_type == "text_time"
+            self.embedded = getattr(unet.config, "time_cond_proj_dim", None) is not None
 
-        def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, guidance=None):
             kwargs = {}
             if self.sdxl:
                 kwargs["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids}
+            if self.embedded:
+                kwargs["timestep_cond"] = guidance_embedding(guidance - 1.0, self.unet.config.time_cond_proj_dim)
             return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
+
+    class GuidedUNet(UNet):
+        """A guidance-embedded SD-1.x/2.x U-Net: the guidance scale is its fourth input."""
+
+        def forward(self, sample, timestep, encoder_hidden_states, guidance):
+            return super().forward(sample, timestep, encoder_hidden_states, guidance=guidance)
 
     class VaeDecoder(torch.nn.Module):
         def __init__(self, vae):
@@ -90,13 +119,30 @@ def _wrappers():
         def forward(self, latent):
             return self.vae.decode(latent, return_dict=False)[0]
 
-    return TextEncoder, UNet, VaeDecoder
+    return TextEncoder, (UNet, GuidedUNet), VaeDecoder
 
 
-def unet_spec(unet, *, batch: int = 2, seq_len: int, golden: list[dict[str, np.ndarray]] | None = None, seed: int = 0) -> ComponentSpec:
-    """Spec of a U-Net component; without ``golden`` inputs, seeded random ones are made."""
-    _, UNet, _ = _wrappers()
-    cfg = unet.config
+def unet_batch(unet) -> int:
+    """The U-Net's batch per sampling step: 1 when it embeds the guidance scale, else 2 (a CFG pair)."""
+    return 1 if getattr(unet.config, "time_cond_proj_dim", None) is not None else 2
+
+
+def fit_feed(feed: dict[str, np.ndarray], specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarray]:
+    """A recorded feed (or output) fitted to a spec: a CFG pair keeps its conditional (last) rows when
+    the spec's batch is smaller; a missing ``guidance`` input gets the golden guidance scale."""
+    out = {}
+    for s in specs:
+        if s.name not in feed and s.name == "guidance":
+            out[s.name] = np.full(s.shape, GOLDEN_GUIDANCE, dtype=np.float32)
+            continue
+        a = feed[s.name]
+        if a.ndim and s.shape and a.shape[0] > s.shape[0]:
+            a = a[a.shape[0] - s.shape[0]:]
+        out[s.name] = a
+    return out
+
+
+def _unet_inputs(cfg, batch: int, seq_len: int) -> list[TensorSpec]:
     s = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     ctx_dim = cfg.cross_attention_dim if isinstance(cfg.cross_attention_dim, int) else cfg.cross_attention_dim[0]
     inputs = [
@@ -107,6 +153,19 @@ def unet_spec(unet, *, batch: int = 2, seq_len: int, golden: list[dict[str, np.n
     if cfg.addition_embed_type == "text_time":
         text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         inputs += [TensorSpec("text_embeds", (batch, text_dim), "float32"), TensorSpec("time_ids", (batch, 6), "float32")]
+    if getattr(cfg, "time_cond_proj_dim", None) is not None:
+        inputs.append(TensorSpec("guidance", (batch,), "float32"))
+    return inputs
+
+
+def unet_spec(unet, *, batch: int | None = None, seq_len: int, golden: list[dict[str, np.ndarray]] | None = None,
+              seed: int = 0) -> ComponentSpec:
+    """Spec of a U-Net component at ``batch`` (default: ``unet_batch``); without ``golden`` inputs,
+    seeded random ones are made (recorded ones are fitted to the spec: ``fit_feed``)."""
+    _, (UNet, GuidedUNet), _ = _wrappers()
+    cfg = unet.config
+    batch = batch or unet_batch(unet)
+    inputs = tuple(_unet_inputs(cfg, batch, seq_len))
     if golden is None:
         rng = np.random.default_rng(seed)
         golden = []
@@ -115,9 +174,15 @@ def unet_spec(unet, *, batch: int = 2, seq_len: int, golden: list[dict[str, np.n
             feed["timestep"] = np.full((batch,), t, dtype=np.float32)
             if "time_ids" in feed:
                 feed["time_ids"] = np.tile(np.array([[64, 64, 0, 0, 64, 64]], dtype=np.float32), (batch, 1))
+            if "guidance" in feed:
+                feed["guidance"] = np.full((batch,), GOLDEN_GUIDANCE, dtype=np.float32)
             golden.append(feed)
+    else:
+        golden = [fit_feed(f, inputs) for f in golden]
+    s = inputs[0].shape[2]
     out = (TensorSpec("noise_pred", (batch, cfg.out_channels, s, s), "float32"),)
-    return ComponentSpec("unet", UNet(unet).eval(), tuple(inputs), out, golden)
+    wrapper = GuidedUNet if inputs[3:] and inputs[3].name == "guidance" else UNet
+    return ComponentSpec("unet", wrapper(unet).eval(), inputs, out, golden, source="unet")
 
 
 def text_encoder_spec(text_encoder, tokenizer, prompts: list[str]) -> ComponentSpec:
@@ -130,7 +195,7 @@ def text_encoder_spec(text_encoder, tokenizer, prompts: list[str]) -> ComponentS
     hidden = text_encoder.config.hidden_size
     return ComponentSpec(
         "text_encoder", TextEncoder(text_encoder).eval(), (TensorSpec("input_ids", (1, L), "int32"),),
-        (TensorSpec("last_hidden_state", (1, L, hidden), "float32"),), golden,
+        (TensorSpec("last_hidden_state", (1, L, hidden), "float32"),), golden, source="text_encoder",
     )
 
 
@@ -141,15 +206,16 @@ def vae_decoder_spec(vae, latents: list[np.ndarray]) -> ComponentSpec:
     out_shape = (shape[0], vae.config.out_channels, shape[2] * f, shape[3] * f)
     return ComponentSpec(
         "vae_decoder", VaeDecoder(vae).eval(), (TensorSpec("latent", shape, "float32"),),
-        (TensorSpec("image", out_shape, "float32"),), [{"latent": z.astype(np.float32)} for z in latents],
+        (TensorSpec("image", out_shape, "float32"),), [{"latent": z.astype(np.float32)} for z in latents], source="vae",
     )
 
 
-def capture_golden(model, prompts: list[str], *, steps: int = 8, guidance: float = 4.0, seed: int = 0, n_unet: int = 4) -> dict:
+def capture_golden(model, prompts: list[str], *, steps: int = 8, guidance: float = GOLDEN_GUIDANCE, seed: int = 0,
+                   n_unet: int = 4) -> dict:
     """Real component inputs from a sampling run of the PyTorch pipeline (``calibration.capture``).
 
     Returns ``{"unet": [...], "vae_decoder": [...]}`` lists: the first prompt's U-Net feeds
-    (latent, timestep, CFG context pair) at ``n_unet`` timesteps spread over the trajectory, and
+    (latent, timestep, context: a CFG pair) at ``n_unet`` timesteps spread over the trajectory, and
     every prompt's final latents (divided by the scaling factor) for the decoder.
     """
     from pocketfusion.calibration.capture import capture
@@ -160,32 +226,78 @@ def capture_golden(model, prompts: list[str], *, steps: int = 8, guidance: float
     return {"unet": feeds, "vae_decoder": [f["latent"] for f in cset.vae_decoder_feeds()]}
 
 
-def _attach_quant(spec: ComponentSpec, model) -> None:
-    """The grid of a `compress --quant` U-Net, and its calibration feeds when activations are quantized."""
-    spec.quant = model.quant
-    calib = model.path / "calibration"
-    if model.quant is not None and calib.is_dir():
-        from pocketfusion.calibration import load
+def calibration_set(model):
+    """The calibration set a model's manifest names (``manifest.calibration``), its content hash
+    checked; None when it names none.
 
-        cset = load(calib)
-        if model.quant.activations:
-            spec.calibration = cset.unet_feeds("calib")
-        spec.heldout = list(zip(cset.unet_feeds("heldout"), cset.unet_outputs("heldout")))
+    Raises:
+        UserError: the set is missing or its content differs from the recorded hash.
+    """
+    from pocketfusion import artifact
+    from pocketfusion.calibration import load
+
+    ref = model.manifest.calibration if model.manifest is not None else None
+    if ref is None:
+        return None
+    path = artifact.resolve_path(model.path, ref.path)
+    if not path.is_dir():
+        raise UserError(f"{model.path}: the manifest names the calibration set {ref.path}, but {path} does not exist")
+    if artifact.content_hash(path) != ref.sha256:
+        raise UserError(f"{path}: the calibration set differs from the one {model.path}'s manifest names (content hash mismatch)")
+    return load(path)
+
+
+def _attach_quant(spec: ComponentSpec, model, cset) -> None:
+    """The grid of the spec's source component (``compress``), and the calibration feeds of that
+    component: its calibration part for static activation quantization, its held-out part with
+    the fp32 outputs where the set recorded them (the U-Net)."""
+    from pocketfusion.compress.quant.grid import load_grid
+
+    spec.grid = load_grid(model, spec.source)
+    if spec.grid is None or cset is None:
+        return
+    feeds = {"unet": cset.unet_feeds, "text_encoder": cset.text_encoder_feeds, "vae_decoder": cset.vae_decoder_feeds}[spec.name]
+    if spec.grid.activations:
+        spec.calibration = [fit_feed(f, spec.inputs) for f in feeds("calib")]
+    if spec.name == "unet":
+        spec.heldout = [(fit_feed(f, spec.inputs), fit_feed(o, spec.outputs))
+                        for f, o in zip(cset.unet_feeds("heldout"), cset.unet_outputs("heldout"))]
+
+
+def _bare_specs(model, seed: int) -> list[ComponentSpec]:
+    if "unet" in model.components:
+        unet = model.components["unet"]
+        return [unet_spec(unet, seq_len=77 if unet.config.cross_attention_dim >= 256 else 8, seed=seed)]
+    if "vae" in model.components:
+        vae = model.components["vae"]
+        f = 2 ** (len(vae.config.block_out_channels) - 1)
+        s = vae.config.sample_size if isinstance(vae.config.sample_size, int) else vae.config.sample_size[0]
+        rng = np.random.default_rng(seed)
+        return [vae_decoder_spec(vae, [rng.standard_normal((1, vae.config.latent_channels, s // f, s // f)) for _ in range(2)])]
+    raise UserError(f"{model.path}: a bare {model.class_name} cannot be exported on its own (give a pipeline folder)")
 
 
 def pipeline_specs(model, prompts: list[str], *, seed: int = 0) -> list[ComponentSpec]:
-    """Specs for every exportable component of a loaded pipeline or bare U-Net."""
+    """Specs for every exportable component of a loaded pipeline or bare U-Net / VAE folder, with
+    the quantization grid of each component that has one.
+
+    A pipeline's U-Net batch is its sampler's (``checkpoint.sampler_of(model).unet_batch``); a bare
+    U-Net's is ``unet_batch`` (2 unless it embeds the guidance scale).
+    """
+    from pocketfusion.checkpoint import sampler_of
+
     if model.kind != "pipeline":
-        unet = model.components["unet"]
-        spec = unet_spec(unet, seq_len=77 if unet.config.cross_attention_dim >= 256 else 8, seed=seed)
-        _attach_quant(spec, model)
-        return [spec]
-    golden = capture_golden(model, prompts, seed=seed)
-    comps = model.components
-    unet = unet_spec(comps["unet"], seq_len=comps["tokenizer"].model_max_length, golden=golden["unet"])
-    _attach_quant(unet, model)
-    return [
-        text_encoder_spec(comps["text_encoder"], comps["tokenizer"], prompts),
-        unet,
-        vae_decoder_spec(comps["vae"], golden["vae_decoder"]),
-    ]
+        specs = _bare_specs(model, seed)
+    else:
+        golden = capture_golden(model, prompts, seed=seed)
+        comps = model.components
+        batch = sampler_of(model).unet_batch
+        specs = [
+            text_encoder_spec(comps["text_encoder"], comps["tokenizer"], prompts),
+            unet_spec(comps["unet"], batch=batch, seq_len=comps["tokenizer"].model_max_length, golden=golden["unet"]),
+            vae_decoder_spec(comps["vae"], golden["vae_decoder"]),
+        ]
+    cset = calibration_set(model) if any(c.grid is not None for c in (model.manifest.components if model.manifest else ())) else None
+    for spec in specs:
+        _attach_quant(spec, model, cset)
+    return specs

@@ -22,14 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pocketfusion.export.base import ExportConfig, ExportError
+from pocketfusion.backends import require
+from pocketfusion.export.base import ExportConfig, Exported, ExportError
 from pocketfusion.export.components import ComponentSpec
-from pocketfusion.runtimes.base import require
 
 logger = logging.getLogger(__name__)
 
-EXTENSION = ".mlpackage"
-RUNTIME = "coreml"
 PARITY_NOTE = "numerical parity needs macOS: MLModel.predict is only supported on macOS"
 
 # Core ML ArrayFeatureType.ArrayDataType names -> numpy dtype names
@@ -181,49 +179,50 @@ def validate_package(path: Path, spec: ComponentSpec) -> dict:
     }
 
 
-def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict:
-    """Convert ``spec.module`` to an ML Program package at ``path`` (a directory) and validate it.
+def _deployment_target(spec: ComponentSpec, cfg: ExportConfig) -> tuple[str, str | None]:
+    """The deployment target to convert for, and why it was raised (4-bit weights need iOS18)."""
+    from pocketfusion.export import quant_coreml as qc
 
-    Deployment target and compute precision come from ``cfg.coreml_deployment_target`` (iOS17 /
-    iOS18) and ``cfg.coreml_precision`` (fp16 / fp32); interface tensors keep the spec's dtypes.
-    Returns ``ops`` (MIL op counts by type), ``compute_ops`` (all but ``const``), ``deployment_target``,
-    ``precision``, ``frontend`` (torch.export or torch.jit.trace), ``heavy_op_dtypes``, ``opset``,
-    ``spec_version``, ``io_check``, ``rewrites`` and ``notes``.
+    target = cfg.coreml_deployment_target
+    if spec.grid is None or not qc.needs_ios18(spec.grid) or target == "iOS18":
+        return target, None
+    bumped = f"deployment target raised {target} -> iOS18: 4-bit (per-block int4) weights need iOS18"
+    logger.info("coreml: %s: %s", spec.name, bumped)
+    return "iOS18", bumped
 
-    With a quantization grid (``spec.quant``) the grid's layers are compressed with Core ML's own
-    linear quantizer (``export.quant_coreml``: int8 per channel, int4 per block; 4-bit raises the
-    deployment target to iOS18 and says so), the integers are read back from the saved package and
-    compared with the grid bit for bit, and ``quantization`` is added (layers, fallbacks, read-back).
 
-    Raises:
-        ExportError: both conversion paths fail, the saved package disagrees with the spec, or it
-            does not hold the grid's integers.
-    """
-    ct = require("coremltools", "coreml")
-    path = Path(path)
-    target, bumped = cfg.coreml_deployment_target, None
-    if spec.quant is not None:
-        from pocketfusion.export import quant_coreml as qc
+def _quant_summary(spec: ComponentSpec, layer_map: dict, missing: dict, back: dict, target: str, bumped: str | None,
+                   precision: str) -> dict:
+    """The manifest's ``quantization`` block, logged in one line."""
+    from pocketfusion.compress.quant.grid import quantizable_layers
+    from pocketfusion.export import quant_coreml as qc
 
-        if qc.needs_ios18(spec.quant) and target != "iOS18":
-            target = "iOS18"
-            bumped = f"deployment target raised {cfg.coreml_deployment_target} -> iOS18: 4-bit (per-block int4) weights need iOS18"
-            logger.info("coreml: %s: %s", spec.name, bumped)
-    mlmodel, frontend, notes = _convert(ct, spec, cfg, target)
-    consts: dict = {}
-    if spec.quant is not None:
-        try:
-            mlmodel, consts, missing = qc.quantize(mlmodel, spec.quant, spec.module.unet, cfg.coreml_precision)
-        except Exception as e:  # coremltools raises many types
-            raise ExportError(f"coreml: {spec.name}: weight quantization failed ({_first_line(e)})") from e
+    grid = spec.grid
+    n_float = len(set(quantizable_layers(spec.source_module)) - set(grid.layers))
+    q = qc.summary(grid, layer_map, missing, n_float, target, bumped, precision)
+    q["readback"] = {k: v for k, v in back.items() if k != "mismatch"}
+    logger.info(
+        "coreml/%s: %s -> %d int8 + %d int4 weight layers (%s), %d float%s; activations %s",
+        spec.name, grid.scheme, q["layers_int8"], q["layers_int4"], ", ".join(f"{k} x{v}" for k, v in back["constexpr_ops"].items()),
+        q["layers_float"], f"; {len(missing)} grid layers not found in the program, kept float" if missing else "",
+        q["activations"],
+    )
+    return q
+
+
+def _save(mlmodel, path: Path, spec: ComponentSpec, cfg: ExportConfig, layer_map: dict) -> tuple[dict, dict | None]:
+    """Save the package atomically, validate it and (with a grid) read its integers back through the layer map."""
+    from pocketfusion.export import quant_coreml as qc
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    back = None
     try:
         tmp = tmpdir / path.name
         mlmodel.save(str(tmp))
         check = validate_package(tmp, spec)
-        if spec.quant is not None:
-            back = qc.readback(tmp, spec.quant, spec.module.unet, consts, cfg.coreml_precision)
+        if spec.grid is not None:
+            back = qc.readback(tmp, spec.grid, spec.source_module, layer_map, cfg.coreml_precision)
             if back["mismatch"]:
                 raise ExportError(f"coreml: {spec.name}: the package does not hold the grid integers of {len(back['mismatch'])} "
                                   f"layers: {', '.join(back['mismatch'][:5])}")
@@ -232,23 +231,48 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+    return check, back
+
+
+def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Exported:
+    """Convert ``spec.module`` to an ML Program package at ``path`` (a directory) and validate it.
+
+    Deployment target and compute precision come from ``cfg.coreml_deployment_target`` (iOS17 /
+    iOS18) and ``cfg.coreml_precision`` (fp16 / fp32); interface tensors keep the spec's dtypes.
+    Returns the layer map and ``ops`` (MIL op counts by type), ``compute_ops`` (all but ``const``),
+    ``deployment_target``, ``precision``, ``frontend`` (torch.export or torch.jit.trace),
+    ``heavy_op_dtypes``, ``opset``, ``spec_version``, ``io_check``, ``rewrites`` and ``notes``.
+
+    With a quantization grid (``spec.grid``) the grid's layers are compressed with Core ML's own
+    linear quantizer (``export.quant_coreml``: int8 per channel, int4 per block; 4-bit raises the
+    deployment target to iOS18 and says so), the integers are read back from the saved package and
+    compared with the grid bit for bit, and ``quantization`` is added (layers, fallbacks, read-back).
+
+    Raises:
+        ExportError: both conversion paths fail, the saved package disagrees with the spec, or it
+            does not hold the grid's integers.
+    """
+    from pocketfusion.compress.quant.grid import quantizable_layers
+    from pocketfusion.export import quant_coreml as qc
+
+    ct = require("coremltools", "coreml")
+    path = Path(path)
+    target, bumped = _deployment_target(spec, cfg)
+    mlmodel, frontend, notes = _convert(ct, spec, cfg, target)
+    if spec.grid is not None:
+        try:
+            mlmodel, layer_map, missing = qc.quantize(mlmodel, spec.grid, spec.source_module, cfg.coreml_precision, spec.source)
+        except Exception as e:  # coremltools raises many types
+            raise ExportError(f"coreml: {spec.name}: weight quantization failed ({_first_line(e)})") from e
+    else:
+        layer_map = qc.weight_map(mlmodel, spec.source_module, quantizable_layers(spec.source_module), cfg.coreml_precision, spec.source)
+    check, back = _save(mlmodel, path, spec, cfg, layer_map)
     ops = check["ops"]
     logger.info("coreml: %s -> %s via %s (%d MIL ops)", spec.name, path, frontend, sum(ops.values()))
     extra = {}
-    if spec.quant is not None:
-        from pocketfusion.compress.grid import quantizable_layers
-
-        n_float = len(set(quantizable_layers(spec.module.unet)) - set(spec.quant.layers))
-        q = qc.summary(spec.quant, consts, missing, n_float, target, bumped, cfg.coreml_precision)
-        q["readback"] = {k: v for k, v in back.items() if k != "mismatch"}
-        extra["quantization"] = q
-        logger.info(
-            "coreml/%s: %s -> %d int8 + %d int4 weight layers (%s), %d float%s; activations %s",
-            spec.name, spec.quant.scheme, q["layers_int8"], q["layers_int4"], ", ".join(f"{k} x{v}" for k, v in back["constexpr_ops"].items()),
-            q["layers_float"], f"; {len(missing)} grid layers not found in the program, kept float" if missing else "",
-            q["activations"],
-        )
-    return {
+    if spec.grid is not None:
+        extra["quantization"] = _quant_summary(spec, layer_map, missing, back, target, bumped, cfg.coreml_precision)
+    info = {
         **extra,
         "ops": ops,
         "compute_ops": sum(n for t, n in ops.items() if t != "const"),
@@ -262,3 +286,4 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict
         "rewrites": [],
         "notes": [*notes, PARITY_NOTE],
     }
+    return Exported(info, layer_map)

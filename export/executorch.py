@@ -24,16 +24,14 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from pocketfusion.export.base import ExportConfig, ExportError
+from pocketfusion.backends import require
+from pocketfusion.export.base import ExportConfig, Exported, ExportError
 from pocketfusion.export.components import ComponentSpec
-from pocketfusion.runtimes.base import require
 
 logger = logging.getLogger(__name__)
 
-EXTENSION = ".pte"
-RUNTIME = "executorch"
 _BOOKKEEPING = {"getitem"}
-_PROFILE_RUNS = 4  # ETDump runs; the first is dropped as a warm-up when there are more
+_PROFILE_RUNS = 4  # ETDump runs by default; the first is dropped as a warm-up when there are more
 
 
 def _op_name(target) -> str:
@@ -91,14 +89,14 @@ def _structural_copy(module):
     return copy.deepcopy(module, memo=shared)
 
 
-def lower(module, example_args, *, rewrite: bool = True, quant=None, calibration=(), prefix: str = "unet.") -> Lowered:
+def lower(module, example_args, *, rewrite: bool = True, grid=None, calibration=(), prefix: str = "unet.") -> Lowered:
     """Lower ``module`` for ExecuTorch with the XNNPACK partitioner.
 
     With ``rewrite``, a deep copy of ``module`` gets ``apply_xnnpack_rewrites_`` (the caller's
     module is never changed) and the exported graph gets ``apply_graph_rewrites_``. The delegation
     summary is ``delegation_summary`` of the lowered edge program.
 
-    With ``quant`` (a ``compress.grid.QuantGrid`` whose layer names are relative to
+    With ``grid`` (a ``compress.quant.grid.QuantGrid`` whose layer names are relative to
     ``module.<prefix>``), the grid's layers are lowered into XNNPACK's quantized kernels
     (``export.quant_executorch``): int4 group-wise linears from the grid's integers, the rest int8 per
     channel through PT2E with the constants pinned to the grid; ``calibration`` (tuples of example
@@ -119,24 +117,24 @@ def lower(module, example_args, *, rewrite: bool = True, quant=None, calibration
     module = module.eval()
     qinfo = None
     target = module
-    if quant is not None:
+    if grid is not None:
         from pocketfusion.export import quant_executorch as qe
 
-        unet = module.get_submodule(prefix.rstrip("."))
-        plans = qe.plan(quant, have_calibration=bool(calibration))
-        ints, scales = qe.target_integers(quant, unet, plans)
+        source = module.get_submodule(prefix.rstrip("."))
+        plans = qe.plan(grid, have_calibration=bool(calibration))
+        ints, scales = qe.target_integers(grid, source, plans)
         target = _structural_copy(module)  # int4 weights go on a copy: ``module`` stays the float reference
         qe.apply_int4_linears_(target, plans, ints, scales, prefix)
     with torch.no_grad():
         ep = torch.export.export(target, tuple(example_args))
     if rewrite:
         rewrites += apply_graph_rewrites_(ep)
-    if quant is not None:
+    if grid is not None:
         converted, readback = qe.quantize_pt2e(ep, plans, ints, scales, tuple(example_args), list(calibration), prefix)
         with torch.no_grad():
             ep = torch.export.export(converted, tuple(example_args))
         qinfo = {"plans": plans, "integers": ints, "scales": scales, "readback": readback, "converted": converted}
-    if quant is None:
+    if grid is None:
         edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
     else:
         with qe.dynamic_conv_nhwc_fix():
@@ -196,28 +194,28 @@ def profile_outside_share(pte_path: str | Path, feeds: list, runs: int = _PROFIL
     }
 
 
-def _quant_info(spec: ComponentSpec, lowered: Lowered, path: Path) -> dict:
-    """The ``quantization`` block: plan summary, integer read-back from the ``.pte``, measured errors.
+def _quant_info(spec: ComponentSpec, lowered: Lowered, path: Path, layer_map: dict[str, str]) -> dict:
+    """The ``quantization`` block: plan summary, integer read-back from the ``.pte`` through the layer
+    map, measured errors.
 
     Raises ``ExportError`` when a layer's integers or scales are not in the written program."""
     import torch
 
-    from pocketfusion.compress.grid import quantizable_layers
+    from pocketfusion.compress.quant.grid import quantizable_layers
     from pocketfusion.export import quant_executorch as qe
 
     q = lowered.quant
-    grid, plans = spec.quant, q["plans"]
-    unet = spec.module.unet
-    n_float = len(set(quantizable_layers(unet)) - set(grid.layers))
+    grid, plans, module = spec.grid, q["plans"], spec.source_module
+    n_float = len(set(quantizable_layers(module)) - set(grid.layers))
     info = qe.summary(grid, plans, n_float)
-    back = qe.pte_readback(path, plans, q["integers"], q["scales"])
+    back = qe.pte_readback(path, plans, q["integers"], q["scales"], layer_map)
     if back["missing"]:
         raise ExportError(f"executorch: {spec.name}: the .pte lacks the grid integers/scales of {len(back['missing'])} layers: "
                           + ", ".join(back["missing"][:5]))
     readback = q["readback"]
     int8_pinned = [n for n, p in plans.items() if p.storage != qe.INT4_GROUP]
     info["readback"] = {
-        "pte": "every layer's weight bytes and scales found in the program's named data (SHA-256 keys)",
+        "pte": "every layer's integers read back from the program's named data through the layer map, and its scales found",
         **{k: v for k, v in back.items() if k != "missing"},
         # how often XNNPACKQuantizer's own observer already gave the grid's integers (8-bit grid layers only)
         "observer_matched": sum(readback[n]["observer_matched"] for n in int8_pinned if plans[n].bits == 8),
@@ -225,7 +223,7 @@ def _quant_info(spec: ComponentSpec, lowered: Lowered, path: Path) -> dict:
     }
     ints = q["integers"]
     info["integers_equal_grid"] = sum(
-        bool(torch.equal(ints[n], g)) for n, g in grid.integers(unet).items() if plans[n].exact
+        bool(torch.equal(ints[n], g)) for n, g in grid.integers(module).items() if plans[n].exact
     )
     err = peak = 0.0
     with torch.no_grad():  # the quantized graph run by PyTorch (per-tensor dynamic activations; XNNPACK's are per token)
@@ -234,7 +232,7 @@ def _quant_info(spec: ComponentSpec, lowered: Lowered, path: Path) -> dict:
             ref = spec.module(*args)
             err = max(err, float((q["converted"](*args) - ref).abs().max()))
             peak = max(peak, float(ref.abs().max()))
-    info["simulated_rel_err"] = err / max(peak, 1e-12)
+    info["simulated_rel_max"] = err / max(peak, 1e-12)
     static = any(p.activations == qe.STATIC for p in plans.values())
     info["activation_bits"] = 8  # every quantized layer's activations are int8 (dynamic or static)
     info["tolerance_key"] = "executorch-a8" if static else "executorch-qd8"
@@ -249,51 +247,34 @@ def _quant_info(spec: ComponentSpec, lowered: Lowered, path: Path) -> dict:
     return info
 
 
-def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict:
-    """Export ``spec.module`` to the ExecuTorch program ``path`` (XNNPACK-delegated, fp32).
-
-    With ``cfg.rewrite`` the module's deep copy is first rewritten into XNNPACK-delegable form
-    (``export.rewrites``); the rewrite is checked against the original on the example input.
-    Writes ``path`` and ``<path>.io.json`` atomically. Returns ``delegation`` (blobs, ops outside),
-    ``outside_delegate_runtime_share`` (ETDump, ``cfg.extra["executorch_profile_runs"]`` runs,
-    0 to skip), ``rewrites`` and ``notes``.
-
-    With a quantization grid (``spec.quant``) the grid's layers are lowered into XNNPACK's quantized
-    kernels (``export.quant_executorch``; static activations from ``spec.calibration`` for w8a8),
-    the integers and scales are looked up in the written program, and ``quantization`` is added:
-    layers per storage kind, ``fallbacks`` (layer: why it is held differently from the grid),
-    activations, ``readback``, ``simulated_rel_err`` (PyTorch simulation of the quantized graph vs
-    the on-grid model) and ``tolerance_key`` (the parity tolerance that applies).
-
-    Raises:
-        ExportError: lowering failed, a rewrite changed the function, the U-Net lowered into
-            more than ``cfg.max_delegates`` delegate blobs, or the program lacks a grid layer's integers.
-    """
+def _lower_spec(spec: ComponentSpec, cfg: ExportConfig, notes: list[str]) -> Lowered:
+    """``lower`` the spec's module, on its grid if it has one (static activations from its calibration feeds)."""
     import torch
 
-    require("executorch", "executorch")
-    path = Path(path)
-    args = spec.example_args()
-    notes: list[str] = []
-    info: dict = {}
-    t0 = time.perf_counter()
     kwargs = {}
-    if spec.quant is not None:
-        # "dynamic" (cfg.extra["executorch_activations"]) ignores the grid's static 8-bit activations:
+    if spec.grid is not None:
+        # "dynamic" (cfg.executorch_activations) ignores the grid's static 8-bit activations:
         # XNNPACK's static kernels also requantize every conv/linear output (measured on the demo
-        # U-Net, w8a8: 0.21 relative error static vs 0.038 dynamic)
-        static = cfg.extra.get("executorch_activations", "grid") != "dynamic"
+        # U-Net, w8a8: rel_max 0.21 static vs 0.038 dynamic)
+        static = cfg.executorch_activations != "dynamic"
         calib = [tuple(torch.from_numpy(f[s.name]) for s in spec.inputs) for f in spec.calibration] if static else []
         if spec.calibration and not static:
             notes.append("executorch_activations=dynamic: the grid's static 8-bit activations lowered as dynamic int8")
-        kwargs = {"quant": spec.quant, "calibration": calib}
+        kwargs = {"grid": spec.grid, "calibration": calib, "prefix": spec.source + "."}
     try:
-        lowered = lower(spec.module, args, rewrite=cfg.rewrite, **kwargs)
+        return lower(spec.module, spec.example_args(), rewrite=cfg.rewrite, **kwargs)
     except Exception as e:  # torch.export / partitioner raise many types; name the component
-        raise ExportError(f"executorch: {spec.name} failed to lower ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-    delegation, rewrites = lowered.delegation, lowered.rewrites
-    delegation["lower_seconds"] = round(time.perf_counter() - t0, 2)
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ExportError(f"executorch: {spec.name} failed to lower ({type(e).__name__}: {first})") from e
+
+
+def _check_lowered(spec: ComponentSpec, lowered: Lowered, cfg: ExportConfig, info: dict) -> None:
+    """The rewritten copy computes the same function; the U-Net is in few enough delegate blobs."""
+    import torch
+
+    delegation = lowered.delegation
     if cfg.rewrite:
+        args = spec.example_args()
         with torch.no_grad():  # cheap guard: the rewritten copy must compute the same function
             ref = spec.module(*args)
             err = float((lowered.module(*args) - ref).abs().max())
@@ -309,6 +290,10 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict
             f"{cfg.max_delegates} (--max-delegates); ops outside delegates: {outside}"
             + ("" if cfg.rewrite else "; the rewrites are off (enable them to fuse the graph)")
         )
+
+
+def _write(lowered: Lowered, spec: ComponentSpec, path: Path) -> None:
+    """Write the program and its ``.io.json`` (input/output names) atomically."""
     io = {"inputs": [s.name for s in spec.inputs], "outputs": [s.name for s in spec.outputs]}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -323,20 +308,61 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict
         for p in (tmp, tmp + ".io.json"):
             if os.path.exists(p):
                 os.unlink(p)
-    if lowered.quant is not None:
-        info["quantization"] = _quant_info(spec, lowered, path)
-    runs = int(cfg.extra.get("executorch_profile_runs", _PROFILE_RUNS))
-    share = None
-    if runs > 0:
-        try:
-            profile = profile_outside_share(path, list(args), runs=runs)
-        except Exception as e:  # no event tracer in this build, Inspector API change...
-            notes.append(f"outside-delegate runtime share not measured: ETDump profiling failed ({type(e).__name__}: {e})")
-        else:
-            share = profile["outside_share"]
-            delegation["profile"] = profile
-    else:
+
+
+def _profile(path: Path, spec: ComponentSpec, runs: int, delegation: dict, notes: list[str]) -> float | None:
+    """ETDump share of run time outside the delegates (None when not measured)."""
+    if runs <= 0:
         notes.append("outside-delegate runtime share not measured (executorch_profile_runs=0)")
+        return None
+    try:
+        profile = profile_outside_share(path, list(spec.example_args()), runs=runs)
+    except Exception as e:  # no event tracer in this build, Inspector API change...
+        notes.append(f"outside-delegate runtime share not measured: ETDump profiling failed ({type(e).__name__}: {e})")
+        return None
+    delegation["profile"] = profile
+    return profile["outside_share"]
+
+
+def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Exported:
+    """Export ``spec.module`` to the ExecuTorch program ``path`` (XNNPACK-delegated, fp32).
+
+    With ``cfg.rewrite`` the module's deep copy is first rewritten into XNNPACK-delegable form
+    (``export.rewrites``); the rewrite is checked against the original on the example input.
+    Writes ``path`` and ``<path>.io.json`` atomically. Returns the layer map (named-data keys of the
+    weights) and ``delegation`` (blobs, ops outside), ``outside_delegate_runtime_share`` (ETDump,
+    ``cfg.executorch_profile_runs`` runs, 0 to skip), ``rewrites`` and ``notes``.
+
+    With a quantization grid (``spec.grid``) the grid's layers are lowered into XNNPACK's quantized
+    kernels (``export.quant_executorch``; static activations from ``spec.calibration`` for w8a8),
+    the integers are read back from the written program through the layer map, and
+    ``quantization`` is added: layers per storage kind, ``fallbacks`` (layer: why it is held
+    differently from the grid), activations, ``readback``, ``simulated_rel_max`` (PyTorch simulation
+    of the quantized graph vs the on-grid model) and ``tolerance_key`` (the parity tolerance that applies).
+
+    Raises:
+        ExportError: lowering failed, a rewrite changed the function, the U-Net lowered into
+            more than ``cfg.max_delegates`` delegate blobs, or the program lacks a grid layer's integers.
+    """
+    from pocketfusion.compress.quant.grid import quantizable_layers
+    from pocketfusion.export import quant_executorch as qe
+
+    require("executorch", "executorch")
+    path = Path(path)
+    notes: list[str] = []
+    info: dict = {}
+    t0 = time.perf_counter()
+    lowered = _lower_spec(spec, cfg, notes)
+    delegation, rewrites = lowered.delegation, lowered.rewrites
+    delegation["lower_seconds"] = round(time.perf_counter() - t0, 2)
+    _check_lowered(spec, lowered, cfg, info)
+    _write(lowered, spec, path)
+    if lowered.quant is not None:
+        layer_map = qe.layer_map(lowered.quant["plans"], lowered.quant["integers"])
+        info["quantization"] = _quant_info(spec, lowered, path, layer_map)
+    else:
+        layer_map = qe.weight_map(path, spec.source_module, quantizable_layers(spec.source_module))
+    share = _profile(path, spec, cfg.executorch_profile_runs, delegation, notes)
     if lowered.quant is None:
         notes.append("fp32, XNNPACK delegate; ops outside delegates run on portable (reference) kernels")
     else:
@@ -345,4 +371,4 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict
                      f"{q['layers_float']} float; activations {q['activations']['dynamic-int8']} dynamic / "
                      f"{q['activations']['static-int8']} static int8; ops outside delegates run on portable kernels")
     info.update(delegation=delegation, outside_delegate_runtime_share=share, rewrites=rewrites, notes=notes)
-    return info
+    return Exported(info, layer_map)

@@ -1,8 +1,9 @@
 """ONNX exporter: explicit opset, onnx.checker, external data above 2 GiB; runs in onnxruntime.
 
-A U-Net with a quantization grid (``spec.quant``) is lowered to QDQ weight-only int8 / int4 with
+A component with a quantization grid (``spec.grid``) is lowered to QDQ weight-only int8 / int4 with
 exactly the grid's integers (``pocketfusion.export.quant_onnx``), and for schemes with quantized
-activations (w8a8 / w8a16) also gets static QDQ activation quantization from onnxruntime.
+activations (w8a8 / w8a16) also gets static QDQ activation quantization from onnxruntime. The layer
+map names each quantizable layer's initializer (the integers, for a grid layer).
 """
 
 from __future__ import annotations
@@ -13,14 +14,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pocketfusion.export.base import ExportConfig, ExportError
+from pocketfusion.backends import require
+from pocketfusion.export.base import ExportConfig, Exported, ExportError
 from pocketfusion.export.components import ComponentSpec
-from pocketfusion.runtimes.base import require
 
 logger = logging.getLogger(__name__)
 
-EXTENSION = ".onnx"
-RUNTIME = "onnxruntime"
 _PROTOBUF_LIMIT = 2 * 1024**3
 
 
@@ -28,22 +27,26 @@ def _tensor_bytes(model) -> int:
     return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
 
 
-def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict:
+def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Exported:
     """Export ``spec.module`` to ``path`` with the legacy TorchScript-based exporter at ``cfg.onnx_opset``.
 
     Weights go to an external data file (``<name>.onnx.data``) when the model exceeds the 2 GiB
     protobuf limit. The graph is checked with ``onnx.checker`` (by path, so external data works).
-    With ``spec.quant`` the grid layers are lowered to int8 / int4 (the opset is raised to 21 when
+    With ``spec.grid`` the grid layers are lowered to int8 / int4 (the opset is raised to 21 when
     a layer is 4-bit) and ``info["quantization"]`` says what the file holds.
     """
     import torch
 
+    from pocketfusion.compress.quant.grid import quantizable_layers
+    from pocketfusion.export import quant_onnx
+
     onnx = require("onnx", "onnx")
-    grid = spec.quant
+    grid = spec.grid
     n_bytes = sum(p.numel() * p.element_size() for p in spec.module.parameters())
     external = n_bytes > _PROTOBUF_LIMIT * 0.9
     notes: list[str] = []
     quant = None
+    layer_map: dict[str, str] = {}
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         tmp = tmpdir / path.name
@@ -58,10 +61,8 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict
         except Exception as e:  # the exporter raises many types; name the component
             raise ExportError(f"onnx: {spec.name} failed to export ({type(e).__name__}: {str(e).splitlines()[0]})") from e
         if grid is not None:
-            from pocketfusion.export import quant_onnx
-
-            model, quant = quant_onnx.quantize(onnx.load(str(tmp)), spec, cfg, tmpdir)
-            notes += quant.pop("_notes")
+            model, quant, layer_map = quant_onnx.quantize(onnx.load(str(tmp)), spec, cfg, tmpdir)
+            notes += quant["notes"]
             external = _tensor_bytes(model) > _PROTOBUF_LIMIT * 0.9
             for f in tmpdir.iterdir():
                 if f.is_file():
@@ -72,10 +73,13 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict
             else:
                 onnx.save_model(model, str(tmp))
             del model
-        elif external:
+        else:
             model = onnx.load(str(tmp))
-            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data", size_threshold=1024)
+            layer_map = quant_onnx.weight_map(model, spec.source_module, quantizable_layers(spec.source_module))
+            if external:
+                onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=path.name + ".data", size_threshold=1024)
+            del model
         onnx.checker.check_model(str(tmp), full_check=False)
         opset = {o.domain or "ai.onnx": o.version for o in onnx.load(str(tmp), load_external_data=False).opset_import}
         n_nodes = len(onnx.load(str(tmp), load_external_data=False).graph.node)
@@ -90,4 +94,4 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict
     info = {"opset": opset, "nodes": n_nodes, "external_data": external, "rewrites": [], "notes": notes}
     if quant is not None:
         info["quantization"] = quant
-    return info
+    return Exported(info, layer_map)

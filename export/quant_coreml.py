@@ -1,4 +1,4 @@
-"""A quantization grid (``compress.grid``) lowered into Core ML's compressed weights (ML Program).
+"""A quantization grid (``compress.quant.grid``) lowered into Core ML's compressed weights (ML Program).
 
 After conversion, every grid layer's weight ``const`` is compressed with Core ML's own quantizer,
 ``coremltools.optimize.coreml.linear_quantize_weights`` (``mode="linear_symmetric"``), targeted by
@@ -24,6 +24,11 @@ integers still come out equal (``|w16/s16 - q| <= 127 * 3 * 2**-11 < 0.5``), the
 weights differ from ``fp16(q * scale)`` by fp16 rounding. ``readback`` checks both in the saved
 package's MIL program.
 
+Each layer's weight ``const`` is found once, after conversion, by the name torch.export gives it
+(``p_<source>_<path>_weight[_to_fp16]``, its value checked) or else by value (``layer_map.match``;
+torch.jit.trace names differ); the layer map records the compressed op (``<const>_quantized``), and
+``readback`` reads the integers from the saved package through it.
+
 Activations stay float (fp16/fp32): Core ML's activation quantization
 (``linear_quantize_activations``) calibrates with Core ML predictions, which need macOS.
 """
@@ -37,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pocketfusion.export import layer_map as lm
+
 logger = logging.getLogger(__name__)
 
 _HEAVY = ("conv", "linear", "matmul")
@@ -45,10 +52,6 @@ _HEAVY = ("conv", "linear", "matmul")
 def needs_ios18(grid) -> bool:
     """4-bit weights (per-block int4) exist in Core ML only from iOS18."""
     return any(g.bits == 4 for g in grid.layers.values())
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_").lower()
 
 
 def weight_consts(mlmodel) -> dict[str, object]:
@@ -66,30 +69,25 @@ def weight_consts(mlmodel) -> dict[str, object]:
     return out
 
 
-def match_layers(grid, unet, consts: dict, dtype) -> tuple[dict[str, str], dict[str, str]]:
-    """Grid layer -> const name, by name (torch.export: ``p_unet_<path>_weight[_to_fp16]``) and then
-    by value (the on-grid weight cast to ``dtype``, same shape), and {layer: reason} for the unmatched."""
-    mods = dict(unet.named_modules())
-    by_norm = {}
-    for cname in consts:
-        base = re.sub(r"(_to_fp16|_to_fp32)$", "", cname)
-        by_norm.setdefault(_norm(base), []).append(cname)
-    found, missing, used = {}, {}, set()
-    for name in grid.layers:
-        w = mods[name].weight.detach().float().numpy().astype(dtype)
-        cands = [c for key in (_norm("p_unet_" + name + "_weight"), _norm("unet." + name + ".weight"), _norm(name + ".weight"))
-                 for c in by_norm.get(key, [])]
-        cands += [c for c, op in consts.items() if c not in cands and tuple(op.outputs[0].shape) == w.shape]
-        for c in cands:
-            if c in used:
-                continue
-            val = consts[c].outputs[0].val
-            if val is not None and val.shape == w.shape and np.array_equal(val.astype(dtype), w):
-                found[name] = c
-                used.add(c)
-                break
-        else:
-            missing[name] = "no conv/linear weight const with this layer's on-grid values in the converted program: kept float"
+QUANTIZED_SUFFIX = "_quantized"  # coremltools names a compressed const's op "<const>_quantized"
+
+
+def match_layers(layers, module, consts: dict, dtype, source: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Layer -> weight const name: the name torch.export gives it (``p_<source>_<path>_weight``, plus
+    ``_to_fp16`` when cast), checked by value, else by value (the weight cast to ``dtype``); and
+    {layer: reason} for the layers found in neither way."""
+    mods = dict(module.named_modules())
+    weights = {n: mods[n].weight.detach().float().numpy().astype(dtype) for n in layers}
+    values = {c: op.outputs[0].val for c, op in consts.items()}
+    candidates = {c: np.asarray(v).astype(dtype) for c, v in values.items() if v is not None}
+    expected = {}
+    for n in layers:
+        base = "p_" + re.sub(r"[^0-9a-zA-Z]+", "_", f"{source}.{n}.weight")
+        expected[n] = next((c for c in (base + "_to_fp16", base + "_to_fp32", base) if c in candidates), base)
+    hits = lm.match(weights, candidates, expected=expected)
+    found = {n: h[0] for n, h in hits.items() if h}
+    missing = {n: "no conv/linear weight const with this layer's on-grid values in the converted program: kept float"
+               for n, h in hits.items() if not h}
     return found, missing
 
 
@@ -104,18 +102,24 @@ def op_config(g):
                                        weight_threshold=0)
 
 
-def quantize(mlmodel, grid, unet, precision: str):
+def weight_map(mlmodel, module, layers, precision: str, source: str) -> dict[str, str]:
+    """The layer map of a float program: each of ``layers`` -> its weight const."""
+    dtype = np.float16 if precision == "fp16" else np.float32
+    found, _ = match_layers(layers, module, weight_consts(mlmodel), dtype, source)
+    return found
+
+
+def quantize(mlmodel, grid, module, precision: str, source: str):
     """Compress the grid's layers of ``mlmodel`` in place of their fp weights.
 
-    Returns ``(compressed MLModel, {layer: const name}, {layer: reason it stayed float})``."""
+    Returns ``(compressed MLModel, layer map {layer: compressed op name}, {layer: reason it stayed float})``."""
     import coremltools.optimize.coreml as cto
 
     dtype = np.float16 if precision == "fp16" else np.float32
-    consts = weight_consts(mlmodel)
-    found, missing = match_layers(grid, unet, consts, dtype)
+    found, missing = match_layers(grid.layers, module, weight_consts(mlmodel), dtype, source)
     configs = {c: op_config(grid.layers[name]) for name, c in found.items()}
     compressed = cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(op_name_configs=configs))
-    return compressed, found, missing
+    return compressed, {name: c + QUANTIZED_SUFFIX for name, c in found.items()}, missing
 
 
 def _load_program(path: Path):
@@ -127,10 +131,11 @@ def _load_program(path: Path):
     return milproto_load(spec, spec.specificationVersion, model.weights_dir)
 
 
-def readback(path: str | Path, grid, unet, consts: dict[str, str], precision: str) -> dict:
-    """Read the compressed weights back from the saved package and compare them with the grid.
+def readback(path: str | Path, grid, module, layer_map: dict[str, str], precision: str) -> dict:
+    """Read the compressed weights back from the saved package through the layer map and compare
+    them with the grid.
 
-    For every matched layer, the ``constexpr_*`` op named ``<const>_quantized`` must hold the grid's
+    For every mapped layer, the ``constexpr_*`` op the map names must hold the grid's
     integers bit for bit; its scale is compared with the grid's (cast to the precision) and its
     dequantized weight with the on-grid weight cast to the precision. Returns counts, the worst
     relative differences, and ``mismatch`` (layers whose integers differ, or that are missing)."""
@@ -143,16 +148,16 @@ def readback(path: str | Path, grid, unet, consts: dict[str, str], precision: st
         for op in fn.operations:
             if op.op_type.startswith("constexpr_"):
                 ops[op.name] = op
-    ints = grid.integers(unet)
-    mods = dict(unet.named_modules())
+    ints = grid.integers(module)
+    mods = dict(module.named_modules())
     kinds: Counter[str] = Counter()
     equal = deq_exact = 0
     worst_scale = worst_deq = 0.0
     mismatch = []
     bits = Counter()
-    for name, cname in consts.items():
+    for name, opname in layer_map.items():
         g = grid.layers[name]
-        op = ops.get(cname + "_quantized")
+        op = ops.get(opname)
         if op is None:
             mismatch.append(f"{name} (no constexpr op)")
             continue
@@ -179,15 +184,15 @@ def readback(path: str | Path, grid, unet, consts: dict[str, str], precision: st
         deq_exact += bool(np.array_equal(deq, w))
         worst_deq = max(worst_deq, float(np.max(np.abs(deq.astype(np.float64) - w)) / max(float(np.abs(w).max()), 1e-30)))
     return {
-        "layers_checked": len(consts), "integers_equal": equal, "constexpr_ops": dict(kinds), "data_types": dict(bits),
+        "layers_checked": len(layer_map), "integers_equal": equal, "constexpr_ops": dict(kinds), "data_types": dict(bits),
         "scale_max_rel_diff": worst_scale, "dequantized_exact": deq_exact, "dequantized_max_rel_err": worst_deq,
         "mismatch": mismatch,
     }
 
 
-def summary(grid, consts: dict, missing: dict, n_float: int, target: str, bumped: str | None, precision: str) -> dict:
+def summary(grid, layer_map: dict, missing: dict, n_float: int, target: str, bumped: str | None, precision: str) -> dict:
     """The manifest's ``quantization`` block for a Core ML export."""
-    layers = [grid.layers[n] for n in consts]
+    layers = [grid.layers[n] for n in layer_map]
     notes = []
     if bumped:
         notes.append(bumped)

@@ -1,4 +1,4 @@
-"""A quantization grid (``compress.grid``) lowered into XNNPACK's quantized kernels for ExecuTorch.
+"""A quantization grid (``compress.quant.grid``) lowered into XNNPACK's quantized kernels for ExecuTorch.
 
 What XNNPACK (ExecuTorch 1.5.1) can hold, and what each grid layer becomes:
 
@@ -28,9 +28,13 @@ no 16-bit activations, so w8a16 lowers as w8 with dynamic int8 activations.
 
 The 8-bit integers are not left to an observer: after ``convert_pt2e`` every quantized weight
 constant and its scale are pinned to the grid's (the observer's own result is recorded, see
-``observer_matched``), so the ``.pte`` holds exactly ``grid.integers(unet)``. ``pte_readback``
-checks that in the written program: the weight bytes of every layer, in XNNPACK's layout, are
-found (by SHA-256, the key XNNPACK stores them under) among the program's named data.
+``observer_matched``), so the ``.pte`` holds exactly ``grid.integers(module)``.
+
+The layer map: XNNPACK stores every constant in the program's named data under the SHA-256 of its
+bytes. While lowering, the bytes each layer's integers take in XNNPACK's layout (NHWC
+convolutions, packed nibbles for int4) are known, so their key is recorded (``layer_map``);
+``pte_readback`` reads every layer's bytes back through it, decodes them into integers and compares
+them with the grid's, and checks that the scales are there.
 """
 
 from __future__ import annotations
@@ -118,12 +122,12 @@ def plan(grid, *, have_calibration: bool) -> dict[str, LayerPlan]:
     return plans
 
 
-def target_integers(grid, unet, plans: dict[str, LayerPlan]) -> tuple[dict, dict]:
+def target_integers(grid, module, plans: dict[str, LayerPlan]) -> tuple[dict, dict]:
     """``(integers, scales)`` the ``.pte`` must hold per layer: the grid's, or the int8 re-quantization."""
     import torch
 
-    ints = grid.integers(unet)
-    mods = dict(unet.named_modules())
+    ints = grid.integers(module)
+    mods = dict(module.named_modules())
     out_q, out_s = {}, {}
     for name, p in plans.items():
         g = grid.layers[name]
@@ -285,33 +289,81 @@ def _expected_scale_bytes(p: LayerPlan, s) -> bytes:
     return s.float().reshape(-1).contiguous().numpy().tobytes()
 
 
-def pte_readback(pte_path: str | Path, plans: dict[str, LayerPlan], ints: dict, scales: dict) -> dict:
-    """Check, in the written ``.pte``, that every layer's weight integers and scales are there bit for bit.
+def layer_map(plans: dict[str, LayerPlan], ints: dict) -> dict[str, str]:
+    """Layer -> the named-data key (SHA-256) of the bytes its integers take in the ``.pte``."""
+    return {name: hashlib.sha256(_expected_weight_bytes(p, ints[name])).hexdigest() for name, p in plans.items()}
 
-    XNNPACK stores each constant in the program's named data under the SHA-256 of its bytes; the
-    expected bytes are built from the integers (in XNNPACK's layout: NHWC convolutions, packed
-    nibbles for int4) and looked up. Returns ``{"layers_checked", "weights_found", "scales_found",
-    "missing": [...], "bytes_int8", "bytes_int4"}``."""
+
+def _fp32_weight_key(w) -> str:
+    """The named-data key of a float weight: its fp32 bytes, convolutions NHWC."""
+    w = w.detach().float()
+    if w.dim() == 4:
+        w = w.permute(0, 2, 3, 1)
+    return hashlib.sha256(w.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _named_data(pte_path: str | Path) -> dict[str, bytes]:
+    """``{key: bytes}`` of a written program's named data."""
     from executorch.exir._serialize._program import deserialize_pte_binary
 
-    pte = deserialize_pte_binary(Path(pte_path).read_bytes())
-    keys: set[str] = set()
-    if pte.named_data is not None:
-        keys = set(pte.named_data.pte_data)
-    found_w = found_s = 0
+    nd = deserialize_pte_binary(Path(pte_path).read_bytes()).named_data
+    if nd is None:
+        return {}
+    return {k: bytes(nd.buffers[e.buffer_index]) for k, e in nd.pte_data.items()}
+
+
+def weight_map(pte_path: str | Path, module, layers) -> dict[str, str]:
+    """The layer map of a float program: each of ``layers`` whose fp32 weight XNNPACK holds -> its key."""
+    keys = set(_named_data(pte_path))
+    mods = dict(module.named_modules())
+    found = {n: _fp32_weight_key(mods[n].weight) for n in layers}
+    return {n: k for n, k in found.items() if k in keys}
+
+
+def _decode(p: LayerPlan, data: bytes, shape: tuple[int, ...]):
+    """Integers (torch layout, int8) from a layer's bytes in the ``.pte`` (inverse of ``_expected_weight_bytes``)."""
+    import numpy as np
+    import torch
+
+    b = np.frombuffer(data, dtype=np.uint8)
+    if p.storage == INT4_GROUP:
+        u = np.empty(2 * len(b), dtype=np.int16)
+        u[0::2], u[1::2] = b & 0xF, b >> 4  # low nibble first, zero point 8
+        return torch.from_numpy((u[: int(np.prod(shape))] - 8).astype(np.int8).reshape(shape))
+    q = torch.from_numpy(b.view(np.int8).copy())
+    if len(shape) == 4:  # stored NHWC: (O, kh, kw, I)
+        o, i, kh, kw = shape
+        return q.reshape(o, kh, kw, i).permute(0, 3, 1, 2).contiguous()
+    return q.reshape(shape)
+
+
+def pte_readback(pte_path: str | Path, plans: dict[str, LayerPlan], ints: dict, scales: dict, layer_map: dict[str, str]) -> dict:
+    """Read every layer's integers back from the written ``.pte`` through the layer map and compare
+    them with the planned ones, bit for bit; check that each layer's scales are there too (XNNPACK
+    keys them ``scale_<SHA-256 of their bytes>``).
+
+    Returns ``{"layers_checked", "weights_found", "integers_equal", "scales_found", "missing": [...],
+    "bytes_int8", "bytes_int4"}``."""
+    import torch
+
+    data = _named_data(pte_path)
+    found_w = equal = found_s = 0
     missing = []
     size = Counter()
     for name, p in plans.items():
-        wb = _expected_weight_bytes(p, ints[name])
-        sb = _expected_scale_bytes(p, scales[name])
-        w_ok = hashlib.sha256(wb).hexdigest() in keys
-        s_ok = ("scale_" + hashlib.sha256(sb).hexdigest()) in keys
+        raw = data.get(layer_map.get(name, ""))
+        w_ok = raw is not None
+        same = w_ok and bool(torch.equal(_decode(p, raw, tuple(ints[name].shape)), ints[name].to(torch.int8)))
+        s_ok = ("scale_" + hashlib.sha256(_expected_scale_bytes(p, scales[name])).hexdigest()) in data
         found_w += w_ok
+        equal += same
         found_s += s_ok
-        size["bytes_int4" if p.storage == INT4_GROUP else "bytes_int8"] += len(wb)
-        if not (w_ok and s_ok):
-            missing.append(f"{name} ({'weight' if not w_ok else ''}{' ' if not (w_ok or s_ok) else ''}{'scale' if not s_ok else ''})")
-    return {"layers_checked": len(plans), "weights_found": found_w, "scales_found": found_s, "missing": missing, **size}
+        size["bytes_int4" if p.storage == INT4_GROUP else "bytes_int8"] += len(raw) if w_ok else 0
+        if not (same and s_ok):
+            what = [w for w, ok in (("weight", w_ok), ("integers", same or not w_ok), ("scale", s_ok)) if not ok]
+            missing.append(f"{name} ({' '.join(what)})")
+    return {"layers_checked": len(plans), "weights_found": found_w, "integers_equal": equal, "scales_found": found_s,
+            "missing": missing, **size}
 
 
 def summary(grid, plans: dict[str, LayerPlan], n_float: int = 0) -> dict:
@@ -356,10 +408,10 @@ def dynamic_conv_nhwc_fix():
     Here the NHWC copy is made of ``x`` itself and only this quantization chain reads it; every
     other case goes to the original method.
     """
+    import torch
     from executorch.backends.xnnpack._passes.channels_last_tagged_reshape_pass import ChannelsLastTaggedReshapePass as P
     from executorch.backends.xnnpack.utils.quant_utils import is_dequant, is_dynamic_qdq
     from executorch.exir.dialects._ops import ops as exir_ops
-    import torch
 
     original = P.input_to_nhwc
 

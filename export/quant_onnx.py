@@ -1,4 +1,4 @@
-"""Lower a quantization grid (``compress.grid``) into an exported ONNX graph: QDQ weight-only.
+"""Lower a quantization grid (``compress.quant.grid``) into an exported ONNX graph: QDQ weight-only.
 
 ``torch.onnx.export`` writes the on-grid U-Net with fp32 weights (exactly ``q * scale``). Each grid
 layer's weight initializer is then replaced by *our* integers plus a ``DequantizeLinear`` that
@@ -20,6 +20,9 @@ Layouts (``q`` in torch layout is (O, I[, kh, kw]); the scale is (O,) per channe
 int4 (ONNX ``INT4``, packed two per byte) and blocked ``DequantizeLinear`` need opset 21: the
 graph's default-domain opset is raised to 21 when any layer is 4-bit.
 
+The layer map (``export.layer_map``) records, while lowering, which initializer holds each
+layer's integers (``<layer>.weight.q``); ``read_integers`` reads them back through it.
+
 Static activation quantization (schemes w8a8 / w8a16): ``onnxruntime.quantization.quantize_static``
 in QDQ format on the lowered graph, restricted to the grid layers' nodes; onnxruntime recognises
 our weight ``DequantizeLinear`` outputs as pre-quantized and leaves them (our integers stay).
@@ -27,12 +30,13 @@ our weight ``DequantizeLinear`` outputs as pre-quantized and leaves them (our in
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from pocketfusion.export import layer_map as lm
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +85,6 @@ def weight_slots(graph) -> dict[str, WeightSlot]:
             else:
                 bad.add(x)  # also used elsewhere: leave it alone
     return {k: v for k, v in slots.items() if k not in bad}
-
-
-def _key(a: np.ndarray) -> str:
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    return f"{a.shape}:{hashlib.sha1(a.tobytes()).hexdigest()}"
 
 
 def _torch_layout(a: np.ndarray, slot: WeightSlot) -> np.ndarray:
@@ -147,38 +146,57 @@ def raise_opset(model, opset: int):
     return model
 
 
-def lower_weights(model, unet, grid) -> tuple[object, dict]:
-    """Replace every grid layer's fp32 weight initializer in ``model`` (an ``onnx.ModelProto`` of the
-    on-grid ``unet``) by its integers + ``DequantizeLinear``. The weight is found by value (the fp32
-    initializer equals ``q * scale`` in torch's or the transposed layout).
+def _slot_arrays(graph, slots: dict[str, WeightSlot]) -> dict[str, np.ndarray]:
+    """The fp32 weight initializers of ``slots``, in torch layout."""
+    from onnx import numpy_helper
 
-    Returns the model and ``{"int8": [...], "int4": [...], "fallbacks": {layer: reason}}``.
+    inits = {i.name: i for i in graph.initializer}
+    out = {}
+    for name, slot in slots.items():
+        a = numpy_helper.to_array(inits[name])
+        if a.dtype != np.float32 or (slot.transposed and a.ndim != 2):
+            continue
+        out[name] = _torch_layout(a, slot)
+    return out
+
+
+def weight_map(model, module, layers) -> dict[str, str]:
+    """The layer map of a float export: each of ``layers`` (modules of ``module``) -> the initializer
+    holding its weight (found by value: the exporter renames transposed MatMul weights)."""
+    mods = dict(module.named_modules())
+    slots = weight_slots(model.graph)
+    found = lm.match({n: mods[n].weight.detach().float().numpy() for n in layers}, _slot_arrays(model.graph, slots), all_equal=True)
+    return {n: lm.join(names) for n, names in found.items() if names}
+
+
+def lower_weights(model, module, grid) -> tuple[object, dict, dict[str, str]]:
+    """Replace every grid layer's fp32 weight initializer in ``model`` (an ``onnx.ModelProto`` of the
+    on-grid ``module``) by its integers + ``DequantizeLinear``. The weight is found once, here, by
+    value (``layer_map.match``: the fp32 initializer equals ``q * scale`` in torch's or the transposed
+    layout), and the integer initializers written are recorded in the layer map.
+
+    Returns the model, ``{"int8": [...], "int4": [...], "fallbacks": {layer: reason}}`` and the
+    layer map ``{layer: "<layer>.weight.q"[+"<layer>#1.weight.q"...]}``.
     """
     from onnx import helper, numpy_helper
 
     graph = model.graph
     slots = weight_slots(graph)
-    inits = {i.name: i for i in graph.initializer}
-    index: dict[str, list[str]] = {}
-    for name, slot in slots.items():
-        a = numpy_helper.to_array(inits[name])
-        if a.dtype != np.float32 or (slot.transposed and a.ndim != 2):
-            continue
-        index.setdefault(_key(_torch_layout(a, slot)), []).append(name)
-    mods = dict(unet.named_modules())
-    ints = grid.integers(unet)
+    mods = dict(module.named_modules())
+    found = lm.match({n: mods[n].weight.detach().float().numpy() for n in grid.layers}, _slot_arrays(graph, slots), all_equal=True)
+    ints = grid.integers(module)
     done: dict[str, list[str]] = {"int8": [], "int4": []}
     fallbacks: dict[str, str] = {}
+    layer_map: dict[str, str] = {}
     new_nodes, new_inits, drop = [], [], set()
     for layer, g in grid.layers.items():
-        w = mods[layer].weight.detach().float().numpy()
-        found = [n for n in index.get(_key(w), []) if n not in drop]
-        if not found:
+        if not found[layer]:
             fallbacks[layer] = "weight not found among the graph's Conv/Gemm/MatMul initializers: kept fp32"
             continue
         q = ints[layer].numpy()
         scale = g.scale.float().numpy()
-        for k, init_name in enumerate(found):
+        names = []
+        for k, init_name in enumerate(found[layer]):
             slot = slots[init_name]
             data, sc, attrs, reshape = _stored(q, scale, slot, g.group_size)
             tag = layer if k == 0 else f"{layer}#{k}"
@@ -191,6 +209,8 @@ def lower_weights(model, unet, grid) -> tuple[object, dict]:
                 new_inits.append(numpy_helper.from_array(np.array(reshape, dtype=np.int64), shp))
                 new_nodes.append(helper.make_node("Reshape", [out, shp], [init_name], name=f"{tag}.weight.Reshape"))
             drop.add(init_name)
+            names.append(qn)
+        layer_map[layer] = lm.join(names)
         done[f"int{g.bits}"].append(layer)
     keep = [i for i in graph.initializer if i.name not in drop]
     del graph.initializer[:]
@@ -201,11 +221,21 @@ def lower_weights(model, unet, grid) -> tuple[object, dict]:
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend(new_nodes + nodes)
-    return model, {**done, "fallbacks": fallbacks}
+    return model, {**done, "fallbacks": fallbacks}, layer_map
 
 
-def read_integers(model) -> dict[str, dict]:
-    """The grid layers held by a lowered model, read back from its initializers and DQ nodes.
+def _consumers(graph) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for n in graph.node:
+        for x in n.input:
+            out.setdefault(x, []).append(n)
+    return out
+
+
+def read_integers(model, layer_map: dict[str, str]) -> dict[str, dict]:
+    """The integers a lowered model holds for each layer of ``layer_map``, read back from the
+    initializers it names and their ``DequantizeLinear`` nodes (layers whose initializer is not
+    integer are left out).
 
     Returns ``{layer: {"q": int8 array in torch layout, "scale": float32 array in the grid's layout
     ((O,) or (O, I/g)), "bits": 4|8, "op": consumer op}}``.
@@ -214,15 +244,15 @@ def read_integers(model) -> dict[str, dict]:
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for x in n.input:
-            consumers.setdefault(x, []).append(n)
+    consumers = _consumers(graph)
     out = {}
-    for n in graph.node:
-        if n.op_type != "DequantizeLinear" or not n.input[0].endswith(Q_SUFFIX) or n.input[0] not in inits:
+    for layer, value in layer_map.items():
+        qn = lm.split(value)[0]
+        t = inits.get(qn)
+        dq = [n for n in consumers.get(qn, []) if n.op_type == "DequantizeLinear"]
+        if t is None or t.data_type not in (TensorProto.INT8, TensorProto.INT4) or not dq:
             continue
-        t = inits[n.input[0]]
+        n = dq[0]
         bits = 4 if t.data_type == TensorProto.INT4 else 8
         q = numpy_helper.to_array(t).astype(np.int8)
         sc = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
@@ -236,7 +266,6 @@ def read_integers(model) -> dict[str, dict]:
             sc = sc.T if sc.ndim == 2 else sc
         o = q.shape[0]
         sc = sc.reshape(o, -1) if _attr(n, "block_size", 0) else sc.reshape(o)
-        layer = n.input[0][: -len(Q_SUFFIX)].split("#")[0]
         out[layer] = {"q": np.ascontiguousarray(q), "scale": sc, "bits": bits, "op": nxt.op_type}
     return out
 
@@ -257,25 +286,22 @@ class _Feeds:
         pass
 
 
-def _layer_nodes(graph) -> dict[str, list]:
-    """Grid layer -> the nodes consuming its (dequantized) weight."""
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for x in n.input:
-            consumers.setdefault(x, []).append(n)
+def _layer_nodes(graph, layer_map: dict[str, str]) -> dict[str, list]:
+    """Grid layer -> the nodes consuming its (dequantized) weight, through the layer map."""
+    consumers = _consumers(graph)
     out: dict[str, list] = {}
-    for n in graph.node:
-        if n.op_type != "DequantizeLinear" or not n.input[0].endswith(Q_SUFFIX):
-            continue
-        layer = n.input[0][: -len(Q_SUFFIX)].split("#")[0]
-        nxt = consumers.get(n.output[0], [])
-        if len(nxt) == 1 and nxt[0].op_type == "Reshape":
-            nxt = consumers.get(nxt[0].output[0], [])
-        out.setdefault(layer, []).extend(nxt)
+    for layer, value in layer_map.items():
+        for qn in lm.split(value):
+            for dq in consumers.get(qn, []):
+                nxt = consumers.get(dq.output[0], [])
+                if len(nxt) == 1 and nxt[0].op_type == "Reshape":
+                    nxt = consumers.get(nxt[0].output[0], [])
+                out.setdefault(layer, []).extend(nxt)
     return out
 
 
-def quantize_activations(model, grid, feeds: list[dict], input_names: list[str], workdir) -> tuple[object, dict]:
+def quantize_activations(model, grid, layer_map: dict[str, str], feeds: list[dict], input_names: list[str],
+                         workdir) -> tuple[object, dict]:
     """Static QDQ activation quantization of the grid layers' inputs (onnxruntime ``quantize_static``).
 
     Activation bits per layer come from ``grid.activations["layers"]`` (None: the layer's input
@@ -292,7 +318,7 @@ def quantize_activations(model, grid, feeds: list[dict], input_names: list[str],
     for i, n in enumerate(model.graph.node):
         if not n.name:
             n.name = f"{n.op_type}_{i}"
-    nodes = _layer_nodes(model.graph)
+    nodes = _layer_nodes(model.graph, layer_map)
     to_quantize, overrides, bits = [], {}, {}
     for layer in grid.layers:
         b = per_layer.get(layer, default)
@@ -310,7 +336,7 @@ def quantize_activations(model, grid, feeds: list[dict], input_names: list[str],
     root.setLevel(max(level, logging.ERROR))  # onnxruntime.quantization logs a pre-processing hint on the root logger
     try:
         quantize_static(
-                str(src), str(dst), _Feeds(feeds, input_names), quant_format=QuantFormat.QDQ,
+            str(src), str(dst), _Feeds(feeds, input_names), quant_format=QuantFormat.QDQ,
             op_types_to_quantize=["Conv", "Gemm", "MatMul"], nodes_to_quantize=to_quantize,
             activation_type=qtype[default], weight_type=QuantType.QInt8, per_channel=True,
             extra_options={
@@ -331,34 +357,39 @@ def quantize_activations(model, grid, feeds: list[dict], input_names: list[str],
 # --- the exporter's entry point ---------------------------------------------------------------------
 
 
-def quantize(model, spec, cfg, workdir) -> tuple[object, dict]:
-    """Lower ``spec.quant`` into ``model`` (the exported on-grid U-Net); check the integers read back.
-
-    Returns the model and the manifest's ``quantization`` entry (plus ``_notes`` for the exporter)."""
-    from pocketfusion.export.base import ExportError
-
-    grid = spec.quant
-    unet = spec.module.unet
-    notes: list[str] = []
+def _needed_opset(grid) -> tuple[int, bool]:
     acts = grid.activations or {}
     a16 = bool(acts) and (int(acts.get("bits", 8)) == 16 or any(
         (v.get("bits") if isinstance(v, dict) else v) == 16 for v in (acts.get("layers") or {}).values()))
-    need = 21 if any(g.bits == 4 for g in grid.layers.values()) or a16 else 13
+    return (21 if any(g.bits == 4 for g in grid.layers.values()) or a16 else 13), a16
+
+
+def quantize(model, spec, cfg, workdir) -> tuple[object, dict, dict[str, str]]:
+    """Lower ``spec.grid`` into ``model`` (the exported on-grid component); check the integers read
+    back through the layer map.
+
+    Returns the model, the manifest's ``quantization`` entry and the layer map."""
+    from pocketfusion.export.base import ExportError
+
+    grid, module = spec.grid, spec.source_module
+    notes: list[str] = []
+    need, a16 = _needed_opset(grid)
     cur = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if cur < need:
         model = raise_opset(model, need)
-        why = "int4 weights / blocked DequantizeLinear" if need == 21 and not a16 else "16-bit QDQ" if need == 21 else "per-axis DequantizeLinear"
+        why = ("int4 weights / blocked DequantizeLinear" if need == 21 and not a16 else "16-bit QDQ" if need == 21
+               else "per-axis DequantizeLinear")
         notes.append(f"opset raised from {cur} to {need} (for {why})")
-    model, rep = lower_weights(model, unet, grid)
+    model, rep, layer_map = lower_weights(model, module, grid)
     act_info = None
-    if acts:
+    if grid.activations:
         feeds = spec.calibration
         if not feeds:
             feeds = spec.golden
             notes.append("no calibration set: activation ranges calibrated on the golden feeds")
-        model, act_info = quantize_activations(model, grid, feeds, [s.name for s in spec.inputs], workdir)
-    back = read_integers(model)
-    ints = grid.integers(unet)
+        model, act_info = quantize_activations(model, grid, layer_map, feeds, [s.name for s in spec.inputs], workdir)
+    back = read_integers(model, layer_map)
+    ints = grid.integers(module)
     for layer in rep["int8"] + rep["int4"]:
         got = back.get(layer)
         if got is None or not np.array_equal(got["q"], ints[layer].numpy()) or not np.array_equal(
@@ -375,10 +406,11 @@ def quantize(model, spec, cfg, workdir) -> tuple[object, dict]:
         + (" + static QDQ activations (onnxruntime quantize_static)" if act_info else ""),
         "layers_int8": len(rep["int8"]), "layers_int4": len(rep["int4"]), "layers_float": len(rep["fallbacks"]),
         "fallbacks": fallbacks, "activations": act_info,
-        "activation_bits": (8 if act_info["layers_a8"] else 16 if act_info["layers_a16"] else None) if act_info else None, "verified": "integers and scales read back from the graph equal the grid's",
+        "activation_bits": (8 if act_info["layers_a8"] else 16 if act_info["layers_a16"] else None) if act_info else None,
+        "verified": "integers and scales read back through the layer map equal the grid's",
         "notes": notes,
     }
     if fallbacks:
         logger.warning("onnx: %s: %d grid layer(s) not held as quantized (%s)", spec.name, len(fallbacks),
                        "; ".join(f"{k}: {v}" for k, v in list(fallbacks.items())[:3]) + (" ..." if len(fallbacks) > 3 else ""))
-    return model, {**info, "_notes": notes}
+    return model, info, layer_map

@@ -1,6 +1,6 @@
-"""Lower a quantization grid (``compress.grid``) into a converted ``.tflite``: weight-only int8 / int4.
+"""Lower a quantization grid (``compress.quant.grid``) into a converted ``.tflite``: weight-only int8 / int4.
 
-litert-torch converts the on-grid U-Net with fp32 weights (exactly ``q * scale``). Each grid layer's
+litert-torch converts the on-grid component with fp32 weights (exactly ``q * scale``). Each grid layer's
 constant weight (input 1 of a ``CONV_2D`` / ``FULLY_CONNECTED``, found by value) is then replaced,
 in the flatbuffer, by *our* integers with per-axis quantization parameters and a ``DEQUANTIZE``
 that produces the original tensor, so the file holds int8 / int4 and LiteRT dequantizes exactly
@@ -24,6 +24,11 @@ scale — and turned back into the op's layout after ``DEQUANTIZE``::
     (O*I/g, kh*kw*g) -DEQUANTIZE-> RESHAPE (O, I/g, kh, kw, g) -TRANSPOSE-> (O, kh, kw, I/g, g) -RESHAPE-> OHWI
 
 (a ``FULLY_CONNECTED`` or 1x1 conv needs only the final ``RESHAPE``). Every integer and scale is ours.
+
+Where each layer's weight went is found once, while lowering (``weight_pieces``: by value through
+``layer_map.match``, then the converter's folds and splits), and recorded in the layer map
+(``<layer>.weight.q`` tensors, several joined when the converter split a weight); ``read_integers``
+reads the integers back through it.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from pocketfusion.export import layer_map as lm
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +69,8 @@ def read_model(path: Path):
 
 def write_model(model, path: Path) -> None:
     """Serialize with ai-edge-quantizer's model writer (buffers packed after the flatbuffer when large)."""
+    from ai_edge_litert.tools import flatbuffer_utils, mmap_utils
     from ai_edge_quantizer import model_modifier
-    from ai_edge_litert.tools import flatbuffer_utils
-    from ai_edge_litert.tools import mmap_utils
 
     packed = model_modifier._PackedBufferData(model)  # noqa: SLF001 - the quantizer's own >2 GiB-safe writer
     if packed.packed_size < 256 * 1024:
@@ -86,11 +92,6 @@ def _tensor_array(tensor, buffers) -> np.ndarray | None:
 
 def _torch_layout(a: np.ndarray, op: str) -> np.ndarray:
     return a.transpose(0, 3, 1, 2) if op == "CONV_2D" else a  # OHWI -> OIHW; FC is (O, I) already
-
-
-def _key(a: np.ndarray) -> str:
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    return f"{a.shape}:{hashlib.sha1(a.tobytes()).hexdigest()}"
 
 
 @dataclass
@@ -168,16 +169,14 @@ def _pack(q: np.ndarray, bits: int) -> np.ndarray:
     return tu.pack_data(4, np.ascontiguousarray(q.astype(np.int8)).reshape(-1).view(np.uint8))
 
 
-def _match(weights: dict, slots: dict, arrays: dict) -> tuple[dict, dict]:
+def _match(weights: dict, arrays: dict) -> dict:
     """Where each layer's weight went in the converted model: ``{layer: [(tensor, row0, row1, factor)]}``.
 
-    The converter keeps most weights as they are (found by value), folds a constant into some
-    (attention scale into to_q / to_k: ``factor``), and splits some along output rows (GEGLU's
-    projection into its two halves: several pieces)."""
-    index: dict[str, list[int]] = {}
-    for t, a in arrays.items():
-        index.setdefault(_key(a), []).append(t)
-    pieces = {layer: [(t, 0, w.shape[0], 1.0) for t in index.get(_key(w), [])] for layer, w in weights.items()}
+    The converter keeps most weights as they are (found by value, ``layer_map.match``), folds a
+    constant into some (attention scale into to_q / to_k: ``factor``), and splits some along output
+    rows (GEGLU's projection into its two halves: several pieces)."""
+    exact = lm.match(weights, arrays, all_equal=True)
+    pieces = {layer: [(t, 0, weights[layer].shape[0], 1.0) for t in ts] for layer, ts in exact.items()}
     claimed = {p[0] for ps in pieces.values() for p in ps}
     for layer, w in weights.items():
         if pieces[layer]:
@@ -191,61 +190,123 @@ def _match(weights: dict, slots: dict, arrays: dict) -> tuple[dict, dict]:
                     pieces[layer] = [(t, 0, w.shape[0], c)]
                     claimed.add(t)
                     break
-        if pieces[layer]:
-            continue
-        rows = {}
-        for r in range(w.shape[0]):  # split along output rows
-            rows.setdefault(hashlib.sha1(np.ascontiguousarray(w[r]).tobytes()).hexdigest(), []).append(r)
-        found, covered = [], np.zeros(w.shape[0], dtype=bool)
-        for t, a in arrays.items():
-            if t in claimed or a.shape[1:] != w.shape[1:] or a.shape[0] >= w.shape[0]:
-                continue
-            for r0 in rows.get(hashlib.sha1(np.ascontiguousarray(a[0]).tobytes()).hexdigest(), []):
-                r1 = r0 + a.shape[0]
-                if r1 <= w.shape[0] and not covered[r0:r1].any() and np.array_equal(a, w[r0:r1]):
-                    found.append((t, r0, r1, 1.0))
-                    covered[r0:r1] = True
-                    break
-        if found and covered.all():
-            pieces[layer] = sorted(found, key=lambda p: p[1])
-            claimed.update(p[0] for p in found)
+        if not pieces[layer]:
+            pieces[layer] = _split_rows(w, arrays, claimed)
+            claimed.update(p[0] for p in pieces[layer])
     return pieces
 
 
-def lower_weights(model, unet, grid) -> tuple[object, dict]:
-    """Replace each grid layer's fp32 weight in ``model`` (a ``ModelT`` of the on-grid ``unet``) by
-    its integers + DEQUANTIZE (+ layout ops for group-wise int4). Returns the model and
-    ``{"int8": [...], "int4": [...], "grouped": n, "folded": {layer: factor}, "split": {layer: pieces},
-    "fallbacks": {layer: reason}}``."""
-    s = _schema()
-    g = _Graph.of(model)
+def _split_rows(w: np.ndarray, arrays: dict, claimed: set) -> list:
+    """The pieces of ``w`` the converter split along output rows (all of them, or none)."""
+    rows = {}
+    for r in range(w.shape[0]):
+        rows.setdefault(hashlib.sha1(np.ascontiguousarray(w[r]).tobytes()).hexdigest(), []).append(r)
+    found, covered = [], np.zeros(w.shape[0], dtype=bool)
+    for t, a in arrays.items():
+        if t in claimed or a.shape[1:] != w.shape[1:] or a.shape[0] >= w.shape[0]:
+            continue
+        for r0 in rows.get(hashlib.sha1(np.ascontiguousarray(a[0]).tobytes()).hexdigest(), []):
+            r1 = r0 + a.shape[0]
+            if r1 <= w.shape[0] and not covered[r0:r1].any() and np.array_equal(a, w[r0:r1]):
+                found.append((t, r0, r1, 1.0))
+                covered[r0:r1] = True
+                break
+    return sorted(found, key=lambda p: p[1]) if found and covered.all() else []
+
+
+def weight_pieces(g: _Graph, module, layers) -> tuple[dict, dict]:
+    """``(pieces, slots)``: ``_match`` of ``layers`` (modules of ``module``) over the graph's weight constants."""
     slots = weight_slots(g)
     arrays = {}
     for t, op in slots.items():
-        a = _tensor_array(g.sg.tensors[t], model.buffers)
+        a = _tensor_array(g.sg.tensors[t], g.model.buffers)
         if a is not None:
             arrays[t] = _torch_layout(a, op)
-    mods = dict(unet.named_modules())
-    ints = grid.integers(unet)
-    weights = {layer: mods[layer].weight.detach().float().numpy() for layer in grid.layers}
-    pieces = _match(weights, slots, arrays)
+    mods = dict(module.named_modules())
+    return _match({n: mods[n].weight.detach().float().numpy() for n in layers}, arrays), slots
+
+
+def weight_map(model, module, layers) -> dict[str, str]:
+    """The layer map of a float export: each of ``layers`` -> the tensor(s) holding its weight."""
+    g = _Graph.of(model)
+    pieces, _ = weight_pieces(g, module, layers)
+    return {n: lm.join(g.sg.tensors[p[0]].name.decode(errors="replace") for p in ps) for n, ps in pieces.items() if ps}
+
+
+def _lower_piece(g: _Graph, t: int, op: str, tag: str, q: np.ndarray, scale: np.ndarray, lg, col) -> list:
+    """Write one weight tensor's integers (``tag`` + ``Q_SUFFIX``) and the ops that turn them back into
+    tensor ``t`` (DEQUANTIZE, the group-wise re-layout, a folded per-input-channel MUL); returns the ops."""
+    s = _schema()
+    B = s.BuiltinOperator
+    ttype = s.TensorType.INT8 if lg.bits == 8 else s.TensorType.INT4
+    ql = q.transpose(0, 2, 3, 1) if op == "CONV_2D" else q  # the op's layout: OHWI / (O, I)
+    o, i = q.shape[0], q.shape[1]
+    qp = s.QuantizationParametersT()
+    qp.quantizedDimension = 0
+    target = g.sg.tensors[t]
+    if lg.group_size is None:
+        stored, qp.scale = ql, scale.reshape(o).astype(np.float32)
+    else:
+        gs = lg.group_size
+        kk = int(np.prod(ql.shape[1:-1])) if ql.ndim == 4 else 1  # kernel positions
+        # (O, [kh, kw,] I) -> (O, I/g, [kh, kw,] g) -> rows (O*I/g, kk*g)
+        r = ql.reshape(o, kk, i // gs, gs).transpose(0, 2, 1, 3)
+        stored, qp.scale = r.reshape(o * (i // gs), kk * gs), scale.reshape(-1).astype(np.float32)
+    qp.zeroPoint = np.zeros(len(qp.scale), dtype=np.int64)  # LiteRT requires one per scale
+    qt = g.add_tensor(tag + Q_SUFFIX, stored.shape, ttype, g.add_buffer(_pack(stored, lg.bits)), qp)
+    final, ops = t, []
+    if col is not None:
+        t = g.add_tensor(tag + ".weight.deq", target.shape, s.TensorType.FLOAT32)
+    if lg.group_size is None:
+        ops.append(g.make_op(B.DEQUANTIZE, [qt], [t]))
+    else:
+        deq = g.add_tensor(tag + ".weight.dq", stored.shape, s.TensorType.FLOAT32)
+        ops.append(g.make_op(B.DEQUANTIZE, [qt], [deq]))
+        src = deq
+        if kk > 1:
+            kh, kw = ql.shape[1], ql.shape[2]
+            s5 = [o, i // gs, kh, kw, gs]
+            r5 = g.add_tensor(tag + ".weight.r5", s5, s.TensorType.FLOAT32)
+            ops.append(_reshape(g, src, r5, s5, tag + ".weight.shape5"))
+            t5 = g.add_tensor(tag + ".weight.t5", [o, kh, kw, i // gs, gs], s.TensorType.FLOAT32)
+            perm = g.const_i32(tag + ".weight.perm", [0, 2, 3, 1, 4])
+            ops.append(g.make_op(B.TRANSPOSE, [r5, perm], [t5], s.BuiltinOptions.TransposeOptions, s.TransposeOptionsT()))
+            src = t5
+        ops.append(_reshape(g, src, t, list(target.shape), tag + ".weight.shape"))
+    if col is not None:
+        cv = g.add_tensor(tag + ".weight.colscale", [len(col)], s.TensorType.FLOAT32, g.add_buffer(col.astype(np.float32)))
+        ops.append(g.make_op(B.MUL, [t, cv], [final], s.BuiltinOptions.MulOptions, s.MulOptionsT()))
+    old, target.buffer = target.buffer, 0  # now produced by the ops above
+    if not any(x.buffer == old for x in g.sg.tensors):
+        g.model.buffers[old].data = None  # drop the fp32 copy
+    return ops
+
+
+def lower_weights(model, module, grid) -> tuple[object, dict, dict[str, str]]:
+    """Replace each grid layer's fp32 weight in ``model`` (a ``ModelT`` of the on-grid ``module``) by
+    its integers + DEQUANTIZE (+ layout ops for group-wise int4). Returns the model,
+    ``{"int8": [...], "int4": [...], "grouped": n, "folded": {layer: factor}, "split": {layer: pieces},
+    "fallbacks": {layer: reason}}`` and the layer map (layer -> its integer tensors, in row order)."""
+    g = _Graph.of(model)
+    pieces, slots = weight_pieces(g, module, grid.layers)
+    ints = grid.integers(module)
     done: dict[str, list[str]] = {"int8": [], "int4": []}
     fallbacks: dict[str, str] = {}
     folded: dict[str, float] = {}
     columns: dict[str, bool] = {}
     split: dict[str, int] = {}
+    layer_map: dict[str, str] = {}
     grouped = 0
     new_ops = []
-    B = s.BuiltinOperator
     for layer, lg in grid.layers.items():
         if not pieces[layer]:
             fallbacks[layer] = "weight not found among the model's CONV_2D / FULLY_CONNECTED constants: kept fp32"
             continue
         q_all = ints[layer].numpy()
-        ttype = s.TensorType.INT8 if lg.bits == 8 else s.TensorType.INT4
         whole = all(p[1] == 0 and p[2] == q_all.shape[0] for p in pieces[layer])
         if not whole:
             split[layer] = len(pieces[layer])
+        tags = []
         for k, (t, r0, r1, c) in enumerate(pieces[layer]):
             col = None
             if isinstance(c, np.ndarray):  # per input channel: an explicit MUL after dequantization
@@ -253,58 +314,16 @@ def lower_weights(model, unet, grid) -> tuple[object, dict]:
                 columns[layer] = True
             elif c != 1.0:
                 folded[layer] = c
-            op = slots[t]
             tag = (layer if k == 0 else f"{layer}#{k}") if whole else f"{layer}@{r0}"
-            q = q_all[r0:r1]
             scale = lg.scale.double().numpy()[r0:r1] * c
-            ql = q.transpose(0, 2, 3, 1) if op == "CONV_2D" else q  # the op's layout: OHWI / (O, I)
-            o, i = q.shape[0], q.shape[1]
-            qp = s.QuantizationParametersT()
-            qp.quantizedDimension = 0
-            target = g.sg.tensors[t]
-            if lg.group_size is None:
-                stored, qp.scale = ql, scale.reshape(o).astype(np.float32)
-            else:
-                gs = lg.group_size
-                kk = int(np.prod(ql.shape[1:-1])) if ql.ndim == 4 else 1  # kernel positions
-                # (O, [kh, kw,] I) -> (O, I/g, [kh, kw,] g) -> rows (O*I/g, kk*g)
-                r = ql.reshape(o, kk, i // gs, gs).transpose(0, 2, 1, 3)
-                stored, qp.scale = r.reshape(o * (i // gs), kk * gs), scale.reshape(-1).astype(np.float32)
-            qp.zeroPoint = np.zeros(len(qp.scale), dtype=np.int64)  # LiteRT requires one per scale
-            qt = g.add_tensor(tag + Q_SUFFIX, stored.shape, ttype, g.add_buffer(_pack(stored, lg.bits)), qp)
-            final = t
-            if col is not None:
-                t = g.add_tensor(tag + ".weight.deq", target.shape, s.TensorType.FLOAT32)
-            if lg.group_size is None:
-                new_ops.append(g.make_op(B.DEQUANTIZE, [qt], [t]))
-            else:
-                deq = g.add_tensor(tag + ".weight.dq", stored.shape, s.TensorType.FLOAT32)
-                new_ops.append(g.make_op(B.DEQUANTIZE, [qt], [deq]))
-                src = deq
-                if kk > 1:
-                    kh, kw = ql.shape[1], ql.shape[2]
-                    s5 = [o, i // gs, kh, kw, gs]
-                    r5 = g.add_tensor(tag + ".weight.r5", s5, s.TensorType.FLOAT32)
-                    new_ops.append(_reshape(g, src, r5, s5, tag + ".weight.shape5"))
-                    t5 = g.add_tensor(tag + ".weight.t5", [o, kh, kw, i // gs, gs], s.TensorType.FLOAT32)
-                    perm = g.const_i32(tag + ".weight.perm", [0, 2, 3, 1, 4])
-                    opts = s.TransposeOptionsT()
-                    new_ops.append(g.make_op(B.TRANSPOSE, [r5, perm], [t5], s.BuiltinOptions.TransposeOptions, opts))
-                    src = t5
-                new_ops.append(_reshape(g, src, t, list(target.shape), tag + ".weight.shape"))
-            if col is not None:
-                cv = g.add_tensor(tag + ".weight.colscale", [len(col)], s.TensorType.FLOAT32, g.add_buffer(col.astype(np.float32)))
-                opts = s.MulOptionsT()
-                new_ops.append(g.make_op(B.MUL, [t, cv], [final], s.BuiltinOptions.MulOptions, opts))
-                t = final
-            old, target.buffer = target.buffer, 0  # now produced by the ops above
-            if not any(x.buffer == old for x in g.sg.tensors):
-                model.buffers[old].data = None  # drop the fp32 copy
+            new_ops += _lower_piece(g, t, slots[t], tag, q_all[r0:r1], scale, lg, col)
+            tags.append(tag + Q_SUFFIX)
+        layer_map[layer] = lm.join(tags if not whole else tags[:1])  # a split weight's pieces; one of several copies
         grouped += lg.group_size is not None
         done[f"int{lg.bits}"].append(layer)
     g.sg.operators[:0] = new_ops  # they read constants only: first in execution order
-    return model, {**done, "grouped": grouped, "folded": folded, "columns": sorted(columns), "split": split,
-                   "fallbacks": fallbacks}
+    rep = {**done, "grouped": grouped, "folded": folded, "columns": sorted(columns), "split": split, "fallbacks": fallbacks}
+    return model, rep, layer_map
 
 
 def _column_factor(a: np.ndarray, w: np.ndarray) -> np.ndarray | None:
@@ -368,59 +387,57 @@ def _unpack4(data: np.ndarray, n: int) -> np.ndarray:
     return np.where(v > 7, v - 16, v).astype(np.int8)
 
 
-def read_integers(model) -> dict[str, dict]:
-    """The grid layers a lowered model holds, read back from the flatbuffer: ``{layer: {"q": int8
-    array in torch layout, "scale": float32 array (flat, (O,) or (O * I/g,)), "bits", "op", "pieces"}}``.
+def _follow(g: _Graph, ti: int, q: np.ndarray) -> tuple[np.ndarray, str] | None:
+    """Carry integers stored in tensor ``ti`` through DEQUANTIZE / RESHAPE / TRANSPOSE / MUL to the
+    consuming weight op: ``(integers in that op's layout, op name)``, or None when the chain ends elsewhere."""
+    cur = ti
+    while True:
+        uses = g.consumers.get(cur, [])
+        if len(uses) != 1:
+            return None
+        op, name_op = g.sg.operators[uses[0][0]], g.op(uses[0][0])
+        if name_op == "RESHAPE":
+            q = q.reshape(list(g.sg.tensors[op.outputs[0]].shape))
+        elif name_op == "TRANSPOSE":
+            q = q.transpose(_tensor_array(g.sg.tensors[op.inputs[1]], g.model.buffers).tolist())
+        elif name_op in _WEIGHT_OPS:
+            return q, name_op
+        elif name_op not in ("DEQUANTIZE", "MUL"):  # MUL: a per-input-channel vector the converter had folded in
+            return None
+        cur = op.outputs[0]
+
+
+def read_integers(model, layer_map: dict[str, str]) -> dict[str, dict]:
+    """The integers a lowered model holds for each layer of ``layer_map``, read back from the tensors
+    it names: ``{layer: {"q": int8 array in torch layout, "scale": float32 array (flat, (O,) or
+    (O * I/g,)), "bits", "op", "pieces"}}`` (layers whose tensors are not integer are left out).
 
     The stored integers are carried through the DEQUANTIZE / RESHAPE / TRANSPOSE chain to the
-    consuming op, so the result is what that op computes with."""
+    consuming op, so the result is what that op computes with; the pieces of a weight the converter
+    split are put back together in the map's (row) order."""
     s = _schema()
     g = _Graph.of(model)
-    producers = {}
-    for i, op in enumerate(g.sg.operators):
-        for t in op.outputs:
-            producers[t] = i
-    pieces: dict[str, dict[int, dict]] = {}
-    for ti, tensor in enumerate(g.sg.tensors):
-        name = tensor.name.decode(errors="replace")
-        if not name.endswith(Q_SUFFIX) or tensor.type not in (s.TensorType.INT8, s.TensorType.INT4):
-            continue
-        n = int(np.prod(tensor.shape))
-        data = model.buffers[tensor.buffer].data
-        bits = 4 if tensor.type == s.TensorType.INT4 else 8
-        q = _unpack4(data, n) if bits == 4 else np.frombuffer(bytes(data), dtype=np.int8)[:n].copy()
-        q = q.reshape(list(tensor.shape))
-        cur = ti
-        while True:
-            uses = g.consumers.get(cur, [])
-            if len(uses) != 1:
-                break
-            i, _ = uses[0]
-            op, name_op = g.sg.operators[i], g.op(uses[0][0])
-            if name_op == "DEQUANTIZE":
-                pass
-            elif name_op == "RESHAPE":
-                q = q.reshape(list(g.sg.tensors[op.outputs[0]].shape))
-            elif name_op == "MUL":  # a per-input-channel vector the converter had folded into the weight
-                pass
-            elif name_op == "TRANSPOSE":
-                q = q.transpose(_tensor_array(g.sg.tensors[op.inputs[1]], model.buffers).tolist())
-            elif name_op in _WEIGHT_OPS:
-                tag = name[: -len(Q_SUFFIX)]
-                layer, _, r0 = tag.partition("@")
-                pieces.setdefault(layer.split("#")[0], {})[int(r0 or 0)] = {
-                    "q": np.ascontiguousarray(_torch_layout(q, name_op)), "bits": bits, "op": name_op,
-                    "scale": np.asarray(tensor.quantization.scale, dtype=np.float32),
-                }
-                break
-            else:
-                break
-            cur = op.outputs[0]
+    index = {t.name.decode(errors="replace"): i for i, t in enumerate(g.sg.tensors)}
     out = {}
-    for layer, parts in pieces.items():  # a weight the converter split along output rows: put it back together
-        ps = [parts[r] for r in sorted(parts)]
-        out[layer] = {"q": np.concatenate([p["q"] for p in ps]), "scale": np.concatenate([p["scale"] for p in ps]),
-                      "bits": ps[0]["bits"], "op": ps[0]["op"], "pieces": len(ps)}
+    for layer, value in layer_map.items():
+        parts = []
+        for name in lm.split(value):
+            ti = index.get(name)
+            tensor = g.sg.tensors[ti] if ti is not None else None
+            if tensor is None or tensor.type not in (s.TensorType.INT8, s.TensorType.INT4):
+                break
+            n = int(np.prod(tensor.shape))
+            data = model.buffers[tensor.buffer].data
+            bits = 4 if tensor.type == s.TensorType.INT4 else 8
+            q = _unpack4(data, n) if bits == 4 else np.frombuffer(bytes(data), dtype=np.int8)[:n].copy()
+            held = _follow(g, ti, q.reshape(list(tensor.shape)))
+            if held is None:
+                break
+            parts.append({"q": np.ascontiguousarray(_torch_layout(*held)), "bits": bits, "op": held[1],
+                          "scale": np.asarray(tensor.quantization.scale, dtype=np.float32)})
+        else:
+            out[layer] = {"q": np.concatenate([p["q"] for p in parts]), "scale": np.concatenate([p["scale"] for p in parts]),
+                          "bits": parts[0]["bits"], "op": parts[0]["op"], "pieces": len(parts)}
     return out
 
 
@@ -429,21 +446,21 @@ def expected_scale(lg, factor: float = 1.0) -> np.ndarray:
     return (lg.scale.double().numpy().reshape(-1) * factor).astype(np.float32)
 
 
-def quantize(path: Path, spec) -> dict:
-    """Lower ``spec.quant`` into the converted model at ``path`` (rewritten in place), read the
-    integers back and check them; returns the manifest's ``quantization`` entry."""
+def quantize(path: Path, spec) -> tuple[dict, dict[str, str]]:
+    """Lower ``spec.grid`` into the converted model at ``path`` (rewritten in place), read the
+    integers back through the layer map and check them; returns the manifest's ``quantization``
+    entry and the layer map."""
     from pocketfusion.export.base import ExportError
 
-    grid = spec.quant
-    unet = spec.module.unet
+    grid, module = spec.grid, spec.source_module
     notes: list[str] = []
-    model, rep = lower_weights(read_model(path), unet, grid)
+    model, rep, layer_map = lower_weights(read_model(path), module, grid)
     out = path.with_name(path.name + ".q")
     write_model(model, out)  # not in place: the read model's buffers are views of the mapped file
     del model
     os.replace(out, path)
-    back = read_integers(read_model(path))
-    ints = grid.integers(unet)
+    back = read_integers(read_model(path), layer_map)
+    ints = grid.integers(module)
     for layer in rep["int8"] + rep["int4"]:
         got = back.get(layer)
         want_scale = expected_scale(grid.layers[layer], rep["folded"].get(layer, 1.0))
@@ -475,17 +492,18 @@ def quantize(path: Path, spec) -> dict:
     if grid.activations:
         why = ("activation quantization (w8a8 / w8a16) is not lowered to TFLite yet: weights only, fp32 activations "
                "(ai-edge-quantizer's static recipes restricted to CONV_2D / FULLY_CONNECTED run in LiteRT, but a first "
-               "measurement on the tiny fixture gave relative error 0.19 at a16 and 0.26 at a8)")
+               "measurement on the tiny fixture gave rel_max 0.19 at a16 and 0.26 at a8)")
         acts = {"bits": None, "requested": grid.activations.get("bits"), "reason": why}
         notes.append(why)
         said.append(f"activations kept fp32 (scheme {grid.scheme})")
     if said:
         logger.warning("tflite: %s: %s", spec.name, "; ".join(said))
-    return {
+    info = {
         "scheme": grid.scheme, "method": grid.method,
         "format": "weight-only: INT8 / INT4 per-axis constants + DEQUANTIZE (fp32 compute)",
         "layers_int8": len(rep["int8"]), "layers_int4": len(rep["int4"]), "layers_float": len(fallbacks),
         "layers_grouped": rep["grouped"], "fallbacks": fallbacks, "activations": acts, "activation_bits": None,
         "scale_factors": dict(rep["folded"]), "split": rep["split"],  # exact floats: scale = grid scale * factor
-        "verified": "integers and scales read back from the flatbuffer equal the grid's", "notes": notes,
+        "verified": "integers and scales read back from the flatbuffer through the layer map equal the grid's", "notes": notes,
     }
+    return info, layer_map

@@ -306,7 +306,8 @@ def apply_xnnpack_rewrites_(module: nn.Module) -> list[str]:
         "groupnorm": "GroupNorm x{n} -> 4-D reshape + mean.dim([2,3]) + rsqrt + affine (no native_group_norm on XNNPACK)",
         "layernorm": "LayerNorm x{n} -> (-1,1,1,C) view + mean.dim([2,3]) + rsqrt + affine (no native_layer_norm on XNNPACK)",
         "upsample": "Upsample2D nearest 2x x{n} -> depthwise conv_transpose2d with a ones buffer (no upsample_nearest2d)",
-        "attention": "Attention x{n} -> 3-D bmm processor, q pre-scaled, softmax(-1), no mask (SDPA decomposes to expand_copy + masked softmax)",
+        "attention": "Attention x{n} -> 3-D bmm processor, q pre-scaled, softmax(-1), no mask "
+                     "(SDPA decomposes to expand_copy + masked softmax)",
         "geglu": "GEGLU x{n} -> slices instead of chunk (no split_with_sizes_copy)",
         "timesteps": "Timesteps x{n} -> precomputed frequency buffer (no arange/exp in the graph)",
         "int_scalar": "integer output scale factors x{n} -> floats (no integer scalar tensors)",

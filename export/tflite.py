@@ -15,9 +15,10 @@ which ``pocketfusion.runtimes.litert`` uses to accept and return the spec's name
 litert-torch 0.10.0 converts every fixture family's U-Net, the CLIP text encoder and the VAE
 decoder as they are, with errors around 1e-6: no op rewrite is needed, so ``rewrites`` is empty.
 
-A U-Net with a quantization grid (``spec.quant``) is converted on its grid (fp32) and then lowered
+A component with a quantization grid (``spec.grid``) is converted on its grid (fp32) and then lowered
 to weight-only int8 / int4 with exactly the grid's integers (``pocketfusion.export.quant_tflite``);
-``info["quantization"]`` says what the file holds.
+``info["quantization"]`` says what the file holds. The layer map names each quantizable layer's
+weight tensor(s) (the integers, for a grid layer).
 """
 
 from __future__ import annotations
@@ -33,14 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pocketfusion.export.base import ExportConfig, ExportError
+from pocketfusion.backends import require
+from pocketfusion.export.base import ExportConfig, Exported, ExportError
 from pocketfusion.export.components import ComponentSpec
-from pocketfusion.runtimes.base import require
 
 logger = logging.getLogger(__name__)
 
-EXTENSION = ".tflite"
-RUNTIME = "litert"
 SIGNATURE = "serving_default"
 
 
@@ -135,16 +134,19 @@ def map_io(spec: ComponentSpec, sig_in: dict, sig_out: dict) -> dict:
     }
 
 
-def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict:
+def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Exported:
     """Convert ``spec.module`` with litert-torch into ``path`` and write ``<path>.io.json`` beside it.
 
-    Returns JSON-able facts: ``signature``, ``io`` (the name mapping), ``ops`` (builtin op counts),
+    Returns the layer map and JSON-able facts: ``signature``, ``io`` (the name mapping), ``ops`` (builtin op counts),
     ``rewrites`` (always empty: no rewrite is needed, see the module docstring) and ``notes``.
     ``cfg`` has no TFLite setting yet.
 
     Raises:
         ExportError: the converter fails, or the converted signature disagrees with the spec.
     """
+    from pocketfusion.compress.quant.grid import quantizable_layers
+    from pocketfusion.export import quant_tflite
+
     path = Path(path)
     try:
         model = _convert(spec.module, spec.example_args())
@@ -158,10 +160,10 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict
             model.export(str(tmp))
         del model
         quant = None
-        if spec.quant is not None:
-            from pocketfusion.export import quant_tflite
-
-            quant = quant_tflite.quantize(tmp, spec)
+        if spec.grid is not None:
+            quant, layer_map = quant_tflite.quantize(tmp, spec)
+        else:
+            layer_map = quant_tflite.weight_map(quant_tflite.read_model(tmp), spec.source_module, quantizable_layers(spec.source_module))
         size = tmp.stat().st_size
         sig_in, sig_out, ops = _read_back(tmp)
         io = map_io(spec, sig_in, sig_out)
@@ -175,4 +177,4 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> dict
     if quant is not None:
         info["notes"] += quant["notes"]
         info["quantization"] = quant
-    return info
+    return Exported(info, layer_map)

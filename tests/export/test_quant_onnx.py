@@ -8,25 +8,24 @@ pytest.importorskip("onnxruntime")
 
 import onnx  # noqa: E402
 
-from pocketfusion import artifact  # noqa: E402
 from pocketfusion.checkpoint import load_model  # noqa: E402
-from pocketfusion.compress.grid import QuantGrid, rtn_grid  # noqa: E402
-from pocketfusion.export.api import export_model  # noqa: E402
+from pocketfusion.compress.quant.grid import QuantGrid, rtn_grid  # noqa: E402
 from pocketfusion.export.base import TOLERANCE, ExportConfig  # noqa: E402
 from pocketfusion.export.quant_onnx import Q_SUFFIX, read_integers  # noqa: E402
-from pocketfusion.testing.fixtures import save_quantized  # noqa: E402
+from pocketfusion.export.testing import export_entry, save_quantized  # noqa: E402
 
 CFG = ExportConfig(targets=("onnx",), components=("unet",))
 GROUP = 8  # the tiny U-Net is 8-32 channels wide: groups of 8 make most layers group-wise
 
 
 def quantized_copy(src, dst, bits, *, scheme=None, activations=None):
-    """A copy of the tiny pipeline whose U-Net is RTN-quantized on a grid (what `compress --quant` writes)."""
+    """A copy of the tiny pipeline whose U-Net is RTN-quantized on a grid (what `compress --quant` writes);
+    ``activations(grid)`` gives the grid's activation settings."""
 
     def make(unet):
         grid = rtn_grid(unet, bits, group_size=GROUP, scheme=scheme)
         if activations:
-            grid.activations = activations
+            grid.activations = activations(grid)
         return grid
 
     return save_quantized(dst, make, copy_from=src)
@@ -34,14 +33,12 @@ def quantized_copy(src, dst, bits, *, scheme=None, activations=None):
 
 @pytest.fixture(scope="module")
 def exports(tiny_sd, tmp_path_factory):
-    """fp32, w8 and w4 exports of the tiny U-Net: {name: (model dir, export dir, manifest entry)}."""
+    """fp32, w8 and w4 exports of the tiny U-Net: {name: export_entry(...)}."""
     root = tmp_path_factory.mktemp("qonnx")
     out = {}
     for name, bits in (("fp32", None), ("w8", 8), ("w4", 4)):
         src = tiny_sd if bits is None else quantized_copy(tiny_sd, root / f"m-{name}", bits)
-        exp = root / f"e-{name}"
-        export_model(load_model(src), CFG, exp, progress=False)
-        out[name] = (src, exp, artifact.load_manifest(exp).metrics["components"]["onnx/unet"])
+        out[name] = export_entry(src, CFG, root / f"e-{name}", "onnx/unet")
     return out
 
 
@@ -52,12 +49,14 @@ def _initializer_bytes(path):
 
 @pytest.mark.parametrize("scheme,bits", [("w8", 8), ("w4", 4)])
 def test_artifact_holds_the_grid_integers_bit_for_bit(exports, scheme, bits):
-    src, exp, entry = exports[scheme]
-    model = load_model(src)
-    grid = model.quant
+    x = exports[scheme]
+    grid, entry = x.grid, x.entry
     assert isinstance(grid, QuantGrid) and grid.scheme == scheme
-    want = grid.integers(model.components["unet"])
-    got = read_integers(onnx.load(str(exp / "onnx" / "unet.onnx")))
+    assert x.component.grid is not None and x.component.grid.scheme == scheme
+    assert set(x.component.layer_map) == set(grid.layers)  # recorded at export time
+    assert all(v == f"{n}{Q_SUFFIX}" for n, v in x.component.layer_map.items())
+    want = grid.integers(x.model.components["unet"])
+    got = read_integers(onnx.load(str(x.path)), x.component.layer_map)
     assert set(got) == set(grid.layers)
     for name, layer in grid.layers.items():
         assert got[name]["bits"] == bits
@@ -75,8 +74,8 @@ def test_artifact_holds_the_grid_integers_bit_for_bit(exports, scheme, bits):
 
 @pytest.mark.parametrize("scheme", ["w8", "w4"])
 def test_parity_and_opset(exports, scheme):
-    _, _, entry = exports[scheme]
-    assert entry["parity"]["status"] == "pass" and entry["parity"]["rel"] < TOLERANCE["onnx"], entry["parity"]
+    entry = exports[scheme].entry
+    assert entry["parity"]["status"] == "pass" and entry["parity"]["rel_max"] < TOLERANCE["onnx"], entry["parity"]
     assert entry["parity"]["tolerance"] == TOLERANCE["onnx"]
     if scheme == "w4":  # int4 and blocked DequantizeLinear need opset 21; the default is 18
         assert entry["opset"]["ai.onnx"] == 21
@@ -87,10 +86,10 @@ def test_parity_and_opset(exports, scheme):
 
 @pytest.mark.parametrize("scheme,bits", [("w8", 8), ("w4", 4)])
 def test_weights_are_stored_at_their_width_and_the_file_shrinks(exports, scheme, bits):
-    src, exp, entry = exports[scheme]
-    _, fexp, fentry = exports["fp32"]
-    grid = load_model(src).quant
-    inits = _initializer_bytes(exp / "onnx" / "unet.onnx")
+    x = exports[scheme]
+    entry, fentry, grid = x.entry, exports["fp32"].entry, x.grid
+    assert exports["fp32"].grid is None and "quantization" not in fentry and "versus_fp32" not in fentry
+    inits = _initializer_bytes(x.path)
     fp32_weight_bytes = q_bytes = 0
     for name, layer in grid.layers.items():
         n = int(np.prod(layer.shape))
@@ -99,7 +98,7 @@ def test_weights_are_stored_at_their_width_and_the_file_shrinks(exports, scheme,
         fp32_weight_bytes += 4 * n
         q_bytes += nbytes + 4 * layer.scale.numel()
     # no fp32 copy of a grid weight is left (in either layout)
-    unet = load_model(src).components["unet"]
+    unet = x.model.components["unet"]
     mods = dict(unet.named_modules())
     weights = {mods[n].weight.detach().numpy().tobytes() for n in grid.layers}
     weights |= {np.ascontiguousarray(mods[n].weight.detach().numpy().T).tobytes() for n in grid.layers if len(grid.layers[n].shape) == 2}
@@ -110,32 +109,53 @@ def test_weights_are_stored_at_their_width_and_the_file_shrinks(exports, scheme,
     assert entry["size_bytes"] <= fentry["size_bytes"] - fp32_weight_bytes + q_bytes + 600 * len(grid.layers)
     # (the tiny model is mostly graph, biases and norms: the demo figures are in the report)
     assert entry["size_bytes"] < fentry["size_bytes"] * 0.70
+    v = entry["versus_fp32"]  # no calibration set: sizes only
+    assert v["size_ratio_to_fp32_weights"] == entry["size_bytes"] / v["fp32_weight_bytes"] and "rel_rms" not in v
 
 
 def test_w8a16_static_activations_keep_the_weight_integers(tiny_sd, tmp_path):
     """Static QDQ activations through onnxruntime.quantization: our weight DQ nodes survive unchanged;
     a layer whose activation bits are None keeps a float input."""
-    grid_acts = {"bits": 16, "layers": {}}
-    src = quantized_copy(tiny_sd, tmp_path / "m", 8, scheme="w8a16", activations=grid_acts)
-    grid = QuantGrid.load(src / "unet")
-    names = list(grid.layers)
-    keep_float = names[1]
-    grid.activations = {"bits": 16, "layers": {n: {"bits": None if n == keep_float else 16, "reason": "test"} for n in names}}
-    unet = load_model(src).components["unet"]
-    grid.save(src / "unet", unet)
 
-    model = load_model(src)
-    export_model(model, CFG, tmp_path / "e", progress=False)
-    entry = artifact.load_manifest(tmp_path / "e").metrics["components"]["onnx/unet"]
+    def acts(grid):
+        names = list(grid.layers)
+        return {"bits": 16, "layers": {n: {"bits": None if n == names[1] else 16, "reason": "test"} for n in names}}
+
+    src = quantized_copy(tiny_sd, tmp_path / "m", 8, scheme="w8a16", activations=acts)
+    x = export_entry(src, CFG, tmp_path / "e", "onnx/unet")
+    names = list(x.grid.layers)
+    keep_float = names[1]
+    entry = x.entry
     q = entry["quantization"]
     assert q["activation_bits"] == 16 and q["activations"]["layers_a16"] == len(names) - 1
     assert q["activations"]["layers_float"] == 1 and keep_float in q["fallbacks"]
     assert entry["parity"]["tolerance"] == TOLERANCE["onnx-a16"] and entry["parity"]["status"] == "pass"
     assert any("golden feeds" in n for n in entry["notes"])  # no calibration set in this model folder
-    m = onnx.load(str(tmp_path / "e" / "onnx" / "unet.onnx"))
-    got = read_integers(m)
-    want = model.quant.integers(model.components["unet"])
+    m = onnx.load(str(x.path))
+    got = read_integers(m, x.component.layer_map)
+    want = x.grid.integers(x.model.components["unet"])
     assert all(np.array_equal(got[n]["q"], want[n].numpy()) for n in names)
     # 16-bit activation Q/DQ pairs were inserted (int16 zero points), and none on the float-kept layer
     q16 = [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.INT16]
     assert q16
+
+
+def test_calibration_set_by_reference_measures_versus_fp32(tiny_sd, tmp_path):
+    """The calibration set the model's manifest names (CalibrationRef, content hash checked) gives the
+    static activation ranges and the held-out error against fp32 (rel_rms, snr_db)."""
+    from pocketfusion import calibration
+    from pocketfusion.errors import UserError
+    from pocketfusion.export.api import export
+
+    cset = calibration.capture(load_model(tiny_sd), ["a red circle", "a blue square", "a green circle"], steps=4,
+                               n_timesteps=2, progress=False)
+    calibration.save(cset, tmp_path / "calib")
+    src = save_quantized(tmp_path / "m", lambda u: rtn_grid(u, 8, group_size=GROUP), copy_from=tiny_sd, calibration=tmp_path / "calib")
+    x = export_entry(src, CFG, tmp_path / "e", "onnx/unet")
+    v = x.entry["versus_fp32"]
+    assert v["heldout_feeds"] == len(cset.unet_feeds("heldout")) > 0
+    assert 0 < v["rel_rms"] < 0.1 and v["snr_db"] > 20 and "rel" not in v
+    # a calibration set changed after compress is refused
+    (src / "calibration" / "extra.txt").write_text("x")
+    with pytest.raises(UserError, match="content hash mismatch"):
+        export(load_model(src, verify=False), CFG, tmp_path / "e2", progress=False)
