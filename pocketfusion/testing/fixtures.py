@@ -11,6 +11,7 @@ that a forward pass takes milliseconds:
                      text/time embeddings (``added_cond_kwargs``), 2048-d context.
 
 ``FULL_CONFIGS`` holds the published full-size configurations (for MAC checks and scale runs).
+Helpers that export or quantize these fixtures live with their stage (``pocketfusion.export.testing``).
 """
 
 from __future__ import annotations
@@ -141,59 +142,3 @@ def save_tiny_pipeline(out_dir, family: str = "sd15", seed: int = 0) -> None:
     import shutil
 
     shutil.rmtree(out / "_tok")
-
-
-def export_tiny_unet(target: str, family: str, out_dir, cfg=None):
-    """Export ``tiny_unet(family)`` with ``pocketfusion.export.<target>`` into ``out_dir``.
-
-    Returns ``(spec, path, info)``: the component spec (with seeded golden inputs), the artifact
-    path and what the exporter recorded.
-    """
-    import importlib
-    from pathlib import Path
-
-    from pocketfusion.export.base import ExportConfig
-    from pocketfusion.export.components import unet_spec
-
-    module = importlib.import_module(f"pocketfusion.export.{target}")
-    spec = unet_spec(tiny_unet(family), seq_len=TINY_SEQ_LEN)
-    path = Path(out_dir) / f"unet{module.EXTENSION}"
-    info = module.export_component(spec, path, cfg or ExportConfig(targets=(target,)))
-    return spec, path, info
-
-
-def save_quantized(folder, make_grid, *, copy_from=None, unet=None):
-    """What ``compress --quant`` writes, for tests: a U-Net put on a grid by ``make_grid(unet)``
-    (returns the QuantGrid, applied in place) and saved with that grid.
-
-    ``copy_from``: a pipeline folder copied to ``folder`` first, its U-Net quantized; otherwise
-    ``unet`` (default ``tiny_unet()``) saved as a bare U-Net folder. Returns ``folder``.
-    """
-    import shutil
-    from pathlib import Path
-
-    folder = Path(folder)
-    if copy_from is not None:
-        from pocketfusion.checkpoint import load_model
-
-        shutil.copytree(copy_from, folder)
-        unet, udir = load_model(folder).components["unet"], folder / "unet"
-    else:
-        unet, udir = (unet if unet is not None else tiny_unet()), folder
-    grid = make_grid(unet)
-    unet.save_pretrained(str(udir), safe_serialization=True)
-    grid.save(udir, unet)
-    return folder
-
-
-def export_entry(folder, cfg, out, key: str):
-    """``export_model`` of the model in ``folder``; returns ``(model, artifact path, manifest entry)``
-    for ``key`` (e.g. ``"onnx/unet"``)."""
-    from pocketfusion import artifact
-    from pocketfusion.checkpoint import load_model
-    from pocketfusion.export.api import export_model
-
-    model = load_model(folder)
-    export_model(model, cfg, out, progress=False)
-    entry = artifact.load_manifest(out).metrics["components"][key]
-    return model, out / entry["path"], entry
