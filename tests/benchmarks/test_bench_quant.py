@@ -14,7 +14,7 @@ from pocketfusion.benchmarks.quant.peers_onnx import onnx_op_counts, peer_ort_dy
 from pocketfusion.benchmarks.quant.peers_pytorch import peer_quanto, peer_torchao
 from pocketfusion.benchmarks.quant.pocketfusion_rows import grid_packed_bytes, pf_rtn
 from pocketfusion.benchmarks.quant.rows import Row
-from pocketfusion.benchmarks.quant.targets import swap_unet, unet_path
+from pocketfusion.benchmarks.quant.targets import swap_unet, unet_component, unet_path
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +71,8 @@ def test_pytorch_rows_measure_what_they_claim(tiny):
 
 def test_ort_dynamic_row_on_an_export(tiny, tmp_path):
     pytest.importorskip("onnxruntime")
+    from pocketfusion.export.testing import export_tiny_unet
     from pocketfusion.runtimes.base import load_session
-    from pocketfusion.testing.fixtures import export_tiny_unet
 
     unet, _ = tiny
     spec, path, _ = export_tiny_unet("onnx", "sd15", tmp_path)
@@ -134,3 +134,35 @@ def test_swap_unet_into_an_export(tiny_onnx_export, tmp_path):
     assert img_q.shape == img_f.shape and np.isfinite(psnr(img_q, img_f))  # the swapped U-Net ran
     with pytest.raises(ValueError):
         swap_unet(tiny_onnx_export, "onnx", tmp_path / "q" / "other.onnx", tmp_path / "bad")
+
+
+def test_coreml_rows_read_weights_back_through_the_layer_map(tiny_sd, tmp_path):
+    pytest.importorskip("coremltools")
+    from pocketfusion.benchmarks.quant.coreml_readback import coreml_weights, unet_with_coreml_weights
+    from pocketfusion.benchmarks.quant.peers_coreml import peer_coreml
+    from pocketfusion.checkpoint import load_model
+    from pocketfusion.export.api import export
+    from pocketfusion.export.base import ExportConfig
+
+    model = load_model(tiny_sd)
+    out = tmp_path / "exp"
+    export(model, ExportConfig(targets=("coreml",), components=("unet",), coreml_precision="fp32"), out, progress=False)
+    comp = unet_component(out, "coreml")
+    assert comp.layer_map  # the export recorded where each weight lies
+    feeds = _tiny_feeds(model.unet)
+    refs = _refs(model.unet, feeds)
+
+    same, matched, total = unet_with_coreml_weights(model.unet, coreml_weights(unet_path(out, "coreml")), comp.layer_map)
+    assert matched == total > 0 and unet_error(torch_runner(same), feeds, refs)["rel_max"] == 0  # fp32 package: the weights
+
+    q = peer_coreml(unet_path(out, "coreml"), tmp_path / "q" / unet_path(out, "coreml").name, "linear8")
+    u8, matched8, _ = unet_with_coreml_weights(model.unet, coreml_weights(q), comp.layer_map)  # names kept, suffixed
+    err = unet_error(torch_runner(u8), feeds, refs)
+    assert matched8 == total and 0 < err["rel_max"] and err["snr_db"] > 30
+
+
+def _tiny_feeds(unet):
+    from pocketfusion.export.components import unet_spec
+    from pocketfusion.testing.fixtures import TINY_SEQ_LEN
+
+    return unet_spec(unet, seq_len=TINY_SEQ_LEN).golden

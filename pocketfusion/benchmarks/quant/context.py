@@ -135,7 +135,7 @@ class Bench:
         out = self.work / f"compressed-{scheme}-{method}"
         t0 = time.perf_counter()
         try:
-            cfg = QuantConfig(scheme=scheme, method=method, calib=self.a.calib_dir, group_size=self.a.group_size, seed=self.a.seed,
+            cfg = QuantConfig(scheme=scheme, method=method, calib=str(self.a.calib_dir), group_size=self.a.group_size, seed=self.a.seed,
                               image_prompts=0)
             with quiet():
                 quantize(self.model, cfg, out, progress=False)

@@ -129,7 +129,7 @@ def export_row(b, scheme: str, target: str):
         par = entry.get("parity", {})
         if par.get("rel_max") is not None:
             r.extra["parity_vs_on_grid"] = par
-        run_on_target(b, r, target, path, b.work / f"swap-{scheme}-{target}")
+        run_on_target(b, r, target, path, b.work / f"swap-{scheme}-{target}", comp.layer_map)
 
     return make
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from pocketfusion import artifact, backends
@@ -71,14 +71,14 @@ def swap_unet(base: Path, target: str, unet_file: Path, dst: Path) -> Path:
     return dst
 
 
-def run_on_target(b, r: Row, target: str, path: Path, swap_dir: Path) -> None:
+def run_on_target(b, r: Row, target: str, path: Path, swap_dir: Path, layer_map: Mapping[str, str]) -> None:
     """Run the U-Net file ``path`` in ``target``'s runtime (error, latency) and, for a pipeline,
     generate images through the fp32 export with it swapped in; where the runtime does not run here
-    (Core ML), measure by reading the weights back."""
+    (Core ML), measure by reading the weights back through ``layer_map`` (the export's)."""
     from pocketfusion.runtimes.base import load_session
 
     if not runs_here(target):
-        coreml_measure(b, r, path)
+        coreml_measure(b, r, path, layer_map)
         return
     s = load_session(path, runtime_of(target), threads=b.threads)
     r.run = session_runner(s)
@@ -115,13 +115,14 @@ def artifact_peer(b, target: str, produce: Callable[[Path, Path], Path], name: s
 
     def make(r: Row):
         base = b.base_export(target)
-        src = unet_path(base, target)
+        comp = unet_component(base, target)
+        src = artifact.resolve_path(base, comp.path)
         out = b.work / "peers" / target / name / src.name
         out.parent.mkdir(parents=True, exist_ok=True)
         produce(src, out)
         r.size_bytes, r.size_kind, r.fp32_bytes = artifact_bytes(out), "file", b.fp32_file_bytes(target)
         if on_file is not None:
             on_file(r, out)
-        run_on_target(b, r, target, out, b.work / "swap" / target / name)
+        run_on_target(b, r, target, out, b.work / "swap" / target / name, comp.layer_map)  # the tool keeps the fp32 file's names
 
     return make
