@@ -20,7 +20,7 @@ artifact directory (stage ``calibrate``)::
         text_encoder.input_ids      (P, 1, L)       int32
         vae_decoder.latent          (P, 1, C, h, w) float32  final latents / scaling_factor
 
-Feed names are those of ``pocketfusion.export.components`` (``unet_spec`` etc.). The last
+Feed names are the U-Net's input names (those of the export specs, ``unet_spec`` etc.). The last
 ``max(1, round(0.2 * P))`` prompts are held out (``split="heldout"``), so quantization error can be
 measured on samples that were not used to calibrate.
 """
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,7 +45,6 @@ logger = logging.getLogger(__name__)
 STAGE = "calibrate"
 FILE = "calibration.safetensors"
 FORMAT_VERSION = 1
-DEFAULT_PROMPTS = 32
 SPLITS = ("all", "calib", "heldout")
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 SDXL_INPUTS = ("text_embeds", "time_ids")
@@ -67,14 +65,15 @@ class CalibrationSet:
     timesteps; ``source`` the model's path and content hash; ``tensors`` the arrays by key.
 
     Example:
-        >>> cset = capture(load_model(), demo_prompts(8), steps=20, n_timesteps=10)
+        >>> model = load_model()
+        >>> cset = capture(model, suite_for(model).calibration_prompts(8), steps=20, n_timesteps=10)
         >>> feeds = cset.unet_feeds("calib")      # 6 prompts x 10 CFG pairs, batch 2 each
     """
 
     prompts: list[str]
     seeds: list[int]
     settings: dict[str, Any]
-    source: dict[str, str]
+    source: artifact.SourceRef | None  # the model it was captured from (path, content hash)
     tensors: dict[str, np.ndarray]
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -187,7 +186,8 @@ def capture(model, prompts: Sequence[str], *, steps: int = 20, n_timesteps: int 
     sched = type(comps["scheduler"]).from_config(comps["scheduler"].config)  # leave the model's own untouched
     cfg = unet.config
     if cfg.addition_embed_type not in (None, "text_time"):
-        raise UserError(f"{model.path}: U-Net addition_embed_type {cfg.addition_embed_type!r} is not supported (supported: none, 'text_time')")
+        raise UserError(f"{model.path}: U-Net addition_embed_type {cfg.addition_embed_type!r} is not supported "
+                        "(supported: none, 'text_time')")
     encode_sdxl = _sdxl_encoder(model, unet) if cfg.addition_embed_type == "text_time" else None
     h, w = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
     L = tok.model_max_length
@@ -226,7 +226,14 @@ def capture(model, prompts: Sequence[str], *, steps: int = 20, n_timesteps: int 
     tensors = {f"unet.{k}": np.stack(v).astype(np.int32 if k.endswith("_index") else np.float32, copy=False) for k, v in rec.items()}
     tensors["text_encoder.input_ids"] = np.stack(input_ids)
     tensors["vae_decoder.latent"] = np.stack(latents).astype(np.float32, copy=False)
-    settings = {
+    return CalibrationSet(prompts=prompts, seeds=[seed + i for i in range(len(prompts))],
+                          settings=_capture_settings(steps, guidance, sched, keep, tensors),
+                          source=artifact.source_ref(model.path), tensors=tensors,
+                          metrics={"capture_seconds": round(time.perf_counter() - t0, 3)})
+
+
+def _capture_settings(steps: int, guidance: float, sched, keep: list[int], tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+    return {
         "format_version": FORMAT_VERSION,
         "steps": steps,
         "n_timesteps": len(keep),
@@ -237,13 +244,11 @@ def capture(model, prompts: Sequence[str], *, steps: int = 20, n_timesteps: int 
         "timesteps": [float(sched.timesteps[k]) for k in keep],
         "unet_inputs": [n for n in (*UNET_INPUTS, *SDXL_INPUTS) if f"unet.{n}" in tensors],
     }
-    return CalibrationSet(prompts=prompts, seeds=[seed + i for i in range(len(prompts))], settings=settings,
-                          source=artifact.source_ref(model.path), tensors=tensors,
-                          metrics={"capture_seconds": round(time.perf_counter() - t0, 3)})
 
 
 def save(cset: CalibrationSet, out_dir: str | Path) -> artifact.Manifest:
-    """Write ``cset`` as an artifact directory (atomically; an existing ``out_dir`` is replaced)."""
+    """Write ``cset`` as an artifact directory (manifest schema 2, stage ``calibrate``; atomically, an
+    existing ``out_dir`` is replaced). A later stage names it by a typed ``artifact.CalibrationRef``."""
     from safetensors.numpy import save_file
 
     n = len(cset.prompts)
@@ -275,7 +280,8 @@ def load(path: str | Path, model=None) -> CalibrationSet:
         raise UserError(f"{root} is a {m.stage!r} artifact, not a calibration set (made by 'pocketfusion calibrate')")
     settings = dict(m.settings)
     if settings.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{root}: calibration format_version {settings.get('format_version')!r} is not supported (this pocketfusion reads {FORMAT_VERSION})")
+        raise UserError(f"{root}: calibration format_version {settings.get('format_version')!r} is not supported "
+                        f"(this pocketfusion reads {FORMAT_VERSION})")
     try:
         tensors = load_file(str(root / FILE))
     except (SafetensorError, OSError) as e:
@@ -284,7 +290,7 @@ def load(path: str | Path, model=None) -> CalibrationSet:
     if missing:
         raise UserError(f"{root / FILE} lacks {', '.join(missing)}")
     cset = CalibrationSet(prompts=list(settings.pop("prompts")), seeds=list(settings.pop("seeds")), settings=settings,
-                          source=dict(m.source or {}), tensors=tensors,
+                          source=m.source, tensors=tensors,
                           metrics={k: v for k, v in m.metrics.items() if k == "capture_seconds"})
     if model is not None:
         check_model(cset, model, name=str(root))
@@ -293,7 +299,8 @@ def load(path: str | Path, model=None) -> CalibrationSet:
 
 def check_model(cset: CalibrationSet, model, *, name: str = "calibration set") -> None:
     """Raise ``UserError`` unless ``cset`` was captured from ``model`` (same shapes and content hash)."""
-    made_for = f"{cset.source.get('path')} (sha256 {str(cset.source.get('sha256'))[:12]})"
+    src = cset.source
+    made_for = f"{src.path} (sha256 {src.sha256[:12]})" if src is not None else "an unknown model"
     if model.kind != "pipeline":
         raise UserError(f"{model.path} holds a bare {model.class_name}; calibration sets belong to full pipeline folders")
     cfg, L = model.components["unet"].config, model.components["tokenizer"].model_max_length
@@ -303,88 +310,12 @@ def check_model(cset: CalibrationSet, model, *, name: str = "calibration set") -
     for key, shape in expect.items():
         got = tuple(cset.tensors[key].shape[1:])
         if got != shape:
-            raise UserError(f"calibration set {name} was made for another model, {made_for}: its {key} is {got}, {model.path} needs {shape}")
+            raise UserError(f"calibration set {name} was made for another model, {made_for}: its {key} is {got}, "
+                            f"{model.path} needs {shape}")
     if cset.sdxl != (cfg.addition_embed_type == "text_time"):
-        raise UserError(f"calibration set {name} was made for another model, {made_for}: SDXL inputs {'present' if cset.sdxl else 'absent'}, {model.path} needs the opposite")
+        raise UserError(f"calibration set {name} was made for another model, {made_for}: SDXL inputs "
+                        f"{'present' if cset.sdxl else 'absent'}, {model.path} needs the opposite")
     digest = artifact.content_hash(model.path)
-    if digest != cset.source.get("sha256"):
+    if src is None or digest != src.sha256:
         raise UserError(f"calibration set {name} was made for {made_for}, not {Path(model.path).resolve()} (sha256 {digest[:12]}); "
                         "make one for this model with 'pocketfusion calibrate MODEL -o DIR'")
-
-
-def read_prompts(path: str | Path, n: int | None = None) -> list[str]:
-    """Prompts of a text file, one a line (blank lines ignored); the first ``n`` when given.
-
-    Raises:
-        UserError: a missing or unreadable file, no prompts, or fewer than ``n``.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"prompt file {p} {'is not a file' if p.exists() else 'does not exist'} (expected a text file, one prompt a line)")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"prompt file {p} is not UTF-8 text") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise UserError(f"prompt file {p} holds no prompts (expected one prompt a line)")
-    if n is not None:
-        if n < 1:
-            raise UserError(f"--num-prompts must be >= 1, got {n}")
-        if len(prompts) < n:
-            raise UserError(f"prompt file {p} holds {len(prompts)} prompts, fewer than the {n} asked for (--num-prompts)")
-        prompts = prompts[:n]
-    return prompts
-
-
-def demo_prompts(n: int, seed: int = 0) -> list[str]:
-    """``n`` distinct prompts of the demo model's training scenes (never its held-out eval prompts)."""
-    from pocketfusion.demo.scenes import split_scenes
-
-    train, _ = split_scenes()
-    if not 1 <= n <= len(train):
-        raise UserError(f"--num-prompts must be in 1..{len(train)} for the built-in demo prompt set, got {n}")
-    return [s.prompt for s in random.Random(seed).sample(train, n)]
-
-
-def is_demo_compatible(model) -> bool:
-    """True for the demo model, or a pipeline that uses the demo grammar's tokenizer."""
-    from transformers import CLIPTokenizer
-
-    from pocketfusion.checkpoint import DEMO_MODEL
-    from pocketfusion.demo.tokenizer import corpus_words
-
-    if model.kind != "pipeline":
-        return False
-    if Path(model.path).resolve() == DEMO_MODEL.resolve():
-        return True
-    text = " ".join(corpus_words())
-    demo_tok = CLIPTokenizer.from_pretrained(str(DEMO_MODEL / "tokenizer"), local_files_only=True)
-    tok = model.components["tokenizer"]
-    return tok.model_max_length == demo_tok.model_max_length and list(tok(text).input_ids) == list(demo_tok(text).input_ids)
-
-
-def resolve(model, calib: str | Path | None, *, n_prompts: int | None = None, steps: int = 20, n_timesteps: int = 10,
-            guidance: float = 4.0, seed: int = 0, progress: bool = True) -> CalibrationSet:
-    """The calibration set a command asked for with ``--calib``.
-
-    ``None``: ``n_prompts`` (default 32) built-in demo prompts, for the demo model (or a pipeline
-    with its tokenizer) only; a file: its prompts, captured now; a directory: a saved set,
-    validated against ``model`` (its own capture settings apply; it needs at least ``n_prompts``).
-
-    Raises:
-        UserError: no ``calib`` for a non-demo model, or any error of ``read_prompts``/``load``/``capture``.
-    """
-    if calib is None:
-        if not is_demo_compatible(model):
-            raise UserError(f"{model.path} is not the demo model, so the built-in prompts do not fit it: give --calib "
-                            "PROMPTS.txt (one prompt a line) or a directory made by 'pocketfusion calibrate'")
-        prompts = demo_prompts(n_prompts or DEFAULT_PROMPTS, seed)
-    elif Path(calib).is_dir():
-        cset = load(calib, model)
-        if n_prompts is not None and len(cset.prompts) < n_prompts:
-            raise UserError(f"calibration set {calib} holds {len(cset.prompts)} prompts, fewer than the {n_prompts} asked for")
-        return cset
-    else:
-        prompts = read_prompts(calib, n_prompts)
-    return capture(model, prompts, steps=steps, n_timesteps=n_timesteps, guidance=guidance, seed=seed, progress=progress)

@@ -283,7 +283,8 @@ def load_grid(model, name: str = "unet") -> QuantGrid | None:
     folder = artifact.resolve_path(model.path, ref.grid.path)
     grid = QuantGrid.load(folder)
     if grid is None:
-        raise UserError(f"{model.path}: the manifest names a quantization grid for {name} at {ref.grid.path}, but {folder / GRID_JSON} is missing")
+        raise UserError(f"{model.path}: the manifest names a quantization grid for {name} at {ref.grid.path}, "
+                        f"but {folder / GRID_JSON} is missing")
     module = model.components.get(name)
     if module is None:
         raise UserError(f"{model.path}: the manifest names a quantization grid for {name}, but the model has no {name}")

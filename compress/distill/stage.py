@@ -1,0 +1,202 @@
+"""The distill stage: ``distill(model, DistillConfig, out)`` trains a 1-, 2- or 4-step student of a
+pipeline's U-Net, with the guidance scale as an input, and writes one artifact directory (stage ``distill``).
+
+The output is a normal diffusers folder that plain diffusers loads and samples
+(``LatentConsistencyModelPipeline``, or ``StableDiffusionPipeline``, which passes the guidance embedding
+itself when the U-Net has ``time_cond_proj_dim``)::
+
+    unet/            the student (safetensors), ``time_cond_proj_dim = cfg.w_embedding_dim``
+    scheduler/       diffusers' ``LCMScheduler`` (``original_inference_steps = cfg.teacher_steps``)
+    vae/, text_encoder/, tokenizer/   the source's, as they are
+    manifest.json    typed: components, ``sampler`` (guidance ``embedded``, ``default_steps = cfg.steps``);
+                     settings (``DistillConfig.to_dict()``), metrics["training"] (wall time, device, iterations, loss)
+
+Checkpoints and the cached teacher samples live in a work directory beside the output until it is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pocketfusion import artifact
+from pocketfusion.compress.distill.config import DistillConfig
+from pocketfusion.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+STAGE = "distill"
+_FORMATS = {"unet": "diffusers", "vae": "diffusers", "text_encoder": "transformers", "tokenizer": "tokenizer", "scheduler": "scheduler"}
+
+
+def work_dir(out: str | Path, cfg: DistillConfig) -> Path:
+    """Where checkpoints and cached teacher samples go: ``cfg.work_dir``, else ``.<out name>.distill-work`` beside ``out``."""
+    out = Path(out)
+    return Path(cfg.work_dir) if cfg.work_dir is not None else out.parent / f".{out.name}.distill-work"
+
+
+def distill(model, cfg: DistillConfig, out: str | Path, *, progress: bool = True) -> artifact.Manifest:
+    """Distill ``model``'s sampler into a ``cfg.steps``-step student and write the artifact ``out``.
+
+    Args:
+        model: a loaded Stable Diffusion (1.x/2.x) pipeline (``checkpoint.Model``), float, not distilled.
+        cfg: the stage's options (``DistillConfig``).
+        out: the output directory (written under a temporary name, renamed into place when complete).
+        progress: progress bars (teacher sampling; training with loss and ETA).
+
+    Returns:
+        The written ``artifact.Manifest``.
+
+    Raises:
+        UserError: a bare component, an SDXL or quantized or already distilled model, a bad output path,
+            no prompts, CUDA asked for but missing, or a checkpoint made with other settings (``resume``).
+    """
+    import torch
+
+    from pocketfusion.compress.distill import teacher as TE
+    from pocketfusion.compress.distill.student import Schedule, make_student
+
+    _check_input(model, out, cfg)
+    out, work = Path(out), work_dir(out, cfg)
+    t0 = time.perf_counter()
+    device = torch.device(cfg.device)
+    prompts = TE.select_prompts(model, cfg)
+    source = artifact.source_ref(model.path)
+    teacher = _frozen_teacher(model.unet, device)
+    schedule = Schedule(dict(model.components["scheduler"].config), cfg.timestep_scaling)
+    cond, uncond = TE.encode(model, prompts, device).cpu(), TE.encode(model, [""], device).cpu()
+    pairs, cached = TE.teacher_pairs(model, teacher, cond, uncond, prompts, cfg, device=device, work=work,
+                                     model_hash=source.sha256, progress=progress)
+    sampling_s = time.perf_counter() - t0
+    student = make_student(model.unet, cfg.w_embedding_dim)
+    result, final = _train(student, teacher, schedule, pairs, cond, uncond, cfg, work, progress)
+    train_s_this_run = time.perf_counter() - t0 - sampling_s
+    losses = result.losses
+    tail = losses[-max(1, len(losses) // 10):]
+    metrics: dict[str, Any] = {"training": {
+        "method": cfg.method, "steps": cfg.steps, "device": cfg.device, "device_name": _device_name(device),
+        "iterations": result.iterations, "resumed_from": result.resumed_from, "batch_size": cfg.batch_size,
+        "teacher_pairs": len(pairs), "teacher_pairs_cached": cached, "prompts": len(prompts),
+        "final_loss": losses[-1], "loss_last_10pct": sum(tail) / len(tail), "first_loss": losses[0],
+        "teacher_sampling_s": round(sampling_s, 2), "train_s": round(result.elapsed_s, 2),
+        "train_s_this_run": round(train_s_this_run, 2), "wall_s": round(time.perf_counter() - t0, 2),
+        "weights": "ema_target" if cfg.method == "lcm" else "online",
+    }}
+    manifest = _write(model, final, cfg, out, source=source, metrics=metrics)
+    if not cfg.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def _check_input(model, out, cfg: DistillConfig) -> None:
+    if model.kind != "pipeline":
+        raise UserError(f"{model.path} is a bare {model.class_name}: distill needs the full pipeline (its teacher samples need "
+                        "the text encoder and scheduler)")
+    if model.class_name != "StableDiffusionPipeline":
+        raise UserError(f"{model.path} is a {model.class_name}: distill supports Stable Diffusion 1.x/2.x pipelines "
+                        "(SDXL's added conditions are not distilled yet)")
+    if model.quantized:
+        raise UserError(f"{model.path} is quantized: distill its float source, then quantize the student")
+    if getattr(model.unet.config, "time_cond_proj_dim", None) is not None:
+        raise UserError(f"{model.path} is already distilled (its U-Net takes the guidance scale as an input); distill its teacher")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} exists and is not a directory")
+    if out.resolve() == Path(model.path).resolve():
+        raise UserError(f"output {out} is the source model folder; choose another directory")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device cuda but torch {torch.__version__} sees no CUDA device; use --device cpu")
+
+
+def _frozen_teacher(unet, device):
+    import copy
+
+    import torch
+
+    teacher = copy.deepcopy(unet).float() if next(unet.parameters()).dtype != torch.float32 else unet
+    teacher = teacher.to(device).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def _device_name(device) -> str:
+    import platform
+
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+
+
+def _train(student, teacher, schedule, pairs, cond, uncond, cfg: DistillConfig, work: Path, progress: bool):
+    """Run the training loop; returns (TrainResult, the student weights to save)."""
+    from pocketfusion.compress.distill.methods import lcm_loss, regression_loss
+    from pocketfusion.compress.distill.student import Shadow
+    from pocketfusion.training import TrainConfig, train
+
+    tcfg = TrainConfig(iterations=cfg.iterations, lr=cfg.lr, grad_clip=cfg.grad_clip, device=cfg.device, seed=cfg.seed,
+                       checkpoint_every=cfg.checkpoint_every, resume=cfg.resume, log_every=max(1, cfg.iterations // 50))
+    desc = f"distill {cfg.method} {cfg.steps}-step"
+    if cfg.method == "lcm":
+        shadow = Shadow(student)
+        loss_fn = lcm_loss(student, teacher, shadow, schedule, pairs, cond, uncond, cfg)
+        result = train({"student": student, "target": shadow}, loss_fn, tcfg, ckpt_dir=work / "checkpoints", progress=progress,
+                       desc=desc)
+        shadow.update(student, cfg.ema_decay)  # the last optimizer step's target update
+        final = shadow.load_into(student)
+    else:
+        loss_fn = regression_loss(student, schedule, pairs, cond, cfg)
+        result = train({"student": student}, loss_fn, tcfg, ckpt_dir=work / "checkpoints", progress=progress, desc=desc)
+        final = student
+    return result, final.cpu().eval()
+
+
+def lcm_scheduler_config(model, cfg: DistillConfig) -> dict:
+    """diffusers' ``LCMScheduler`` config for the student: the teacher's noise schedule and prediction type."""
+    from diffusers import LCMScheduler
+
+    src = {k: v for k, v in dict(model.components["scheduler"].config).items() if not k.startswith("_")}
+    sched = LCMScheduler.from_config(src, original_inference_steps=cfg.teacher_steps, timestep_scaling=cfg.timestep_scaling)
+    return dict(sched.config)
+
+
+def _write(model, unet, cfg: DistillConfig, out: Path, *, source: artifact.SourceRef, metrics: dict) -> artifact.Manifest:
+    from diffusers import LCMScheduler
+
+    from pocketfusion.checkpoint import sampler_of
+
+    src = Path(model.path)
+    index = json.loads((src / "model_index.json").read_text())
+    with artifact.staged_dir(out) as tmp:
+        for name in index:
+            if not name.startswith("_") and name not in ("unet", "scheduler") and (src / name).is_dir():
+                shutil.copytree(src / name, tmp / name)
+        index["scheduler"] = ["diffusers", "LCMScheduler"]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        LCMScheduler.from_config(lcm_scheduler_config(model, cfg)).save_pretrained(str(tmp / "scheduler"))
+        unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
+        sampler = dataclasses.replace(sampler_of(model), scheduler="scheduler", guidance="embedded", default_steps=cfg.steps)
+        comps = [artifact.Component(n, n, _FORMATS.get(n) or _FORMATS[n.rstrip("_0123456789")]) for n in model.components]
+        notes = [f"distilled student ({cfg.method}, {cfg.steps} steps): the U-Net takes the guidance scale g as timestep_cond = "
+                 f"sinusoidal embedding of (g - 1) * 1000, {cfg.w_embedding_dim} wide (diffusers' get_guidance_scale_embedding)"]
+        return artifact.write_manifest(tmp, stage=STAGE, settings=cfg.to_dict(), source=source, components=comps,
+                                       sampler=sampler, metrics=metrics, notes=notes)
+
+
+def summary(manifest: artifact.Manifest) -> str:
+    """A few lines on what a distill manifest records: the student and its training cost."""
+    m = manifest.metrics["training"]
+    return "\n".join([
+        f"  student: {m['steps']} step(s), method {m['method']}, guidance embedded ({m['weights']} weights)",
+        f"  training: {m['iterations']} iterations of batch {m['batch_size']} on {m['device']} ({m['device_name']}), "
+        f"loss {m['first_loss']:.4g} -> {m['final_loss']:.4g}",
+        f"  cost: {m['wall_s']:.1f} s wall ({m['teacher_sampling_s']:.1f} s teacher sampling of {m['teacher_pairs']} pairs"
+        f"{', cached' if m['teacher_pairs_cached'] else ''}; {m['train_s']:.1f} s training)",
+    ])

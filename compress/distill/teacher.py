@@ -1,0 +1,131 @@
+"""What the teacher provides: prompt embeddings and its guided samples (noise -> image pairs).
+
+Distillation is data-free: the prompts come from the model's suite or a text file, and every target
+is the teacher's own guided DDIM sample. The pairs are made once per run and cached in the work
+directory (safetensors + a JSON key), so a resumed run does not sample them again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pocketfusion.artifact import atomic_write_text
+from pocketfusion.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+_PAIRS, _KEY = "pairs.safetensors", "pairs.json"
+
+
+@dataclass
+class Pairs:
+    """Teacher samples: ``noise[i]`` -> ``latents[i]`` for prompt ``prompt_index[i]`` at guidance ``guidance[i]``."""
+
+    noise: torch.Tensor  # [N, C, H, W]
+    latents: torch.Tensor  # [N, C, H, W], the teacher's guided sample from noise[i]
+    prompt_index: torch.Tensor  # [N] long
+    guidance: torch.Tensor  # [N] float32, diffusers' convention (1 = none)
+
+    def __len__(self) -> int:
+        return int(self.noise.shape[0])
+
+
+def select_prompts(model, cfg) -> list[str]:
+    """The prompts of ``cfg.prompts`` (a file), else of the model's built-in suite (training prompts only)."""
+    from pocketfusion import suite as S
+
+    if cfg.prompts is not None:
+        return list(S.from_file(cfg.prompts, cfg.n_prompts).train_prompts)
+    found = S.suite_for(model)
+    if found is None:
+        raise UserError(f"{model.path} has no built-in prompts: give a prompts file (--prompts FILE, one prompt a line)")
+    return found.calibration_prompts(cfg.n_prompts or min(len(found.train_prompts), cfg.n_pairs), cfg.seed)
+
+
+@torch.no_grad()
+def encode(model, prompts: list[str], device: torch.device, batch: int = 64) -> torch.Tensor:
+    """The text encoder's last hidden states of ``prompts`` (padded to the tokenizer's max length), as the pipeline encodes them."""
+    tok, te = model.components["tokenizer"], model.components["text_encoder"]
+    te = te.to(device).eval()
+    out = []
+    for i in range(0, len(prompts), batch):
+        ids = tok(prompts[i:i + batch], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(device)
+        out.append(te(ids)[0].float())
+    return torch.cat(out)
+
+
+def _key(model_hash: str, prompts: list[str], cfg, shape: tuple[int, ...]) -> dict:
+    digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    return {"source": model_hash, "prompts_sha256": digest, "n_pairs": cfg.n_pairs, "teacher_steps": cfg.teacher_steps,
+            "guidance_range": list(cfg.guidance_range), "seed": cfg.seed, "shape": list(shape)}
+
+
+def teacher_pairs(model, unet, cond: torch.Tensor, uncond: torch.Tensor, prompts: list[str], cfg, *, device: torch.device,
+                  work: Path, model_hash: str, progress: bool = True) -> tuple[Pairs, bool]:
+    """``cfg.n_pairs`` guided teacher samples (cached under ``work``); returns (pairs, whether the cache was used)."""
+    from safetensors.torch import load_file, save_file
+
+    c = unet.config
+    size = (c.sample_size, c.sample_size) if isinstance(c.sample_size, int) else tuple(c.sample_size)
+    shape = (c.in_channels, *size)
+    key = _key(model_hash, prompts, cfg, shape)
+    if (work / _KEY).is_file() and (work / _PAIRS).is_file():
+        try:
+            if json.loads((work / _KEY).read_text()) == key:
+                t = load_file(str(work / _PAIRS))
+                logger.info("reusing %d cached teacher samples from %s", cfg.n_pairs, work)
+                return Pairs(t["noise"], t["latents"], t["prompt_index"], t["guidance"]), True
+        except (OSError, ValueError, KeyError):
+            logger.warning("cached teacher samples in %s are unreadable: sampling them again", work)
+    g = torch.Generator().manual_seed(cfg.seed)
+    n = cfg.n_pairs
+    noise = torch.randn((n, *shape), generator=g)
+    lo, hi = cfg.guidance_range
+    guidance = lo + (hi - lo) * torch.rand(n, generator=g)
+    prompt_index = torch.arange(n) % len(prompts)
+    latents = sample(model, unet, noise, cond[prompt_index], uncond, guidance, cfg.teacher_steps,
+                     device=device, batch=cfg.teacher_batch, progress=progress)
+    pairs = Pairs(noise, latents, prompt_index, guidance.float())
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = work / f".{_PAIRS}.tmp"
+    save_file({"noise": noise, "latents": latents, "prompt_index": prompt_index, "guidance": pairs.guidance}, str(tmp))
+    tmp.replace(work / _PAIRS)
+    atomic_write_text(work / _KEY, json.dumps(key) + "\n")  # written last: marks the cache complete
+    return pairs, False
+
+
+@torch.no_grad()
+def sample(model, unet, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, guidance: torch.Tensor, steps: int, *,
+           device: torch.device, batch: int = 64, progress: bool = True) -> torch.Tensor:
+    """The teacher's DDIM (eta 0) samples from ``noise`` with classifier-free guidance ``guidance[i]`` per sample.
+
+    ``cond`` holds one embedding per sample, ``uncond`` the empty prompt's (``[1, L, D]``).
+    """
+    from diffusers import DDIMScheduler
+    from tqdm import tqdm
+
+    config = {k: v for k, v in dict(model.components["scheduler"].config).items() if not k.startswith("_")}
+    sched = DDIMScheduler.from_config(config)
+    sched.set_timesteps(steps)
+    out = []
+    bar = tqdm(total=len(noise), desc=f"teacher samples ({steps} steps)", disable=not progress, mininterval=2.0)
+    for i in range(0, len(noise), batch):
+        x = noise[i:i + batch].to(device)
+        c = cond[i:i + batch].to(device)
+        u = uncond.to(device).expand_as(c)
+        g = guidance[i:i + batch].to(device).reshape(-1, 1, 1, 1)
+        for t in sched.timesteps:
+            e = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([u, c])).sample
+            e_u, e_c = e.chunk(2)
+            x = sched.step(e_u + g * (e_c - e_u), t, x).prev_sample
+        out.append(x.float().cpu())
+        bar.update(len(x))
+    bar.close()
+    return torch.cat(out)

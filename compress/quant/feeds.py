@@ -1,0 +1,69 @@
+"""U-Net calls on calibration feeds: batching, the call itself, forward order of the layers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from pocketfusion.compress.quant import grid as G
+from pocketfusion.compress.quant.config import MAX_BATCH
+from pocketfusion.errors import UserError
+
+ADDED_INPUTS = ("text_embeds", "time_ids")  # SDXL's added_cond_kwargs
+
+
+def stack_feeds(feeds: Sequence[dict[str, Any]], max_batch: int = MAX_BATCH) -> list[dict[str, Any]]:
+    """Concatenate feed dicts (numpy or torch, batch 2 each) into torch batches of at most ``max_batch`` samples."""
+    import torch
+
+    if not feeds:
+        raise UserError("no calibration feeds")
+    per = int(np.asarray(feeds[0]["sample"]).shape[0])
+    k = max(1, max_batch // max(1, per))
+    out = []
+    for i in range(0, len(feeds), k):
+        part = feeds[i : i + k]
+        out.append({n: torch.cat([torch.as_tensor(np.asarray(f[n])) for f in part]).float() for n in part[0]})
+    return out
+
+
+def subsample(feeds: Sequence[dict], n: int) -> list[dict]:
+    """``n`` feeds spread evenly over ``feeds`` (which are ordered by prompt, then timestep)."""
+    if len(feeds) <= n:
+        return list(feeds)
+    idx = np.linspace(0, len(feeds) - 1, n).round().astype(int)
+    return [feeds[i] for i in idx]
+
+
+def unet_call(unet, batch: dict[str, Any]):
+    """The U-Net's output on one batch of feeds (SDXL's added inputs passed as ``added_cond_kwargs``)."""
+    kwargs = {}
+    added = {k: batch[k] for k in ADDED_INPUTS if k in batch}
+    if added:
+        kwargs["added_cond_kwargs"] = added
+    return unet(batch["sample"], batch["timestep"], batch["encoder_hidden_states"], return_dict=False, **kwargs)[0]
+
+
+def unet_outputs(unet, batches: Iterable[dict[str, Any]]) -> list[Any]:
+    import torch
+
+    with torch.no_grad():
+        return [unet_call(unet, b).float() for b in batches]
+
+
+def forward_order(unet, batch: dict[str, Any]) -> list[str]:
+    """Quantizable layers in the order one forward call runs them (layers never called come last)."""
+    import torch
+
+    layers = G.quantizable_layers(unet)
+    seen: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, _a, n=n: seen.append(n) if n not in seen else None) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            unet_call(unet, {k: v[:2] for k, v in batch.items()})
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen + [n for n in layers if n not in seen]
