@@ -242,6 +242,24 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from pocketfusion.compress.distill import DistillConfig, distill, summary, work_dir
+
+    given = {"method": args.method, "prompts": args.prompts, "n_prompts": args.num_prompts, "iterations": args.iterations,
+             "batch_size": args.batch_size, "lr": args.lr, "n_pairs": args.pairs, "teacher_steps": args.teacher_steps,
+             "guidance_range": args.guidance_range, "seed": args.seed, "device": args.device,
+             "checkpoint_every": args.checkpoint_every, "work_dir": args.work_dir}
+    cfg = DistillConfig(steps=args.steps, resume=args.resume, **{k: v for k, v in given.items() if v is not None})
+    cfg.check_prompt_file()  # bad file: fail before loading the model
+    model = _load(args)
+    print(f"distilling {model.path} to {cfg.steps} step(s) with {cfg.method}; checkpoints in {work_dir(args.output, cfg)}"
+          f"{' (resuming)' if cfg.resume else ''}", flush=True)
+    manifest = distill(model, cfg, Path(args.output), progress=True)
+    print(f"wrote {args.output}/ (a diffusers folder: {cfg.steps}-step student, LCMScheduler, guidance embedded)")
+    print(summary(manifest))
+    return 0
+
+
 def cmd_info(args) -> int:
     from pocketfusion.info import describe, format_table
 
@@ -279,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_export(sub)
     _add_compress(sub)
+    _add_distill(sub)
     _add_calibrate(sub)
     _add_bench(sub)
     _add_report(sub)
@@ -352,6 +371,32 @@ def _add_compress(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the first calibration prompt")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     p.set_defaults(func=cmd_compress)
+
+
+def _add_distill(sub) -> None:
+    p = sub.add_parser("distill", help="step distillation: a student that samples in 1, 2 or 4 steps with the guidance scale as an input")
+    _model_arg(p)
+    p.add_argument("--steps", type=int, required=True, choices=[1, 2, 4], help="the student's sampling steps")
+    p.add_argument("--method", default=None, choices=["lcm", "regression"],
+                   help="lcm: latent consistency distillation (default); regression: onto teacher noise -> image pairs")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="text file, one prompt a line (default: built-in demo prompts, demo model only)")
+    p.add_argument("--num-prompts", type=int, default=None, metavar="N",
+                   help="prompts drawn (default: every line of FILE, or as many demo prompts as --pairs)")
+    p.add_argument("--iterations", type=int, default=None, metavar="N", help="optimizer steps (default 1000)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="batch per optimizer step (default 16)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-4)")
+    p.add_argument("--pairs", type=int, default=None, metavar="N", help="teacher samples made before training (default 1024)")
+    p.add_argument("--teacher-steps", type=int, default=None, metavar="N", help="teacher DDIM steps, and the LCM solver's (default 50)")
+    p.add_argument("--guidance-range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="teacher guidance scales drawn uniformly (default 2 6)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the prompts, teacher samples and training (default 0)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="training device (default cpu)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N", help="checkpoint every N iterations (default 100; 0: never)")
+    p.add_argument("--work-dir", default=None, help="checkpoints and cached teacher samples (default: .<OUT>.distill-work beside -o)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the work directory")
+    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    p.set_defaults(func=cmd_distill)
 
 
 def _add_calibrate(sub) -> None:
