@@ -300,7 +300,9 @@ class Manifest:
         version = d.get("schema_version")
         if version != SCHEMA_VERSION:
             hint = " (written by pocketfusion 0.1: re-run the stage that made it)" if version == 1 else ""
-            raise ManifestError(f"manifest schema_version {version!r} is not supported{hint}; this pocketfusion reads version {SCHEMA_VERSION}")
+            raise ManifestError(
+                f"manifest schema_version {version!r} is not supported{hint}; this pocketfusion reads version {SCHEMA_VERSION}"
+            )
         missing = [k for k in ("stage", "settings", "source", "files") if k not in d]
         if missing:
             raise ManifestError(f"manifest lacks {', '.join(missing)}")

@@ -64,7 +64,9 @@ class Model:
 
     def require_pipeline(self) -> None:
         if self.kind != "pipeline":
-            raise CheckpointError(f"{self.path} holds a bare {self.class_name}; this command needs a full pipeline folder (model_index.json)")
+            raise CheckpointError(
+                f"{self.path} holds a bare {self.class_name}; this command needs a full pipeline folder (model_index.json)"
+            )
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -73,7 +75,11 @@ def _read_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{what}: {path} is not valid JSON ({e.msg} at line {e.lineno})" if isinstance(e, json.JSONDecodeError) else f"{what}: {path} is not UTF-8 text") from None
+        raise CheckpointError(
+            f"{what}: {path} is not valid JSON ({e.msg} at line {e.lineno})"
+            if isinstance(e, json.JSONDecodeError)
+            else f"{what}: {path} is not UTF-8 text"
+        ) from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{what}: {path} must hold a JSON object")
     return data
@@ -135,7 +141,9 @@ def _read_state_dict(files: list[Path], safetensors: bool) -> dict:
             try:
                 sd.update(torch.load(str(f), map_location="cpu", weights_only=True))
             except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError...
-                raise CheckpointError(f"{f}: cannot be read with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                raise CheckpointError(
+                    f"{f}: cannot be read with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                ) from None
     return sd
 
 
@@ -156,7 +164,10 @@ def _build(class_name: str, config: dict, folder: Path):
             cfg_cls = cls.config_class
             model = cls(cfg_cls.from_dict(config))
     except (TypeError, ValueError, KeyError, AttributeError, AssertionError, RuntimeError, torch.OutOfMemoryError) as e:
-        raise CheckpointError(f"{folder}: config.json does not describe a valid {class_name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise CheckpointError(
+            f"{folder}: config.json does not describe a valid {class_name} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     return model
 
 
@@ -256,7 +267,9 @@ def load_model(path: str | Path | None = None, *, allow_pickle: bool = False, ve
     root = Path(path) if path is not None else DEMO_MODEL
     if root.suffix in (".ckpt", ".bin", ".pt", ".pth") and root.is_file():
         if not allow_pickle:
-            raise CheckpointError(f"{root}: pickled checkpoint refused (pickle can run code); convert it to a diffusers folder with safetensors")
+            raise CheckpointError(
+                f"{root}: pickled checkpoint refused (pickle can run code); convert it to a diffusers folder with safetensors"
+            )
         raise CheckpointError(f"{root}: single-file checkpoints are not supported; give a diffusers folder")
     if not root.exists():
         raise CheckpointError(f"model folder {root} does not exist")

@@ -114,7 +114,9 @@ def _summary(out: Path, cfg: RunConfig, metrics: dict) -> str:
     for key, b in metrics.get("bench", {}).get("median_ms", {}).items():
         lines.append(f"  bench {key:<33} {b:8.2f} ms  peak {metrics['bench']['peak_rss_mib'][key]:6.1f} MiB")
     for label, rs in metrics.get("bench", {}).get("speed_vs_float", {}).items():
-        lines.append(f"  bench {label} U-Net speed vs float (>1: faster): " + ", ".join(f"{k.split('/')[0]} {v:.2f}x" for k, v in rs.items()))
+        lines.append(
+            f"  bench {label} U-Net speed vs float (>1: faster): " + ", ".join(f"{k.split('/')[0]} {v:.2f}x" for k, v in rs.items())
+        )
     return "\n".join(lines)
 
 
@@ -140,7 +142,11 @@ def _bench(cfg: RunConfig, tmp: Path) -> dict:
 def _export_line(key: str, e: dict, *, indent: int) -> str:
     p = e.get("parity", {})
     err = f"rel_max {p['rel_max']:.1e}" if "rel_max" in p else f"parity: {p.get('status', 'skipped')}"
-    ratio = f" ({e['size_ratio_to_float_export']:.1%} of the {e['float_export_precision']} export)" if "size_ratio_to_float_export" in e else ""
+    ratio = (
+        f" ({e['size_ratio_to_float_export']:.1%} of the {e['float_export_precision']} export)"
+        if "size_ratio_to_float_export" in e
+        else ""
+    )
     v = e.get("versus_fp32", {})
     vs = f", {v['size_ratio_to_fp32_weights']:.1%} of fp32 weights" if v else ""
     if "snr_db" in v:

@@ -278,8 +278,15 @@ def ratios(res: dict) -> dict:
 
 
 def format_table(res: dict) -> str:
-    head = f"{'artifact':<14} {'runtime':<12} {'component':<13} {'median ms':>10} {'p90 ms':>9} {'min ms':>8} {'load ms':>8} {'peak MiB':>9} {'+MiB':>7} {'roofline':>9}"
-    lines = [f"{res['host']['processor']} ({res['host']['cpus']} cpus), peak {res['host']['peak_gflops_fp32']:.0f} GFLOP/s fp32 matmul", head, "-" * len(head)]
+    head = (
+        f"{'artifact':<14} {'runtime':<12} {'component':<13} {'median ms':>10} {'p90 ms':>9} {'min ms':>8} "
+        f"{'load ms':>8} {'peak MiB':>9} {'+MiB':>7} {'roofline':>9}"
+    )
+    lines = [
+        f"{res['host']['processor']} ({res['host']['cpus']} cpus), peak {res['host']['peak_gflops_fp32']:.0f} GFLOP/s fp32 matmul",
+        head,
+        "-" * len(head),
+    ]
     for r in res["results"]:
         lat = r["latency_ms"]
         roof = f"{r['roofline_fraction']:8.1%}" if "roofline_fraction" in r else f"{'-':>8}"
@@ -289,7 +296,10 @@ def format_table(res: dict) -> str:
         lines.append(f"speed-up of {res['artifacts'][0]['label']} over {label}: " + ", ".join(f"{k} {v:.2f}x" for k, v in rs.items()))
     for e in res.get("estimates", []):
         if e["component"] == "unet":
-            lines.append(f"estimate (roofline, not measured): {e['artifact']} unet on {e['device']}: {e['estimate_ms']:.3f} ms per call ({e['bound']}-bound)")
+            lines.append(
+                f"estimate (roofline, not measured): {e['artifact']} unet on {e['device']}: "
+                f"{e['estimate_ms']:.3f} ms per call ({e['bound']}-bound)"
+            )
     lines += [f"note: {n}" for n in res.get("notes", [])]
     return "\n".join(lines)
 
@@ -358,7 +368,10 @@ def device_bench(dirs: list[Path], device: str, cfg: BenchConfig, *, runner: Pat
             raise UserError(f"unknown device {device!r}; choose host, qemu-arm64, android[:SERIAL], mac or iphone")
     return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "host": host_info(), "versions": versions(), "settings": cfg.to_dict(), "device": device,
-            "artifacts": [{"label": d.resolve().name, "path": str(d.resolve()), "manifest_sha256": artifact.sha256_file(d / artifact.MANIFEST)} for d in dirs],
+            "artifacts": [
+                {"label": d.resolve().name, "path": str(d.resolve()), "manifest_sha256": artifact.sha256_file(d / artifact.MANIFEST)}
+                for d in dirs
+            ],
             "results": results, "notes": notes}
 
 

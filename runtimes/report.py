@@ -45,9 +45,20 @@ def _latency_plot(rows: list[dict]) -> str:
     series = sorted({(r["artifact"], r["runtime"]) for r in rows})
     fig, axes = plt.subplots(1, len(comps), figsize=(3.2 * len(comps), 3.2), squeeze=False)
     for ax, comp in zip(axes[0], comps):
-        vals = [next((r["latency_ms"]["median"] for r in rows if (r["artifact"], r["runtime"]) == s and r["component"] == comp), 0) for s in series]
-        p90 = [next((r["latency_ms"]["p90"] for r in rows if (r["artifact"], r["runtime"]) == s and r["component"] == comp), 0) for s in series]
-        ax.bar(range(len(series)), vals, yerr=[[0] * len(vals), [b - a for a, b in zip(vals, p90)]], color=[f"C{i}" for i in range(len(series))])
+        vals = [
+            next((r["latency_ms"]["median"] for r in rows if (r["artifact"], r["runtime"]) == s and r["component"] == comp), 0)
+            for s in series
+        ]
+        p90 = [
+            next((r["latency_ms"]["p90"] for r in rows if (r["artifact"], r["runtime"]) == s and r["component"] == comp), 0)
+            for s in series
+        ]
+        ax.bar(
+            range(len(series)),
+            vals,
+            yerr=[[0] * len(vals), [b - a for a, b in zip(vals, p90)]],
+            color=[f"C{i}" for i in range(len(series))],
+        )
         ax.set_xticks(range(len(series)), [f"{a}\n{r}" for a, r in series], rotation=45, ha="right", fontsize=7)
         ax.set_title(comp, fontsize=9)
         ax.set_ylabel("ms (median, bar to p90)", fontsize=8)
@@ -77,7 +88,10 @@ def _memory_size_plot(rows: list[dict]) -> str:
 
 
 def _table(rows: list[dict]) -> str:
-    head = "<tr><th>artifact</th><th>runtime</th><th>component</th><th>median ms</th><th>p90 ms</th><th>min ms</th><th>load ms</th><th>peak MiB</th><th>+MiB</th><th>size MB</th><th>roofline</th></tr>"
+    head = (
+        "<tr><th>artifact</th><th>runtime</th><th>component</th><th>median ms</th><th>p90 ms</th><th>min ms</th>"
+        "<th>load ms</th><th>peak MiB</th><th>+MiB</th><th>size MB</th><th>roofline</th></tr>"
+    )
     body = []
     for r in rows:
         lat = r["latency_ms"]
@@ -98,7 +112,9 @@ def _grids(res: dict) -> str:
         for cand in (Path(a["path"]) / "eval.png", Path(a["path"]).parent / "eval.png", Path(a["path"]).parent / "grid.png"):
             if cand.is_file():
                 b64 = base64.b64encode(cand.read_bytes()).decode()
-                parts.append(f"<h3>{html.escape(a['label'])}: {html.escape(cand.name)}</h3><img class='grid' src='data:image/png;base64,{b64}'>")
+                parts.append(
+                    f"<h3>{html.escape(a['label'])}: {html.escape(cand.name)}</h3><img class='grid' src='data:image/png;base64,{b64}'>"
+                )
                 break
     return "".join(parts)
 
@@ -112,12 +128,17 @@ def render(results: list[dict]) -> str:
                 f"{host['peak_gflops_fp32']:.0f} GFLOP/s fp32 matmul; threads {res['settings'].get('threads') or 'default'}, "
                 f"{res['settings']['runs']} runs after {res['settings']['warmup']} warm-up; {html.escape(res['created'])}")
         vers = ", ".join(f"{k} {v}" for k, v in res.get("versions", {}).items())
-        arts = "".join(f"<li>{html.escape(a['label'])}: <code>{html.escape(a['path'])}</code> (manifest sha256 {a['manifest_sha256'][:12]}…)</li>" for a in res["artifacts"])
+        arts = "".join(
+            f"<li>{html.escape(a['label'])}: <code>{html.escape(a['path'])}</code> (manifest sha256 {a['manifest_sha256'][:12]}…)</li>"
+            for a in res["artifacts"]
+        )
         sec = [f"<h2>Run {i}</h2><p class='meta'>{meta}<br>{html.escape(vers)}</p><ul>{arts}</ul>", _table(res["results"])]
         sec.append(f"<h3>Latency</h3><img src='data:image/png;base64,{_latency_plot(res['results'])}'>")
         sec.append(f"<h3>Memory and size</h3><img src='data:image/png;base64,{_memory_size_plot(res['results'])}'>")
         if res.get("ratios"):
-            items = "".join(f"<li>{html.escape(lb)}: " + ", ".join(f"{k} {v:.2f}×" for k, v in rs.items()) + "</li>" for lb, rs in res["ratios"].items())
+            items = "".join(
+                f"<li>{html.escape(lb)}: " + ", ".join(f"{k} {v:.2f}×" for k, v in rs.items()) + "</li>" for lb, rs in res["ratios"].items()
+            )
             sec.append(f"<h3>Ratios (first artifact's speed over each other's)</h3><ul>{items}</ul>")
         est = [e for e in res.get("estimates", []) if e["component"] == "unet"]
         if est:

@@ -52,7 +52,9 @@ def test_typed_fields(tmp_path):
 
 def test_component_paths_must_exist(tmp_path):
     with pytest.raises(ManifestError, match="component onnx/x: x.onnx does not exist"):
-        artifact.write_manifest(tmp_path, stage="t", settings={}, source=None, components=(artifact.Component("x", "x.onnx", "onnx", "onnx"),))
+        artifact.write_manifest(
+            tmp_path, stage="t", settings={}, source=None, components=(artifact.Component("x", "x.onnx", "onnx", "onnx"),)
+        )
     with pytest.raises(ManifestError, match="unknown format 'zip'"):
         artifact.Component("x", "x.zip", "zip")
     with pytest.raises(ManifestError, match="guidance 'half'"):

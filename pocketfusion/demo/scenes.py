@@ -135,7 +135,10 @@ def render(scene: Scene, resolution: int = 64, rng: random.Random | None = None)
         cx += rng.uniform(-_JITTER, _JITTER)
         cy += rng.uniform(-_JITTER, _JITTER)
         side *= 1.0 + rng.uniform(-_SIZE_JITTER, _SIZE_JITTER)
-    return np.asarray(_draw(scene.shape, cx * resolution, cy * resolution, side, resolution, "RGB", COLORS[scene.color], COLORS[scene.background]), dtype=np.uint8)
+    return np.asarray(
+        _draw(scene.shape, cx * resolution, cy * resolution, side, resolution, "RGB", COLORS[scene.color], COLORS[scene.background]),
+        dtype=np.uint8,
+    )
 
 
 def _draw(shape: str, cx: float, cy: float, side: float, resolution: int, mode: str, fill, background):

@@ -48,7 +48,10 @@ class AdbJob:
         if not self.artifact.is_file():
             raise UserError(f"artifact {self.artifact} does not exist")
         if not self.runner.is_file():
-            raise UserError(f"runner {self.runner} does not exist (build executor_runner or benchmark_model for the device; see pocketfusion.runtimes.devices.adb)")
+            raise UserError(
+                f"runner {self.runner} does not exist "
+                "(build executor_runner or benchmark_model for the device; see pocketfusion.runtimes.devices.adb)"
+            )
         kind = runner_kind(self.runner)
         if (kind == "executor_runner") != (self.artifact.suffix == ".pte"):
             raise UserError(f"{self.runner.name} cannot run {self.artifact.name}: executor_runner runs .pte, benchmark_model runs .tflite")

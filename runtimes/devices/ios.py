@@ -42,7 +42,11 @@ def coreml_bench(package: Path, feeds: dict, *, compute_units: str = "CPU_AND_NE
         t = time.perf_counter()
         model.predict(feeds)
         lat.append((time.perf_counter() - t) * 1e3)
-    return {"compute_units": compute_units, "load_ms": load_ms, "latency_ms": {"median": float(np.median(lat)), "min": min(lat), "runs": runs}}
+    return {
+        "compute_units": compute_units,
+        "load_ms": load_ms,
+        "latency_ms": {"median": float(np.median(lat)), "min": min(lat), "runs": runs},
+    }
 
 
 def iphone_devices() -> list[str]:

@@ -2,7 +2,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -132,7 +131,10 @@ def test_adb_runner_mismatch(tmp_path):
 
 
 def test_adb_output_parsing():
-    tfl = "Inference timings in us: Init: 12000, First inference: 9000, Warmup (avg): 8000, Inference (avg): 7500.5\nPOCKETFUSION_VMHWM_KB=20480"
+    tfl = (
+        "Inference timings in us: Init: 12000, First inference: 9000, Warmup (avg): 8000, Inference (avg): 7500.5"
+        "\nPOCKETFUSION_VMHWM_KB=20480"
+    )
     assert adb.parse_output("benchmark_model", tfl) == {"peak_rss_mib": 20.0, "latency_ms_avg": 7.5005, "load_ms": 12.0}
     et = "I 00:00:01 executor_runner.cpp:200] Model executed successfully 7 time(s) in 70.0 ms.\nPOCKETFUSION_VMHWM_KB=1024"
     assert adb.parse_output("executor_runner", et) == {"peak_rss_mib": 1.0, "latency_ms_avg": 10.0}
