@@ -31,6 +31,9 @@ from pocketfusion.errors import UserError
 logger = logging.getLogger(__name__)
 
 STAGE = "distill"
+_SETTINGS = "distill.json"
+# settings a resumed run may change without changing what it computes
+_RESUME_FREE = ("iterations", "checkpoint_every", "resume", "keep_work", "work_dir", "teacher_batch")
 _FORMATS = {"unet": "diffusers", "vae": "diffusers", "text_encoder": "transformers", "tokenizer": "tokenizer", "scheduler": "scheduler"}
 
 
@@ -70,8 +73,9 @@ def distill(model, cfg: DistillConfig, out: str | Path, *, progress: bool = True
     teacher = _frozen_teacher(model.unet, device)
     schedule = Schedule(dict(model.components["scheduler"].config), cfg.timestep_scaling)
     cond, uncond = TE.encode(model, prompts, device).cpu(), TE.encode(model, [""], device).cpu()
-    pairs, cached = TE.teacher_pairs(model, teacher, cond, uncond, prompts, cfg, device=device, work=work,
-                                     model_hash=source.sha256, progress=progress)
+    _claim_work_dir(work, cfg)
+    pairs = TE.teacher_pairs(model, teacher, cond, uncond, prompts, cfg, device=device, work=work, model_hash=source.sha256,
+                             progress=progress)
     sampling_s = time.perf_counter() - t0
     student = make_student(model.unet, cfg.w_embedding_dim)
     result, final = _train(student, teacher, schedule, pairs, cond, uncond, cfg, work, progress)
@@ -81,9 +85,9 @@ def distill(model, cfg: DistillConfig, out: str | Path, *, progress: bool = True
     metrics: dict[str, Any] = {"training": {
         "method": cfg.method, "steps": cfg.steps, "device": cfg.device, "device_name": _device_name(device),
         "iterations": result.iterations, "resumed_from": result.resumed_from, "batch_size": cfg.batch_size,
-        "teacher_pairs": len(pairs), "teacher_pairs_cached": cached, "prompts": len(prompts),
+        "teacher_pairs": len(pairs), "teacher_pairs_cached": pairs.cached, "prompts": len(prompts),
         "final_loss": losses[-1], "loss_last_10pct": sum(tail) / len(tail), "first_loss": losses[0],
-        "teacher_sampling_s": round(sampling_s, 2), "train_s": round(result.elapsed_s, 2),
+        "teacher_sampling_s": round(pairs.seconds, 2), "train_s": round(result.elapsed_s, 2),
         "train_s_this_run": round(train_s_this_run, 2), "wall_s": round(time.perf_counter() - t0, 2),
         "weights": "ema_target" if cfg.method == "lcm" else "online",
     }}
@@ -91,6 +95,22 @@ def distill(model, cfg: DistillConfig, out: str | Path, *, progress: bool = True
     if not cfg.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return manifest
+
+
+def _claim_work_dir(work: Path, cfg: DistillConfig) -> None:
+    """A fresh run clears old checkpoints and records its settings; ``resume`` checks them (the training
+    loop checks only its own config, not the method, step count or teacher settings)."""
+    path, now = work / _SETTINGS, {k: v for k, v in cfg.to_dict().items() if k not in _RESUME_FREE}
+    if cfg.resume and path.is_file():
+        then = json.loads(path.read_text())
+        if changed := [f"{k}: {then.get(k)!r} -> {v!r}" for k, v in now.items() if then.get(k) != v]:
+            raise UserError(f"cannot resume from {work}: settings changed ({'; '.join(changed)}); "
+                            "use the same settings, or drop --resume to start over")
+        return
+    if not cfg.resume:
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    artifact.atomic_write_text(path, json.dumps(now, indent=2) + "\n")
 
 
 def _check_input(model, out, cfg: DistillConfig) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,8 @@ class Pairs:
     latents: torch.Tensor  # [N, C, H, W], the teacher's guided sample from noise[i]
     prompt_index: torch.Tensor  # [N] long
     guidance: torch.Tensor  # [N] float32, diffusers' convention (1 = none)
+    seconds: float = 0.0  # what sampling them took (when they were made, for a cached set)
+    cached: bool = False  # read from the work directory's cache
 
     def __len__(self) -> int:
         return int(self.noise.shape[0])
@@ -68,8 +72,8 @@ def _key(model_hash: str, prompts: list[str], cfg, shape: tuple[int, ...]) -> di
 
 
 def teacher_pairs(model, unet, cond: torch.Tensor, uncond: torch.Tensor, prompts: list[str], cfg, *, device: torch.device,
-                  work: Path, model_hash: str, progress: bool = True) -> tuple[Pairs, bool]:
-    """``cfg.n_pairs`` guided teacher samples (cached under ``work``); returns (pairs, whether the cache was used)."""
+                  work: Path, model_hash: str, progress: bool = True) -> Pairs:
+    """``cfg.n_pairs`` guided teacher samples, read from or written to the cache under ``work``."""
     from safetensors.torch import load_file, save_file
 
     c = unet.config
@@ -78,12 +82,14 @@ def teacher_pairs(model, unet, cond: torch.Tensor, uncond: torch.Tensor, prompts
     key = _key(model_hash, prompts, cfg, shape)
     if (work / _KEY).is_file() and (work / _PAIRS).is_file():
         try:
-            if json.loads((work / _KEY).read_text()) == key:
+            meta = json.loads((work / _KEY).read_text())
+            if meta["key"] == key:
                 t = load_file(str(work / _PAIRS))
                 logger.info("reusing %d cached teacher samples from %s", cfg.n_pairs, work)
-                return Pairs(t["noise"], t["latents"], t["prompt_index"], t["guidance"]), True
+                return Pairs(t["noise"], t["latents"], t["prompt_index"], t["guidance"], float(meta["seconds"]), True)
         except (OSError, ValueError, KeyError):
             logger.warning("cached teacher samples in %s are unreadable: sampling them again", work)
+    t0 = time.perf_counter()
     g = torch.Generator().manual_seed(cfg.seed)
     n = cfg.n_pairs
     noise = torch.randn((n, *shape), generator=g)
@@ -92,13 +98,13 @@ def teacher_pairs(model, unet, cond: torch.Tensor, uncond: torch.Tensor, prompts
     prompt_index = torch.arange(n) % len(prompts)
     latents = sample(model, unet, noise, cond[prompt_index], uncond, guidance, cfg.teacher_steps,
                      device=device, batch=cfg.teacher_batch, progress=progress)
-    pairs = Pairs(noise, latents, prompt_index, guidance.float())
+    pairs = Pairs(noise, latents, prompt_index, guidance.float(), time.perf_counter() - t0)
     work.mkdir(parents=True, exist_ok=True)
-    tmp = work / f".{_PAIRS}.tmp"
+    tmp = work / f".{_PAIRS}.{os.getpid()}.tmp"  # one per process (data-parallel ranks make the same set)
     save_file({"noise": noise, "latents": latents, "prompt_index": prompt_index, "guidance": pairs.guidance}, str(tmp))
     tmp.replace(work / _PAIRS)
-    atomic_write_text(work / _KEY, json.dumps(key) + "\n")  # written last: marks the cache complete
-    return pairs, False
+    atomic_write_text(work / _KEY, json.dumps({"key": key, "seconds": pairs.seconds}) + "\n")  # last: marks the cache complete
+    return pairs
 
 
 @torch.no_grad()

@@ -108,9 +108,12 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(sources, tmp_pat
     work = work_dir(out, DistillConfig(**base))
     assert (work / "checkpoints" / "iter-00000002").is_dir() and (work / "pairs.safetensors").is_file()
 
+    with pytest.raises(UserError, match=r"settings changed \(steps: 4 -> 2\)"):
+        distill(model, DistillConfig(**dict(base, steps=2), resume=True), out, progress=False)
     resumed = distill(model, DistillConfig(**base, resume=True), out, progress=False)
     t = resumed.metrics["training"]
     assert t["resumed_from"] == 2 and t["teacher_pairs_cached"] and t["iterations"] == 4
+    assert t["teacher_sampling_s"] > 0  # the cached set's recorded cost, not the cache read
     assert t["final_loss"] == ref.metrics["training"]["final_loss"]
     a, b = load_model(tmp_path / "ref").unet.state_dict(), load_model(out).unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
