@@ -80,21 +80,34 @@ def distill(model, cfg: DistillConfig, out: str | Path, *, progress: bool = True
     student = make_student(model.unet, cfg.w_embedding_dim)
     result, final = _train(student, teacher, schedule, pairs, cond, uncond, cfg, work, progress)
     train_s_this_run = time.perf_counter() - t0 - sampling_s
+    rank, world = _rank()
     losses = result.losses
     tail = losses[-max(1, len(losses) // 10):]
     metrics: dict[str, Any] = {"training": {
         "method": cfg.method, "steps": cfg.steps, "device": cfg.device, "device_name": _device_name(device),
-        "iterations": result.iterations, "resumed_from": result.resumed_from, "batch_size": cfg.batch_size,
+        "iterations": result.iterations, "resumed_from": result.resumed_from, "batch_size": cfg.batch_size, "processes": world,
         "teacher_pairs": len(pairs), "teacher_pairs_cached": pairs.cached, "prompts": len(prompts),
         "final_loss": losses[-1], "loss_last_10pct": sum(tail) / len(tail), "first_loss": losses[0],
         "teacher_sampling_s": round(pairs.seconds, 2), "train_s": round(result.elapsed_s, 2),
         "train_s_this_run": round(train_s_this_run, 2), "wall_s": round(time.perf_counter() - t0, 2),
         "weights": "ema_target" if cfg.method == "lcm" else "online",
     }}
-    manifest = _write(model, final, cfg, out, source=source, metrics=metrics)
-    if not cfg.keep_work:
-        shutil.rmtree(work, ignore_errors=True)
-    return manifest
+    if rank == 0:  # data-parallel (accelerate launch): rank 0 writes, the others read what it wrote
+        manifest = _write(model, final, cfg, out, source=source, metrics=metrics)
+        if not cfg.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+    if world > 1:
+        torch.distributed.barrier()
+    return manifest if rank == 0 else artifact.load_manifest(out)
+
+
+def _rank() -> tuple[int, int]:
+    """(rank, world size) of the process group the training loop joined under ``accelerate launch``, else (0, 1)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def _claim_work_dir(work: Path, cfg: DistillConfig) -> None:
@@ -215,7 +228,8 @@ def summary(manifest: artifact.Manifest) -> str:
     m = manifest.metrics["training"]
     return "\n".join([
         f"  student: {m['steps']} step(s), method {m['method']}, guidance embedded ({m['weights']} weights)",
-        f"  training: {m['iterations']} iterations of batch {m['batch_size']} on {m['device']} ({m['device_name']}), "
+        f"  training: {m['iterations']} iterations of batch {m['batch_size']} x {m['processes']} process(es) on {m['device']} "
+        f"({m['device_name']}), "
         f"loss {m['first_loss']:.4g} -> {m['final_loss']:.4g}",
         f"  cost: {m['wall_s']:.1f} s wall ({m['teacher_sampling_s']:.1f} s teacher sampling of {m['teacher_pairs']} pairs"
         f"{', cached' if m['teacher_pairs_cached'] else ''}; {m['train_s']:.1f} s training)",

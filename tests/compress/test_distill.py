@@ -5,7 +5,10 @@ interruption, the student's starting point, the config's validation and the CLI.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -193,7 +196,8 @@ def test_cli_distill(sources, tmp_path, capsys):
                "--iterations", "2", "--batch-size", "2", "--pairs", "4", "--teacher-steps", "5", "--guidance-range", "3", "5",
                "-o", str(out)])
     printed = capsys.readouterr().out
-    assert rc == 0 and f"wrote {out}/" in printed and "2 iterations" in printed and "teacher sampling of 4 pairs" in printed
+    assert rc == 0 and f"wrote {out}/" in printed and "teacher sampling of 4 pairs" in printed
+    assert "2 iterations of batch 2 x 1 process(es)" in printed
     assert sampler_of(load_model(out)).default_steps == 1
     assert main(["distill", str(sources["eps"]), "--steps", "1", "--prompts", str(tmp_path / "nope.txt"), "-o", str(out)]) == 2
     assert "error: --prompts" in capsys.readouterr().err
@@ -202,3 +206,22 @@ def test_cli_distill(sources, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["distill", "--steps", "3", "-o", str(out)])
     assert e.value.code == 2
+
+
+@pytest.mark.slow
+def test_two_processes_with_accelerate(sources, tmp_path):
+    """``accelerate launch`` with 2 CPU processes (gloo): both train, rank 0 alone writes the artifact (about 50 s here)."""
+    pytest.importorskip("accelerate")
+    from pocketfusion.checkpoint import load_model
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a small red circle on a white background, center\na large blue square on a black background, top left\n")
+    out = tmp_path / "mp"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29641"]
+    args = ["-m", "pocketfusion", "distill", str(sources["v"]), "--steps", "2", "--iterations", "4", "--batch-size", "2",
+            "--pairs", "4", "--teacher-steps", "5", "--prompts", str(prompts), "--checkpoint-every", "2", "-o", str(out)]
+    subprocess.run([*launch, *args], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    manifest = load_model(out).manifest
+    assert manifest.metrics["training"]["processes"] == 2 and manifest.metrics["training"]["iterations"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mp", "prompts.txt"]  # no work dir or partial output left
