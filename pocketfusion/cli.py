@@ -248,8 +248,9 @@ def cmd_distill(args) -> int:
     given = {"method": args.method, "prompts": args.prompts, "n_prompts": args.num_prompts, "iterations": args.iterations,
              "batch_size": args.batch_size, "lr": args.lr, "n_pairs": args.pairs, "teacher_steps": args.teacher_steps,
              "guidance_range": args.guidance_range, "seed": args.seed, "device": args.device,
-             "checkpoint_every": args.checkpoint_every, "work_dir": args.work_dir}
-    cfg = DistillConfig(steps=args.steps, resume=args.resume, **{k: v for k, v in given.items() if v is not None})
+             "checkpoint_every": args.checkpoint_every, "work_dir": args.work_dir, "precision": args.precision}
+    cfg = DistillConfig(steps=args.steps, resume=args.resume, gradient_checkpointing=args.gradient_checkpointing,
+                        **{k: v for k, v in given.items() if v is not None})
     cfg.check_prompt_file()  # bad file: fail before loading the model
     model = _load(args)
     print(f"distilling {model.path} to {cfg.steps} step(s) with {cfg.method}; checkpoints in {work_dir(args.output, cfg)}"
@@ -392,6 +393,8 @@ def _add_distill(sub) -> None:
                    help="teacher guidance scales drawn uniformly (default 2 6)")
     p.add_argument("--seed", type=int, default=None, help="seed of the prompts, teacher samples and training (default 0)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="training device (default cpu)")
+    p.add_argument("--precision", default=None, choices=["none", "bf16", "fp16"], help="mixed precision (default none; fp16: cuda only)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass (less memory)")
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="N", help="checkpoint every N iterations (default 100; 0: never)")
     p.add_argument("--work-dir", default=None, help="checkpoints and cached teacher samples (default: .<OUT>.distill-work beside -o)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the work directory")

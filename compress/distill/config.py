@@ -13,6 +13,7 @@ from pocketfusion.errors import UserError
 METHODS = ("lcm", "regression")
 STEPS = (1, 2, 4)
 DEVICES = ("cpu", "cuda")
+PRECISIONS = ("none", "bf16", "fp16")
 CONFIG_VERSION = 1
 
 
@@ -42,6 +43,8 @@ class DistillConfig:
 
     Training (``pocketfusion.training``):
         iterations, batch_size, lr (AdamW), grad_clip, seed, device, checkpoint_every, resume.
+        precision: ``none``, ``bf16`` (autocast) or ``fp16`` (cuda only), as ``TrainConfig.precision``.
+        gradient_checkpointing: recompute the student's activations in the backward pass (less memory, slower).
         work_dir: checkpoints and cached teacher samples (None: ``.<out name>.distill-work`` beside the output);
             removed when the artifact is written unless ``keep_work``.
     """
@@ -64,6 +67,8 @@ class DistillConfig:
     n_prompts: int | None = None
     seed: int = 0
     device: str = "cpu"
+    precision: str = "none"
+    gradient_checkpointing: bool = False
     checkpoint_every: int = 100
     resume: bool = False
     work_dir: str | None = None
@@ -136,6 +141,9 @@ def _problems(c: DistillConfig) -> list[str]:
         (c.device in DEVICES, f"device={c.device!r}: one of {', '.join(DEVICES)}"),
         (_int(c.checkpoint_every, 0), f"checkpoint_every={c.checkpoint_every!r}: an int >= 0 (0: never)"),
         (isinstance(c.resume, bool), f"resume={c.resume!r}: a bool"),
+        (c.precision in PRECISIONS, f"precision={c.precision!r}: one of {', '.join(PRECISIONS)}"),
+        (not (c.precision == "fp16" and c.device == "cpu"), "precision='fp16' needs device='cuda'; use 'bf16' on cpu"),
+        (isinstance(c.gradient_checkpointing, bool), f"gradient_checkpointing={c.gradient_checkpointing!r}: a bool"),
         (isinstance(c.keep_work, bool), f"keep_work={c.keep_work!r}: a bool"),
     ]
     return [msg for ok, msg in checks if not ok]

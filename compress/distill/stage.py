@@ -59,13 +59,22 @@ def distill(model, cfg: DistillConfig, out: str | Path, *, progress: bool = True
         UserError: a bare component, an SDXL or quantized or already distilled model, a bad output path,
             no prompts, CUDA asked for but missing, or a checkpoint made with other settings (``resume``).
     """
+    _check_input(model, out, cfg)
+    try:
+        return _distill(model, cfg, Path(out), progress)
+    finally:  # the caller's model stays where load_model put it
+        if cfg.device != "cpu":
+            model.components["text_encoder"].to("cpu")
+            model.unet.to("cpu")
+
+
+def _distill(model, cfg: DistillConfig, out: Path, progress: bool) -> artifact.Manifest:
     import torch
 
     from pocketfusion.compress.distill import teacher as TE
     from pocketfusion.compress.distill.student import Schedule, make_student
 
-    _check_input(model, out, cfg)
-    out, work = Path(out), work_dir(out, cfg)
+    work = work_dir(out, cfg)
     t0 = time.perf_counter()
     device = torch.device(cfg.device)
     prompts = TE.select_prompts(model, cfg)
@@ -175,7 +184,10 @@ def _train(student, teacher, schedule, pairs, cond, uncond, cfg: DistillConfig, 
     from pocketfusion.training import TrainConfig, train
 
     tcfg = TrainConfig(iterations=cfg.iterations, lr=cfg.lr, grad_clip=cfg.grad_clip, device=cfg.device, seed=cfg.seed,
-                       checkpoint_every=cfg.checkpoint_every, resume=cfg.resume, log_every=max(1, cfg.iterations // 50))
+                       precision=cfg.precision, checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
+                       log_every=max(1, cfg.iterations // 50))
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
     desc = f"distill {cfg.method} {cfg.steps}-step"
     if cfg.method == "lcm":
         shadow = Shadow(student)
@@ -188,7 +200,10 @@ def _train(student, teacher, schedule, pairs, cond, uncond, cfg: DistillConfig, 
         loss_fn = regression_loss(student, schedule, pairs, cond, cfg)
         result = train({"student": student}, loss_fn, tcfg, ckpt_dir=work / "checkpoints", progress=progress, desc=desc)
         final = student
-    return result, final.cpu().eval()
+    final = final.cpu().eval()
+    if cfg.gradient_checkpointing:
+        final.disable_gradient_checkpointing()
+    return result, final
 
 
 def lcm_scheduler_config(model, cfg: DistillConfig) -> dict:

@@ -53,8 +53,9 @@ def test_distill_writes_a_student_diffusers_samples(sources, tmp_path, source, m
     from diffusers import LatentConsistencyModelPipeline
 
     from pocketfusion.checkpoint import load_model, sampler_of
+    from pocketfusion.generate import GenerateConfig, generate_images
 
-    cfg = DistillConfig(steps=steps, method=method, checkpoint_every=2, **FAST)
+    cfg = DistillConfig(steps=steps, method=method, checkpoint_every=2, gradient_checkpointing=source == "sd21", **FAST)
     out = tmp_path / "student"
     manifest = distill(load_model(sources[source]), cfg, out, progress=False)
     assert not work_dir(out, cfg).exists()  # checkpoints and cached teacher samples removed once written
@@ -78,6 +79,8 @@ def test_distill_writes_a_student_diffusers_samples(sources, tmp_path, source, m
                output_type="np", generator=__import__("torch").Generator().manual_seed(0)).images
     assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
     assert calls == [1] * steps  # one batch-1 U-Net call per step: the guidance is embedded, no CFG pair
+    images, _ = generate_images(model, ["a small blue square on a white background, top left"], GenerateConfig(steps=steps))
+    assert images[0].shape == (64, 64, 3)  # pocketfusion's own generate (StableDiffusionPipeline embeds the guidance itself)
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(sources, tmp_path, monkeypatch):
@@ -152,7 +155,8 @@ def test_student_starts_as_the_teachers_conditional_branch_and_embeds_guidance_l
     (dict(steps=3), "steps=3"), (dict(method="progressive"), "method='progressive'"), (dict(iterations=0), "iterations=0"),
     (dict(guidance_range=(6.0, 2.0)), "guidance_range"), (dict(guidance_range=(0.5, 2.0)), "guidance_range"),
     (dict(guidance_range="x"), "guidance_range"), (dict(w_embedding_dim=15), "w_embedding_dim"), (dict(ema_decay=1.0), "ema_decay"),
-    (dict(device="tpu"), "device='tpu'"), (dict(lr=0), "lr=0"), (dict(teacher_steps=1), "teacher_steps"),
+    (dict(device="tpu"), "device='tpu'"),
+    (dict(precision="fp16"), "needs device='cuda'"), (dict(lr=0), "lr=0"), (dict(teacher_steps=1), "teacher_steps"),
 ])
 def test_bad_configs_raise_one_line(bad, match):
     with pytest.raises(UserError, match=match) as e:
