@@ -26,6 +26,21 @@ from pocketfusion.errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 DEMO_MODEL = Path(__file__).resolve().parent / "demo" / "model"
+# Bundled models, addressable as MODEL by name: the demo teacher and its distilled students.
+BUNDLED: dict[str, Path] = {
+    "demo": DEMO_MODEL,
+    "demo-4step": DEMO_MODEL.parent / "model-4step",
+    "demo-1step": DEMO_MODEL.parent / "model-1step",
+}
+
+
+def resolve_model_path(path: str | Path | None) -> Path:
+    """``None`` → the demo model; a bundled model's name (``demo-4step``) → its folder; else the path."""
+    if path is None:
+        return DEMO_MODEL
+    if isinstance(path, str) and path in BUNDLED and not Path(path).exists():
+        return BUNDLED[path]
+    return Path(path)
 
 # class name -> (library, weight file stem)
 SUPPORTED_MODELS: dict[str, tuple[str, str]] = {
@@ -264,7 +279,7 @@ def load_model(path: str | Path | None = None, *, allow_pickle: bool = False, ve
     """
     from pocketfusion import artifact
 
-    root = Path(path) if path is not None else DEMO_MODEL
+    root = resolve_model_path(path)
     if root.suffix in (".ckpt", ".bin", ".pt", ".pth") and root.is_file():
         if not allow_pickle:
             raise CheckpointError(

@@ -46,16 +46,18 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _gen_args(p: argparse.ArgumentParser, *, seed: int = 0) -> None:
-    from_defaults = {"steps": 50, "guidance": 4.0}
-    p.add_argument("--steps", type=int, default=from_defaults["steps"], help="sampling steps (default 50)")
-    p.add_argument("--guidance", type=float, default=from_defaults["guidance"], help="classifier-free guidance scale (default 4.0)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own, 50 for the demo teacher)")
+    p.add_argument("--guidance", type=float, default=4.0,
+                   help="guidance scale (default 4.0): classifier-free, or a distilled student's guidance input")
     p.add_argument("--seed", type=int, default=seed, help="seed of the first image; image i uses seed+i")
 
 
-def _gen_config(args, batch_size: int = 16):
-    from pocketfusion.generate import GenerateConfig
+def _gen_config(args, model=None, batch_size: int = 16):
+    """The generation settings; ``--steps`` defaults to the model's (or the export's) own step count."""
+    from pocketfusion.generate import GenerateConfig, default_steps
 
-    return GenerateConfig(steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=batch_size)
+    steps = args.steps if args.steps is not None else default_steps(model if model is not None else args.model)
+    return GenerateConfig(steps=steps, guidance=args.guidance, seed=args.seed, batch_size=batch_size)
 
 
 def _load(args):
@@ -76,17 +78,19 @@ def cmd_generate(args) -> int:
 
     out = Path(args.output)
     _check_output(out, (".png",))
-    cfg = _gen_config(args)
     if args.runtime:
         from pocketfusion.runtimes.pipeline import RuntimePipeline
 
         if args.model is None:
             raise UserError("--runtime needs an export directory (pocketfusion export ... -o DIR)")
+        cfg = _gen_config(args)
         pipe = RuntimePipeline(args.model, args.runtime)
         images, sec = pipe.generate(args.prompt, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed)
         where = f" on {pipe.device}"
     else:
-        images, sec = generate_images(_load(args), args.prompt, cfg, progress=True)
+        model = _load(args)
+        cfg = _gen_config(args, model)
+        images, sec = generate_images(model, args.prompt, cfg, progress=True)
         where = ""
     save_png(grid(images), out)
     print(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, {sec:.2f} s per image{where})")
@@ -125,7 +129,8 @@ def format_export(manifest, *, indent: int = 2) -> str:
         extra = f", {e['delegation'].get('delegate_blobs')} XNNPACK blobs" if "delegation" in e else ""
         ratio = (f" ({e['size_ratio_to_float_export']:.1%} of the {e['float_export_precision']} export)"
                  if "size_ratio_to_float_export" in e else "")
-        lines.append(f"{pad}{c.key:<{28 - indent}} {e.get('size_bytes', 0) / 1e6:8.2f} MB{ratio}  {e.get('export_seconds', 0):6.1f} s  {err}{extra}")
+        size, secs = e.get("size_bytes", 0) / 1e6, e.get("export_seconds", 0)
+        lines.append(f"{pad}{c.key:<{28 - indent}} {size:8.2f} MB{ratio}  {secs:6.1f} s  {err}{extra}")
         v = e.get("versus_fp32")
         if v:
             measured = (f", held-out SNR {v['snr_db']:.1f} dB (rel_rms {v['rel_rms']:.1e}, {v['heldout_feeds']} feeds), "
@@ -145,21 +150,23 @@ def cmd_eval(args) -> int:
     out = Path(args.output) if args.output else None
     if out is not None:
         _check_output(out, (".json",))
-    cfg = _gen_config(args)
     if args.runtime:
         from pocketfusion.runtimes.pipeline import evaluate_runtime
 
         if args.model is None:
             raise UserError("--runtime needs an export directory (pocketfusion export ... -o DIR)")
+        cfg = _gen_config(args)
         result = evaluate_runtime(args.model, args.runtime, cfg, args.prompts, progress=True)
         report = _eval_json(result)
         report["model"] = str(args.model)
         if "psnr_vs_pytorch_db" in report:
             p = report["psnr_vs_pytorch_db"]
-            print(f"PSNR vs PyTorch: mean {p['mean']:.1f} dB, min {p['min']:.1f} dB ({p['identical_images']} identical) on {report['device']}")
+            print(f"PSNR vs PyTorch: mean {p['mean']:.1f} dB, min {p['min']:.1f} dB "
+                  f"({p['identical_images']} identical) on {report['device']}")
     else:
         model = _load(args)
         model.require_pipeline()
+        cfg = _gen_config(args, model)
         result = evaluate(model, cfg, args.prompts, progress=True)
         report = _eval_json(result)
         report["model"] = str(model.path)
@@ -307,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run(sub) -> None:
-    p = sub.add_parser("run", help="the main job end to end: load, generate a grid, evaluate, export, compress (quantize, evaluate, export), bench, write an artifact directory")
+    p = sub.add_parser("run", help="the main job end to end: load, generate a grid, evaluate, export, compress (quantize, "
+                                   "evaluate, export), bench, write an artifact directory")
     _model_arg(p)
     _gen_args(p)
     p.add_argument("--prompts", type=int, default=None, help="evaluate on the first N held-out prompts (default: all 240)")
@@ -364,7 +372,8 @@ def _add_compress(sub) -> None:
     _model_arg(p)
     p.add_argument("--quant", required=True, choices=["w8", "w4", "w8a8", "w8a16"],
                    help="w8: int8 per channel; w4: int4 groups (+ int8 where measured sensitive); w8a8 / w8a16: w8 + activation bits")
-    p.add_argument("--method", default="gptq", choices=["gptq", "rtn"], help="gptq: calibrated error-compensating rounding (default); rtn: round to nearest")
+    p.add_argument("--method", default="gptq", choices=["gptq", "rtn"],
+                   help="gptq: calibrated error-compensating rounding (default); rtn: round to nearest")
     p.add_argument("--group-size", type=int, default=32, help="int4 group of input channels (default 32)")
     p.add_argument("--calib", default=None, metavar="PROMPTS.txt|CALIB_DIR",
                    help="prompts file (one a line) or a set from 'pocketfusion calibrate' (default: built-in demo prompts)")
@@ -405,11 +414,13 @@ def _add_distill(sub) -> None:
 def _add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="record real component inputs (U-Net CFG pairs across the trajectory) as a calibration set")
     _model_arg(p)
-    p.add_argument("--prompts", default=None, metavar="FILE", help="text file, one prompt a line (default: built-in demo prompts, demo model only)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="text file, one prompt a line (default: built-in demo prompts, demo model only)")
     p.add_argument("--num-prompts", type=int, default=None, metavar="N",
                    help="use the first N prompts (default: 32 built-in prompts, or every line of FILE)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
-    p.add_argument("--timesteps", type=int, default=10, metavar="K", help="steps recorded per prompt, spread over the trajectory (default 10)")
+    p.add_argument("--timesteps", type=int, default=10, metavar="K",
+                   help="steps recorded per prompt, spread over the trajectory (default 10)")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")

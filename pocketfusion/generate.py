@@ -36,6 +36,31 @@ class GenerateConfig:
         return asdict(self)
 
 
+def default_steps(model_or_dir) -> int:
+    """The step count a model (or an export directory) was made for: its manifest's sampler, else 50."""
+    from pathlib import Path
+
+    from pocketfusion import artifact
+
+    if model_or_dir is None:
+        from pocketfusion.checkpoint import DEMO_MODEL
+
+        model_or_dir = DEMO_MODEL
+    if isinstance(model_or_dir, (str, Path)):
+        from pocketfusion.checkpoint import resolve_model_path
+
+        root = resolve_model_path(model_or_dir)
+        if (root / artifact.MANIFEST).is_file():
+            m = artifact.load_manifest(root, verify=False)
+            return m.sampler.default_steps if m.sampler is not None else DEFAULT_STEPS
+        return DEFAULT_STEPS
+    if model_or_dir.kind != "pipeline":
+        return DEFAULT_STEPS
+    from pocketfusion.checkpoint import sampler_of
+
+    return sampler_of(model_or_dir).default_steps
+
+
 def generate_images(model, prompts: Sequence[str], cfg: GenerateConfig, *, progress: bool = False) -> tuple[list[np.ndarray], float]:
     """Generate one image per prompt; returns (uint8 HWC images, seconds per image).
 

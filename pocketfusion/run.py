@@ -13,6 +13,7 @@ Targets whose backend is missing are listed in the manifest with the extra that 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -23,7 +24,7 @@ from pocketfusion.errors import UserError
 
 @dataclass(frozen=True)
 class RunConfig:
-    steps: int = 50
+    steps: int | None = None  # None: the model's own step count (50 for the demo teacher)
     guidance: float = 4.0
     seed: int = 0
     eval_prompts: int | None = None
@@ -37,7 +38,7 @@ class RunConfig:
 
         if self.eval_prompts is not None and self.eval_prompts < 1:
             raise UserError(f"--prompts must be >= 1, got {self.eval_prompts}")
-        GenerateConfig(steps=self.steps, guidance=self.guidance, seed=self.seed)  # validates
+        GenerateConfig(steps=self.steps or 1, guidance=self.guidance, seed=self.seed)  # validates
         from pocketfusion.backends import check_targets
 
         check_targets(self.targets or ())
@@ -57,10 +58,13 @@ class RunConfig:
 def run(model, cfg: RunConfig, out: Path, *, showcase: Sequence[str]) -> str:
     """Run the job and write ``out`` atomically; returns a human-readable summary."""
     from pocketfusion import artifact
-    from pocketfusion.generate import GenerateConfig, evaluate, generate_images, grid, save_png, time_one_image
+    from pocketfusion.checkpoint import sampler_of
+    from pocketfusion.generate import GenerateConfig, default_steps, evaluate, generate_images, grid, save_png, time_one_image
     from pocketfusion.info import describe
 
     model.require_pipeline()
+    if cfg.steps is None:
+        cfg = dataclasses.replace(cfg, steps=default_steps(model))
     gen = GenerateConfig(steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed)
     source = artifact.source_ref(model.path)
     with artifact.staged_dir(out) as tmp:
@@ -76,6 +80,7 @@ def run(model, cfg: RunConfig, out: Path, *, showcase: Sequence[str]) -> str:
             "all_attributes_correct": result["all_correct"],
             "eval_prompts": result["n"],
             "seconds_per_image_batch1": per_image,
+            "guidance_mode": sampler_of(model).guidance,
             "seconds_per_image_batched": result["seconds_per_image_batched"],
             "macs_per_call": {k: v["macs"]["total"] for k, v in info["components"].items()},
             "parameters": {k: v["parameters"] for k, v in info["components"].items()},
@@ -97,7 +102,8 @@ def _summary(out: Path, cfg: RunConfig, metrics: dict) -> str:
     for attr, acc in metrics["prompt_accuracy"].items():
         lines.append(f"  {attr:<11} {acc:6.1%}")
     lines.append(f"  all five    {metrics['all_attributes_correct']:6.1%}  over {metrics['eval_prompts']} held-out prompts")
-    lines.append(f"  {metrics['seconds_per_image_batch1']:.2f} s per {cfg.steps}-step CFG image (batch 1, this machine)")
+    mode = "CFG" if metrics.get("guidance_mode", "cfg") == "cfg" else "guidance-embedded"
+    lines.append(f"  {metrics['seconds_per_image_batch1']:.2f} s per {cfg.steps}-step {mode} image (batch 1, this machine)")
     for key, e in metrics.get("export", {}).get("components", {}).items():
         lines.append(_export_line(key, e, indent=2))
     for target, why in metrics.get("export", {}).get("skipped", {}).items():

@@ -77,9 +77,17 @@ class RuntimePipeline:
         steps = steps or self.sampler.default_steps
         cond = self._encode(prompt)
         uncond = self._encode("") if self.sampler.guidance == "cfg" else None
-        x = torch.randn(tuple(self.sampler.latent_shape), generator=torch.Generator().manual_seed(seed)).numpy()
-        for t in self.scheduler.timesteps(steps):
-            x = self.scheduler.step(self._guided(x, int(t), cond, uncond, guidance), int(t), x, steps)
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(tuple(self.sampler.latent_shape), generator=gen).numpy()
+        timesteps = self.scheduler.timesteps(steps)
+        stochastic = getattr(self.scheduler, "stochastic", False)
+        for i, t in enumerate(timesteps):
+            out = self._guided(x, int(t), cond, uncond, guidance)
+            if stochastic:  # noise between steps from the initial latents' generator, as diffusers draws it
+                noise = torch.randn(x.shape, generator=gen).numpy() if i < len(timesteps) - 1 else None
+                x = self.scheduler.step(out, int(t), x, steps, noise=noise)
+            else:
+                x = self.scheduler.step(out, int(t), x, steps)
         img = self.sessions["vae_decoder"].run({"latent": (x / self.sampler.scaling_factor).astype(np.float32)})["image"]
         img = np.clip(img[0].transpose(1, 2, 0) / 2 + 0.5, 0.0, 1.0)
         return (img * 255.0 + 0.5).astype(np.uint8)
