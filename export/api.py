@@ -188,7 +188,7 @@ def export(model, cfg: ExportConfig, out: str | Path, *, progress: bool = True) 
     out = Path(out)
     for t in cfg.targets:  # fail early on a missing backend
         backends.exporter(t)
-    specs = [s for s in pipeline_specs(model, list(GOLDEN_PROMPTS), seed=cfg.seed) if s.name in cfg.components]
+    specs = pipeline_specs(model, list(GOLDEN_PROMPTS), seed=cfg.seed, names=cfg.components)
     if not specs:
         raise UserError(f"nothing to export: the model has none of {', '.join(cfg.components)}")
     source = artifact.source_ref(model.path)

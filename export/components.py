@@ -277,9 +277,9 @@ def _bare_specs(model, seed: int) -> list[ComponentSpec]:
     raise UserError(f"{model.path}: a bare {model.class_name} cannot be exported on its own (give a pipeline folder)")
 
 
-def pipeline_specs(model, prompts: list[str], *, seed: int = 0) -> list[ComponentSpec]:
-    """Specs for every exportable component of a loaded pipeline or bare U-Net / VAE folder, with
-    the quantization grid of each component that has one.
+def pipeline_specs(model, prompts: list[str], *, seed: int = 0, names=None) -> list[ComponentSpec]:
+    """Specs for every exportable component of a loaded pipeline or bare U-Net / VAE folder (those in
+    ``names``, when given), with the quantization grid of each component that has one.
 
     A pipeline's U-Net batch is its sampler's (``checkpoint.sampler_of(model).unet_batch``); a bare
     U-Net's is ``unet_batch`` (2 unless it embeds the guidance scale).
@@ -297,6 +297,8 @@ def pipeline_specs(model, prompts: list[str], *, seed: int = 0) -> list[Componen
             unet_spec(comps["unet"], batch=batch, seq_len=comps["tokenizer"].model_max_length, golden=golden["unet"]),
             vae_decoder_spec(comps["vae"], golden["vae_decoder"]),
         ]
+    if names is not None:
+        specs = [s for s in specs if s.name in names]
     cset = calibration_set(model) if any(c.grid is not None for c in (model.manifest.components if model.manifest else ())) else None
     for spec in specs:
         _attach_quant(spec, model, cset)

@@ -9,24 +9,40 @@ import pytest
 pytest.importorskip("litert_torch")
 pytest.importorskip("ai_edge_litert")
 
-from pocketfusion.errors import UserError
-from pocketfusion.export.api import parity, torch_reference
-from pocketfusion.export.base import ExportConfig, ExportError
-from pocketfusion.export.components import unet_spec
-from pocketfusion.runtimes.base import load_session
-from pocketfusion.testing.fixtures import FAMILIES, export_tiny_unet, tiny_unet
+from pocketfusion.errors import UserError  # noqa: E402
+from pocketfusion.export.api import parity, torch_reference  # noqa: E402
+from pocketfusion.export.base import ExportConfig, ExportError  # noqa: E402
+from pocketfusion.export.components import unet_spec  # noqa: E402
+from pocketfusion.export.testing import export_tiny_unet  # noqa: E402
+from pocketfusion.runtimes.base import load_session  # noqa: E402
+from pocketfusion.testing.fixtures import FAMILIES, tiny_unet  # noqa: E402
 
 CFG = ExportConfig(targets=("tflite",))
 
 
 def _export(family, out_dir):
-    return export_tiny_unet("tflite", family, out_dir, CFG)
+    """(spec, path, info) of ``tiny_unet(family)`` exported to TFLite (the layer map in ``info["_layer_map"]``)."""
+    spec, path, res = export_tiny_unet("tflite", family, out_dir, CFG)
+    return spec, path, {**res.info, "_layer_map": res.layer_map}
 
 
 @pytest.fixture(scope="module")
 def sd15(tmp_path_factory):
     """The tiny SD-1.5 U-Net, exported once for the whole module: (spec, path, info)."""
     return _export("sd15", tmp_path_factory.mktemp("tflite-sd15"))
+
+
+def test_layer_map_names_every_weight_tensor(sd15):
+    """A float export's layer map: each quantizable layer -> the tensor(s) holding its weight (or a folded copy)."""
+    from pocketfusion.compress.quant.grid import quantizable_layers
+    from pocketfusion.export import layer_map as lm
+    from pocketfusion.export.quant_tflite import read_model
+
+    spec, path, info = sd15
+    layer_map = info["_layer_map"]
+    assert set(layer_map) == set(quantizable_layers(spec.source_module))
+    names = {t.name.decode() for t in read_model(path).subgraphs[0].tensors}
+    assert all(n in names for v in layer_map.values() for n in lm.split(v))
 
 
 def test_io_json_maps_spec_names_to_signature(sd15):
@@ -60,7 +76,7 @@ def test_parity_on_golden_feeds(sd15):
     s = load_session(path, "tflite")
     p = parity(s, spec, torch_reference(spec))
     assert p["feeds"] == len(spec.golden)
-    assert p["rel"] < 1e-4, p
+    assert p["rel_max"] < 1e-4, p
 
 
 def test_missing_input_is_user_error(sd15):
@@ -116,7 +132,7 @@ def test_every_family_converts_with_parity(family, sd15, tmp_path):
     s = load_session(path, "tflite")
     assert list(s.input_names) == [t.name for t in spec.inputs]
     p = parity(s, spec, torch_reference(spec))
-    assert p["rel"] < 1e-4, p
+    assert p["rel_max"] < 1e-4, p
     assert info["rewrites"] == []
     if family == "sdxl":
         assert s.input_names[-2:] == ("text_embeds", "time_ids")
@@ -124,18 +140,19 @@ def test_every_family_converts_with_parity(family, sd15, tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_export_passes_parity_and_generates(tiny_sd, tmp_path):
-    from pocketfusion import artifact
     from pocketfusion.checkpoint import load_model
-    from pocketfusion.export.api import export_model
+    from pocketfusion.export.api import export
     from pocketfusion.generate import GenerateConfig, generate_images
-    from pocketfusion.pipeline import RuntimePipeline, psnr
+    from pocketfusion.metrics import psnr
+    from pocketfusion.runtimes.pipeline import RuntimePipeline
 
     out = tmp_path / "exp"
-    export_model(load_model(tiny_sd), CFG, out, progress=False)
-    comps = artifact.load_manifest(out).metrics["components"]
+    m = export(load_model(tiny_sd), CFG, out, progress=False)
+    comps = m.metrics["components"]
     assert set(comps) == {"tflite/text_encoder", "tflite/unet", "tflite/vae_decoder"}
+    assert m.component("unet", "tflite").path == "tflite/unet.tflite" and m.component("unet", "tflite").layer_map
     for e in comps.values():
-        assert e["parity"]["status"] == "pass" and e["parity"]["rel"] < 1e-4, e["parity"]
+        assert e["parity"]["status"] == "pass" and e["parity"]["rel_max"] < 1e-4, e["parity"]
     assert comps["tflite/text_encoder"]["io"]["input_map"] == {"input_ids": "args_0"}
     prompt = "a large blue square on a yellow background, bottom left"
     img = RuntimePipeline(out, "tflite")(prompt, steps=6, guidance=4.0, seed=3)

@@ -11,9 +11,10 @@ import pytest
 
 ct = pytest.importorskip("coremltools")
 
-from pocketfusion.compress import grid as G  # noqa: E402
+from pocketfusion.compress.quant import grid as G  # noqa: E402
 from pocketfusion.export.base import ExportConfig  # noqa: E402
-from pocketfusion.testing.fixtures import export_entry, save_quantized  # noqa: E402
+from pocketfusion.export.quant_coreml import QUANTIZED_SUFFIX  # noqa: E402
+from pocketfusion.export.testing import export_entry, save_quantized  # noqa: E402
 
 CFG = ExportConfig(targets=("coreml",), components=("unet",))  # fp16, iOS17 defaults
 ON_MAC = sys.platform == "darwin"
@@ -73,16 +74,18 @@ def _weights_bytes(path):
 
 @pytest.mark.parametrize("scheme", ["w8", "w4"])
 def test_integers_in_the_package_equal_the_grid(exports, scheme):
-    model, path, e = exports[scheme]
-    grid = model.quant
+    x = exports[scheme]
+    model, path, e, grid = x.model, x.path, x.entry, x.grid
     ints = grid.integers(model.unet)
     ops = _constexprs(path)
+    layer_map = x.component.layer_map  # recorded at export time: the compressed op of each layer
+    assert layer_map == {n: f"p_unet_{n.replace('.', '_')}_weight_to_fp16{QUANTIZED_SUFFIX}" for n in grid.layers}
     want_type = "constexpr_affine_dequantize" if scheme == "w8" else "constexpr_blockwise_shift_scale"
     want_int = "int8" if scheme == "w8" else "int4"
     assert len(ops) == len(grid.layers)
     mods = dict(model.unet.named_modules())
     for name, g in grid.layers.items():
-        op_type, vals, stored = ops[f"p_unet_{name.replace('.', '_')}_weight_to_fp16_quantized"]
+        op_type, vals, stored = ops[layer_map[name]]
         assert (op_type, stored) == (want_type, want_int), name
         data = vals.get("data", vals.get("quantized_data"))
         assert np.array_equal(data.astype(np.int8), ints[name].numpy()), name  # bit for bit
@@ -102,8 +105,7 @@ def test_integers_in_the_package_equal_the_grid(exports, scheme):
 
 
 def test_w8_keeps_ios17_and_w4_raises_it(exports):
-    _, _, e8 = exports["w8"]
-    _, _, e4 = exports["w4"]
+    e8, e4 = exports["w8"].entry, exports["w4"].entry
     assert e8["deployment_target"] == "iOS17" and e8["opset"] == "CoreML7"
     assert e4["deployment_target"] == "iOS18" and e4["opset"] == "CoreML8"
     assert any("iOS18" in n for n in e4["quantization"]["notes"])
@@ -121,8 +123,7 @@ def test_files_shrink(exports):
     import math
 
     for scheme, bits in (("w8", 8), ("w4", 4)):
-        model, path, e = exports[scheme]
-        grid = model.quant
+        model, path, grid = exports[scheme].model, exports[scheme].path, exports[scheme].grid
         grid_n = sum(math.prod(g.shape) for g in grid.layers.values())
         other = sum(p.numel() for p in model.unet.parameters()) - grid_n
         n_scales = sum(g.scale.numel() for g in grid.layers.values())
@@ -135,7 +136,7 @@ def test_files_shrink(exports):
         # vs the same weights in fp16, measured here: 0.74 (w8) / 0.44 (w4) - a fixture of 8-64 channel
         # layers, where scales, norms and alignment weigh more than at scale (demo U-Net: see README)
         assert got / fp16 < (0.78 if bits == 8 else 0.48), (scheme, got / fp16)
-    assert exports["w4"][2]["size_bytes"] < exports["w8"][2]["size_bytes"]
+    assert exports["w4"].entry["size_bytes"] < exports["w8"].entry["size_bytes"]
 
 
 def test_plan_mapping_finds_every_layer_by_value():
@@ -154,9 +155,9 @@ def test_plan_mapping_finds_every_layer_by_value():
 
     consts = {f"w{i}": Op(m.weight.detach().numpy().astype(np.float16))
               for i, m in enumerate(G.quantizable_layers(unet).values())}
-    found, missing = qc.match_layers(grid, unet, consts, np.float16)
+    found, missing = qc.match_layers(grid.layers, unet, consts, np.float16, "unet")
     assert not missing and len(set(found.values())) == len(grid.layers)
     with torch.no_grad():
         unet.conv_in.weight.mul_(2)
-    found, missing = qc.match_layers(grid, unet, consts, np.float16)
+    found, missing = qc.match_layers(grid.layers, unet, consts, np.float16, "unet")
     assert list(missing) == ["conv_in"] and "kept float" in missing["conv_in"]

@@ -13,14 +13,12 @@ import pytest
 pytest.importorskip("litert_torch")
 pytest.importorskip("ai_edge_litert")
 
-from pocketfusion import artifact  # noqa: E402
-from pocketfusion.checkpoint import load_model  # noqa: E402
-from pocketfusion.compress.grid import QuantGrid, apply, layer_group_size, quantizable_layers, rtn, rtn_grid  # noqa: E402
-from pocketfusion.export.api import export_model  # noqa: E402
+from pocketfusion.compress.quant.grid import QuantGrid, apply, layer_group_size, quantizable_layers, rtn, rtn_grid  # noqa: E402
+from pocketfusion.export import layer_map as lm  # noqa: E402
 from pocketfusion.export.base import TOLERANCE, ExportConfig  # noqa: E402
 from pocketfusion.export.quant_tflite import Q_SUFFIX, expected_scale, read_integers, read_model  # noqa: E402
+from pocketfusion.export.testing import export_entry, save_quantized  # noqa: E402
 from pocketfusion.runtimes.base import load_session  # noqa: E402
-from pocketfusion.testing.fixtures import save_quantized  # noqa: E402
 
 CFG = ExportConfig(targets=("tflite",), components=("unet",))
 GROUP = 8  # the tiny U-Net is 8-32 channels wide: groups of 8 make most 4-bit layers group-wise
@@ -45,14 +43,11 @@ def quantized_copy(src, dst, make_grid):
 def mixed(tiny_sd, tmp_path_factory):
     root = tmp_path_factory.mktemp("qtflite")
     src = quantized_copy(tiny_sd, root / "m", mixed_grid)
-    export_model(load_model(src), CFG, root / "e", progress=False)
-    return src, root / "e", artifact.load_manifest(root / "e").metrics["components"]["tflite/unet"]
+    return export_entry(src, CFG, root / "e", "tflite/unet")
 
 
 def test_mixed_grid_is_held_bit_for_bit_and_runs(mixed):
-    src, exp, entry = mixed
-    model = load_model(src)
-    grid, unet = model.quant, model.components["unet"]
+    grid, unet, entry, layer_map = mixed.grid, mixed.model.components["unet"], mixed.entry, mixed.component.layer_map
     q = entry["quantization"]
     assert q["layers_float"] == 0 and q["fallbacks"] == {}
     n8 = sum(g.bits == 8 for g in grid.layers.values())
@@ -62,8 +57,10 @@ def test_mixed_grid_is_held_bit_for_bit_and_runs(mixed):
     kinds = {(grid.layers[n].kind, grid.layers[n].shape[2:] if grid.layers[n].kind == "conv" else ()) for n in grouped}
     assert ("conv", (3, 3)) in kinds and ("conv", (1, 1)) in kinds and ("linear", ()) in kinds
 
+    assert set(layer_map) == set(grid.layers)  # recorded at export time: the integer tensors, a split weight's pieces in row order
+    assert sum(len(lm.split(v)) > 1 for v in layer_map.values()) == len(q["split"])
     want = grid.integers(unet)
-    got = read_integers(read_model(exp / "tflite" / "unet.tflite"))
+    got = read_integers(read_model(mixed.path), layer_map)
     assert set(got) == set(grid.layers)
     for name, layer in grid.layers.items():
         assert got[name]["bits"] == layer.bits
@@ -71,8 +68,8 @@ def test_mixed_grid_is_held_bit_for_bit_and_runs(mixed):
         # the grid's scales; where the converter folded a constant into a weight, times that constant
         assert np.array_equal(got[name]["scale"], expected_scale(layer, q["scale_factors"].get(name, 1.0))), name
 
-    assert entry["parity"]["status"] == "pass" and entry["parity"]["rel"] < TOLERANCE["tflite"], entry["parity"]
-    s = load_session(exp / "tflite" / "unet.tflite", "tflite", threads=1)
+    assert entry["parity"]["status"] == "pass" and entry["parity"]["rel_max"] < TOLERANCE["tflite"], entry["parity"]
+    s = load_session(mixed.path, "tflite", threads=1)
     assert "XNNPACK" in s.device
     ops = entry["ops"]
     assert ops["DEQUANTIZE"] >= len(grid.layers) and ops["TRANSPOSE"] > 0  # 3x3 group-wise layers re-lay their rows
@@ -81,9 +78,8 @@ def test_mixed_grid_is_held_bit_for_bit_and_runs(mixed):
 def test_integer_storage_widths(mixed):
     from ai_edge_litert import schema_py_generated as schema
 
-    src, exp, _ = mixed
-    grid = load_model(src).quant
-    m = read_model(exp / "tflite" / "unet.tflite")
+    grid = mixed.grid
+    m = read_model(mixed.path)
     tensors = {t.name.decode(): t for t in m.subgraphs[0].tensors}
     for name, layer in grid.layers.items():
         t = tensors.get(name + Q_SUFFIX)
@@ -98,11 +94,9 @@ def test_integer_storage_widths(mixed):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_whole_model_w8_w4_sizes(tiny_sd, tmp_path, bits):
     src = quantized_copy(tiny_sd, tmp_path / "m", lambda u: rtn_grid(u, bits, group_size=GROUP))
-    export_model(load_model(src), CFG, tmp_path / "e", progress=False)
-    export_model(load_model(tiny_sd), CFG, tmp_path / "f", progress=False)
-    entry = artifact.load_manifest(tmp_path / "e").metrics["components"]["tflite/unet"]
-    fp32 = artifact.load_manifest(tmp_path / "f").metrics["components"]["tflite/unet"]
-    grid = load_model(src).quant
+    x = export_entry(src, CFG, tmp_path / "e", "tflite/unet")
+    fp32 = export_entry(tiny_sd, CFG, tmp_path / "f", "tflite/unet").entry
+    entry, grid = x.entry, x.grid
     assert entry["quantization"][f"layers_int{bits}"] == len(grid.layers) and entry["parity"]["status"] == "pass"
     weight_bytes = sum(4 * int(np.prod(g.shape)) for g in grid.layers.values())
     stored = sum(int(np.prod(g.shape)) * bits // 8 + 12 * g.scale.numel() for g in grid.layers.values())  # + fp32 scale, int64 zero point
