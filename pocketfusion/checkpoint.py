@@ -34,6 +34,22 @@ BUNDLED: dict[str, Path] = {
 }
 
 
+def bundled_models() -> list[dict]:
+    """Every bundled model that is present: name, path, stage, step count, guidance mode and the
+    figures measured on it (``metrics["evaluation"]`` of its manifest, when recorded)."""
+    from pocketfusion import artifact
+
+    rows = []
+    for name, path in BUNDLED.items():
+        if not (path / artifact.MANIFEST).is_file():
+            continue
+        m = artifact.load_manifest(path, verify=False)
+        rows.append({"name": name, "path": str(path), "stage": m.stage,
+                     "steps": m.sampler.default_steps if m.sampler else 50, "guidance": m.sampler.guidance if m.sampler else "cfg",
+                     "evaluation": m.metrics.get("evaluation")})
+    return rows
+
+
 def resolve_model_path(path: str | Path | None) -> Path:
     """``None`` → the demo model; a bundled model's name (``demo-4step``) → its folder; else the path."""
     if path is None:

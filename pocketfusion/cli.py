@@ -268,6 +268,27 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    from pocketfusion.checkpoint import bundled_models
+
+    rows = bundled_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<12} {'steps':>5}  {'guidance':<9} {'all five':>8}  {'worst attribute':<18} {'Frechet':>8} {'diversity':>9}  path")
+    for r in rows:
+        ev = r.get("evaluation") or {}
+        acc = ev.get("per_attribute") or {}
+        worst = min(acc.items(), key=lambda kv: kv[1]) if acc else None
+        fd, div = ev.get("frechet"), ev.get("diversity")
+        print(f"{r['name']:<12} {r['steps']:>5}  {r['guidance']:<9} "
+              f"{format(ev['all_correct'], '8.1%') if 'all_correct' in ev else '       –'}  "
+              f"{f'{worst[0]} {worst[1]:.1%}' if worst else '–':<18} {format(fd, '8.2f') if fd is not None else '       –'} "
+              f"{format(div, '9.2f') if div is not None else '        –'}  {r['path']}")
+    print("figures: measured on the held-out prompts (see each model's manifest.json, metrics.evaluation)")
+    return 0
+
+
 def cmd_info(args) -> int:
     from pocketfusion.info import describe, format_table
 
@@ -310,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_report(sub)
     _add_info(sub)
+    _add_models(sub)
     return ap
 
 
@@ -449,6 +471,12 @@ def _add_report(sub) -> None:
     p.add_argument("results", nargs="+", help="bench results JSON files")
     p.add_argument("-o", "--output", required=True, help="output .html")
     p.set_defaults(func=cmd_report)
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="the bundled models (demo teacher, distilled students) with their measured figures")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_models)
 
 
 def _add_info(sub) -> None:
