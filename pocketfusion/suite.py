@@ -11,7 +11,7 @@ ask ``suite_for(model)``; none imports ``pocketfusion.demo``. The demo model's s
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 from pocketfusion.errors import UserError
 
 Evaluator = Callable[[Sequence[Any], Sequence[str]], dict]
+Distribution = Callable[..., dict]  # (images, prompts, seeds_images=None) -> {"frechet", "diversity", ...}
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class PromptSuite:
     train_prompts: tuple[str, ...]
     heldout_prompts: tuple[str, ...] = ()
     evaluator: Evaluator | None = None  # (uint8 HWC images, their prompts) -> {"per_attribute", "all_correct", "n", ...}
+    distribution: Distribution | None = None  # (images, prompts, seeds_images=None) -> {"frechet", "diversity", ...}
 
     def calibration_prompts(self, n: int, seed: int = 0) -> list[str]:
         """``n`` distinct training prompts, drawn with ``seed`` (never held-out prompts).
@@ -54,6 +56,15 @@ class PromptSuite:
         if self.evaluator is None:
             raise UserError(f"the {self.name} prompt set has no evaluator (prompt accuracy needs the demo grammar)")
         return self.evaluator(images, prompts)
+
+    def measure_distribution(
+        self, images: Sequence[Any], prompts: Sequence[str], seeds_images: Mapping[str, Sequence[Any]] | None = None
+    ) -> dict:
+        """Distribution figures of ``images`` generated from ``prompts`` (one each): Fréchet distance against the
+        data and, with ``seeds_images`` (prompt -> its images over several seeds), diversity across seeds."""
+        if self.distribution is None:
+            raise UserError(f"the {self.name} prompt set has no distribution measure (it needs the demo grammar's renderer)")
+        return self.distribution(images, prompts, seeds_images=seeds_images)
 
 
 def read_prompts(path: str | Path, n: int | None = None) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pocketfusion.suite import PromptSuite
@@ -18,13 +18,20 @@ def _evaluate(images: Sequence, prompts: Sequence[str]) -> dict:
     return prompt_accuracy(images, [parse_prompt(p) for p in prompts])
 
 
+def _distribution(images: Sequence, prompts: Sequence[str], seeds_images: Mapping[str, Sequence] | None = None) -> dict:
+    from pocketfusion.demo.distribution import measure
+
+    return measure(images, prompts, seeds_images)
+
+
 @functools.lru_cache(maxsize=1)
 def demo_suite() -> PromptSuite:
     from pocketfusion.demo.scenes import split_scenes
 
     train, held = split_scenes()
     return PromptSuite(name="demo", train_prompts=tuple(s.prompt for s in train),
-                       heldout_prompts=tuple(s.prompt for s in held), evaluator=_evaluate)
+                       heldout_prompts=tuple(s.prompt for s in held), evaluator=_evaluate,
+                       distribution=_distribution)
 
 
 def is_demo_compatible(model) -> bool:
