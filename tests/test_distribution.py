@@ -113,6 +113,8 @@ def test_measure_through_the_suite(prompts, renders):
     assert out["n"] == 12 and out["diversity_seeds"] == 8
     assert 0.8 < out["sharpness"] < 1.25
     assert "diversity" not in demo_suite().measure_distribution(renders[:12], few)
+    spread = D.diversity_prompts()
+    assert len(spread) == D.DIVERSITY_PROMPTS and len({parse_prompt(p).shape for p in spread}) == 3
     with pytest.raises(UserError):
         PromptSuite(name="file", train_prompts=("a cat",)).measure_distribution(renders[:1], ["a cat"])
     with pytest.raises(UserError):

@@ -26,6 +26,8 @@ The classifier is shipped in ``pocketfusion/demo/classifier/`` and rebuilt, dete
 and a model is measured (teacher: 60 held-out prompts, 50 steps, guidance 4) by::
 
     python -m pocketfusion.demo.distribution --measure [MODEL] --prompts 60 --steps 50 --guidance 4
+
+(diversity: ``diversity_prompts()``, four held-out prompts spread over the shapes, 16 seeds each).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ RENDERS_PER_PROMPT = 4  # reference renders of each prompt for the Fréchet dist
 REFERENCE_SEED = 1000  # seeds the reference renders (per prompt, so a prompt's renders do not depend on the others)
 FLOOR_SEED = 2000  # seeds the fresh renders of ``frechet_renders``
 DIVERSITY_RENDERS = 64  # renders of a prompt across seeds that the diversity of generated images is divided by
+DIVERSITY_PROMPTS = 4  # held-out prompts (spread over shapes) whose images over seeds the diversity is measured on
+DIVERSITY_SEEDS = 16
 
 
 @dataclass(frozen=True)
@@ -487,11 +491,22 @@ def measure(images: Sequence[np.ndarray], prompts: Sequence[str], seeds_images: 
     return out
 
 
+def diversity_prompts(n: int = DIVERSITY_PROMPTS) -> list[str]:
+    """``n`` held-out prompts spread evenly over the held-out set (which is in shape-major order): the diversity prompts."""
+    from pocketfusion.demo.suite import demo_suite
+
+    held = demo_suite().heldout()
+    if not 1 <= n <= len(held):
+        raise UserError(f"diversity prompts: n must be in 1..{len(held)}, got {n}")
+    return [held[i * len(held) // n] for i in range(n)]
+
+
 def measure_model(model=None, *, prompts: int = 60, steps: int = 50, guidance: float = 4.0, seed: int = 0,
-                  diversity_prompts: int = 4, diversity_seeds: int = 16) -> dict:
+                  n_diversity: int = DIVERSITY_PROMPTS, diversity_seeds: int = DIVERSITY_SEEDS) -> dict:
     """Generate with ``model`` (default: the demo teacher) on the first ``prompts`` held-out prompts and ``measure``.
 
-    Diversity: the first ``diversity_prompts`` held-out prompts, each drawn with seeds ``seed .. seed + diversity_seeds - 1``.
+    Diversity: ``diversity_prompts(n_diversity)``, each drawn with seeds ``seed .. seed + diversity_seeds - 1``
+    (``generate_images`` seeds image i with seed + i); 0 skips it.
     """
     from pocketfusion.checkpoint import load_model
     from pocketfusion.demo.suite import demo_suite
@@ -501,7 +516,8 @@ def measure_model(model=None, *, prompts: int = 60, steps: int = 50, guidance: f
     held = demo_suite().heldout(prompts)
     cfg = GenerateConfig(steps=steps, guidance=guidance, seed=seed)
     images, _ = generate_images(model, held, cfg)
-    seeds_images = {p: generate_images(model, [p] * diversity_seeds, cfg)[0] for p in held[:diversity_prompts]} or None
+    chosen = diversity_prompts(n_diversity) if n_diversity else []
+    seeds_images = {p: generate_images(model, [p] * diversity_seeds, cfg)[0] for p in chosen} or None
     return {**measure(images, held, seeds_images), "steps": steps, "guidance": guidance, "seed": seed}
 
 
