@@ -161,8 +161,39 @@ def test_coreml_rows_read_weights_back_through_the_layer_map(tiny_sd, tmp_path):
     assert matched8 == total and 0 < err["rel_max"] and err["snr_db"] > 30
 
 
-def _tiny_feeds(unet):
+def _tiny_feeds(unet, seq_len=None):
     from pocketfusion.export.components import unet_spec
     from pocketfusion.testing.fixtures import TINY_SEQ_LEN
 
-    return unet_spec(unet, seq_len=TINY_SEQ_LEN).golden
+    return unet_spec(unet, seq_len=seq_len or TINY_SEQ_LEN).golden
+
+
+def test_pocketfusion_export_rows_on_the_tiny_pipeline(tiny_sd, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import argparse
+
+    from pocketfusion.benchmarks.quant.context import Bench
+    from pocketfusion.benchmarks.quant.plan import plan
+    from pocketfusion.checkpoint import load_model
+    from pocketfusion.compress.quant.grid import load_grid, rtn_grid
+    from pocketfusion.export.testing import save_quantized
+
+    model = load_model(tiny_sd)
+    folder = save_quantized(tmp_path / "w8", lambda u: rtn_grid(u, 8), copy_from=tiny_sd)
+    qm = load_model(folder)
+    a = argparse.Namespace(steps=2, guidance=4.0, seed=0, threads=1, skip=[], group_size=32, calib_dir=None)
+    feeds = _tiny_feeds(model.unet, model.components["tokenizer"].model_max_length)  # what the exports take
+    b = Bench(a, model, feeds, ["a large red circle on a blue background, center"], None, tmp_path / "work")
+    b.compressed[("w8", "gptq")] = (folder, qm, load_grid(qm, "unet"), 0.0)  # an RTN grid stands in for the calibrated model
+    b.ref_images, _ = b.torch_generate(model.unet)(b.prompts)
+    for p in plan(b):
+        if p.name in ("fp32 onnx", "pocketfusion GPTQ w8 -> onnx", "ORT quantize_dynamic int8"):
+            b.add(p)
+    rows = {r.name: r for r in b.rows}
+    assert len(rows) == 3 and all(r.status == "ok" for r in rows.values()), [(r.name, r.reason) for r in rows.values()]
+    fp, pf, ort = rows["fp32 onnx"], rows["pocketfusion GPTQ w8 -> onnx"], rows["ORT quantize_dynamic int8"]
+    assert fp.error["rel_max"] < 1e-4 and fp.size_bytes == fp.fp32_bytes
+    assert pf.size_bytes < pf.fp32_bytes == fp.size_bytes and pf.bits_detail.startswith("8")
+    assert pf.extra["parity_vs_on_grid"]["rel_max"] < 1e-3 and "rel" not in pf.extra["parity_vs_on_grid"]
+    assert 0 < pf.error["rel_max"] < 0.1 and pf.images is not None and pf.accuracy is None  # images through the swapped export
+    assert ort.size_bytes < ort.fp32_bytes and "quantized ops" in ort.notes[0] and ort.images is not None
