@@ -66,21 +66,10 @@ class ComponentSpec:
         return tuple(torch.from_numpy(self.golden[0][s.name]) for s in self.inputs)
 
 
-def guidance_embedding(w, dim: int):
-    """Sinusoidal embedding of guidance scales ``w`` (B,), as diffusers' pipelines compute it for a
-    U-Net with ``time_cond_proj_dim`` (``get_guidance_scale_embedding``)."""
-    import torch
-
-    w = w.float() * 1000.0
-    half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
-    emb = w[:, None] * freqs[None, :]
-    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
-    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
-
-
 def _wrappers():
     import torch
+
+    from pocketfusion.compress.distill.student import guidance_embedding  # the one the student was trained with
 
     class TextEncoder(torch.nn.Module):
         def __init__(self, text_encoder):
@@ -102,7 +91,7 @@ def _wrappers():
             if self.sdxl:
                 kwargs["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids}
             if self.embedded:
-                kwargs["timestep_cond"] = guidance_embedding(guidance - 1.0, self.unet.config.time_cond_proj_dim)
+                kwargs["timestep_cond"] = guidance_embedding(guidance, self.unet.config.time_cond_proj_dim)
             return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
 
     class GuidedUNet(UNet):
