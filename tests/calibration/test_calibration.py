@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from pocketfusion import artifact
-from pocketfusion.calibration import capture, demo_prompts, heldout_count, load, read_prompts, resolve, save
+from pocketfusion.calibration import CalibrationConfig, calibrate, capture, heldout_count, load, resolve, save
 from pocketfusion.checkpoint import build_pipeline, load_model
 from pocketfusion.cli import main
 from pocketfusion.errors import UserError
 from pocketfusion.export.components import capture_golden, text_encoder_spec, unet_spec, vae_decoder_spec
+from pocketfusion.suite import read_prompts
 
 STEPS, K = 6, 4
 
@@ -18,6 +19,13 @@ STEPS, K = 6, 4
 @pytest.fixture(scope="module")
 def demo():
     return load_model()
+
+
+def demo_prompts(n, seed=0):
+    """The demo suite's calibration draw (what the calibration stage uses for the demo model)."""
+    from pocketfusion.demo.suite import demo_suite
+
+    return demo_suite().calibration_prompts(n, seed)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +101,8 @@ def test_feeds_reproduce_the_unet_and_the_trajectory(demo):
         want = feeds[k + 1]["sample"][:1] if k + 1 < len(feeds) else cs.vae_decoder_feeds()[0]["latent"] * c["vae"].config.scaling_factor
         np.testing.assert_allclose(nxt.numpy(), want, rtol=0, atol=1e-5)
     # the same latents as diffusers' own pipeline at the same seed
-    ref = build_pipeline(demo)(prompt, num_inference_steps=5, guidance_scale=4.0, generator=torch.Generator().manual_seed(11), output_type="latent").images
+    ref = build_pipeline(demo)(prompt, num_inference_steps=5, guidance_scale=4.0, generator=torch.Generator().manual_seed(11),
+                               output_type="latent").images
     np.testing.assert_allclose(cs.vae_decoder_feeds()[0]["latent"] * c["vae"].config.scaling_factor, ref.numpy(), rtol=0, atol=1e-4)
 
 
@@ -110,7 +119,7 @@ def test_save_load_round_trip_bit_for_bit(cset, saved, demo):
     assert s["prompts"] == cset.prompts and s["seeds"] == [3, 4, 5, 6, 7] and s["steps"] == STEPS and s["guidance"] == 4.0
     assert s["scheduler"]["class"] == "DDIMScheduler" and s["scheduler"]["config"]["prediction_type"] == "v_prediction"
     assert s["step_indices"] == cset.settings["step_indices"] and len(s["timesteps"]) == K
-    assert m.source["sha256"] == artifact.content_hash(demo.path)
+    assert m.schema_version == 2 and m.source.sha256 == artifact.content_hash(demo.path)
     assert m.metrics["heldout_prompt_indices"] == [4] and m.metrics["unet_pairs"] == 5 * K
 
 
@@ -159,7 +168,7 @@ def test_load_with_another_model_is_rejected(saved, tiny_sd, tmp_path):
         load(tmp_path / "tiny-set", model=load_model(tmp_path / "twin"))
 
 
-def test_read_prompts_and_demo_prompts(tmp_path):
+def test_read_prompts_and_suite_prompts(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("first prompt\n\n  second prompt  \nthird\n")
     assert read_prompts(f) == ["first prompt", "second prompt", "third"]
@@ -177,6 +186,9 @@ def test_read_prompts_and_demo_prompts(tmp_path):
     p = demo_prompts(40)
     assert p == demo_prompts(40) and len(set(p)) == 40 and p != demo_prompts(40, seed=1)
     assert set(p) <= {s.prompt for s in train} and not set(p) & {s.prompt for s in held}
+    import random
+
+    assert p == [s.prompt for s in random.Random(0).sample(train, 40)]  # the draw the calibration module always made
     with pytest.raises(UserError):
         demo_prompts(len(train) + 1)
 
@@ -201,6 +213,32 @@ def test_resolve(demo, tiny_sd, saved, tmp_path):
         resolve(load_model(other), None, n_prompts=2)
     with pytest.raises(UserError, match="needs a full pipeline"):
         resolve(load_model(tiny_sd / "unet"), str(f))
+    # any prompt suite can stand in for the built-in one
+    from pocketfusion.suite import from_file
+
+    two = ["a small red circle on a blue background, center", "a large white square on a black background, top left"]
+    (tmp_path / "two.txt").write_text("\n".join(two) + "\n")
+    cs = resolve(load_model(other), None, n_prompts=2, steps=2, n_timesteps=2, progress=False, suite=from_file(tmp_path / "two.txt"))
+    assert sorted(cs.prompts) == sorted(two)
+
+
+def test_calibrate_stage(tiny_sd, tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("a small red circle on a blue background, center\n")
+    with pytest.raises(UserError, match="--timesteps must be in 1..2"):
+        CalibrationConfig(steps=2, n_timesteps=3)
+    with pytest.raises(UserError, match="--num-prompts must be >= 1"):
+        CalibrationConfig(n_prompts=0)
+    with pytest.raises(UserError, match="does not exist"):
+        CalibrationConfig(prompts=str(tmp_path / "nope.txt")).check_prompt_file()
+    tiny = load_model(tiny_sd)
+    cs = calibrate(tiny, CalibrationConfig(prompts=f, steps=2, n_timesteps=2, seed=4), tmp_path / "a", progress=False)
+    assert cs.prompts == ["a small red circle on a blue background, center"] and cs.seeds == [4]
+    assert load(tmp_path / "a", model=tiny).prompts == cs.prompts
+    cs = calibrate(tiny, CalibrationConfig(n_prompts=3, steps=2, n_timesteps=1), tmp_path / "b", progress=False)
+    assert cs.prompts == demo_prompts(3)  # the demo tokenizer: the built-in suite fits
+    m = artifact.load_manifest(tmp_path / "b")
+    assert m.stage == "calibrate" and m.schema_version == 2 and m.source.path == str(tiny_sd.resolve())
 
 
 def test_sdxl_unet_without_second_encoder_is_a_user_error(tiny_sd):
@@ -279,9 +317,11 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "two.txt").write_text("a red circle\na blue square\n")
     assert "holds no prompts" in _cli_error(capsys, ["calibrate", "--prompts", str(tmp_path / "empty.txt"), "-o", str(out)])
-    assert "fewer than the 3" in _cli_error(capsys, ["calibrate", "--prompts", str(tmp_path / "two.txt"), "--num-prompts", "3", "-o", str(out)])
+    two = str(tmp_path / "two.txt")
+    assert "fewer than the 3" in _cli_error(capsys, ["calibrate", "--prompts", two, "--num-prompts", "3", "-o", str(out)])
     assert "does not exist" in _cli_error(capsys, ["calibrate", "--prompts", str(tmp_path / "nope.txt"), "-o", str(out)])
-    assert "--timesteps must be in 1..2" in _cli_error(capsys, ["calibrate", "--num-prompts", "1", "--steps", "2", "--timesteps", "3", "-o", str(out)])
+    argv = ["calibrate", "--num-prompts", "1", "--steps", "2", "--timesteps", "3", "-o", str(out)]
+    assert "--timesteps must be in 1..2" in _cli_error(capsys, argv)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "two.txt"]  # nothing written, no temp dirs
 
 
