@@ -40,6 +40,7 @@ from torch import nn
 from pocketfusion.artifact import atomic_write_text
 from pocketfusion.backends import require
 from pocketfusion.errors import CheckpointError, UserError
+from pocketfusion.validate import is_int, is_num
 
 logger = logging.getLogger(__name__)
 
@@ -106,41 +107,33 @@ class TrainConfig:
         return cls(**d)
 
 
-def _is_int(v: Any, low: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
-def _is_num(v: Any, low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> bool:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        return False
-    return (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
 
 
 def _config_problems(c: TrainConfig) -> list[str]:
     inf = math.inf
     checks = [
         (c.version == CONFIG_VERSION, f"version={c.version!r}: only {CONFIG_VERSION}"),
-        (_is_int(c.iterations, 1), f"iterations={c.iterations!r}: an int >= 1"),
-        (_is_num(c.lr, 0, inf, open_low=True), f"lr={c.lr!r}: a finite float > 0"),
-        (all(_is_num(v, 0, inf, open_low=True) for _, v in c.module_lr), f"module_lr={c.module_lr!r}: rates > 0"),
+        (is_int(c.iterations, 1), f"iterations={c.iterations!r}: an int >= 1"),
+        (is_num(c.lr, 0, inf, open_low=True), f"lr={c.lr!r}: a finite float > 0"),
+        (all(is_num(v, 0, inf, open_low=True) for _, v in c.module_lr), f"module_lr={c.module_lr!r}: rates > 0"),
         (len(c.module_lr) == len({k for k, _ in c.module_lr}), f"module_lr={c.module_lr!r}: a module named twice"),
-        (len(c.betas) == 2 and all(_is_num(b, 0, 1, open_high=True) for b in c.betas), f"betas={c.betas!r}: two floats in [0, 1)"),
-        (_is_num(c.eps, 0, inf, open_low=True), f"eps={c.eps!r}: a float > 0"),
-        (_is_num(c.weight_decay, 0, inf), f"weight_decay={c.weight_decay!r}: a float >= 0"),
+        (len(c.betas) == 2 and all(is_num(b, 0, 1, open_high=True) for b in c.betas), f"betas={c.betas!r}: two floats in [0, 1)"),
+        (is_num(c.eps, 0, inf, open_low=True), f"eps={c.eps!r}: a float > 0"),
+        (is_num(c.weight_decay, 0, inf), f"weight_decay={c.weight_decay!r}: a float >= 0"),
         (c.schedule in SCHEDULES, f"schedule={c.schedule!r}: one of {', '.join(SCHEDULES)}"),
-        (_is_int(c.warmup, 0), f"warmup={c.warmup!r}: an int >= 0"),
-        (_is_num(c.min_lr_ratio, 0, 1), f"min_lr_ratio={c.min_lr_ratio!r}: a float in [0, 1]"),
-        (c.grad_clip is None or _is_num(c.grad_clip, 0, inf, open_low=True), f"grad_clip={c.grad_clip!r}: None or > 0"),
-        (c.ema_decay is None or _is_num(c.ema_decay, 0, 1, open_low=True, open_high=True), f"ema_decay={c.ema_decay!r}: None or in (0, 1)"),
+        (is_int(c.warmup, 0), f"warmup={c.warmup!r}: an int >= 0"),
+        (is_num(c.min_lr_ratio, 0, 1), f"min_lr_ratio={c.min_lr_ratio!r}: a float in [0, 1]"),
+        (c.grad_clip is None or is_num(c.grad_clip, 0, inf, open_low=True), f"grad_clip={c.grad_clip!r}: None or > 0"),
+        (c.ema_decay is None or is_num(c.ema_decay, 0, 1, open_low=True, open_high=True), f"ema_decay={c.ema_decay!r}: None or in (0, 1)"),
         (isinstance(c.ema_warmup, bool), f"ema_warmup={c.ema_warmup!r}: a bool"),
-        (_is_int(c.accumulation, 1), f"accumulation={c.accumulation!r}: an int >= 1"),
+        (is_int(c.accumulation, 1), f"accumulation={c.accumulation!r}: an int >= 1"),
         (c.precision in PRECISIONS, f"precision={c.precision!r}: one of {', '.join(PRECISIONS)}"),
         (c.device in DEVICES, f"device={c.device!r}: one of {', '.join(DEVICES)}"),
-        (_is_int(c.seed, 0) and c.seed < 2**31, f"seed={c.seed!r}: an int in [0, 2**31)"),
-        (_is_int(c.checkpoint_every, 0), f"checkpoint_every={c.checkpoint_every!r}: an int >= 0 (0: never)"),
-        (_is_int(c.keep_checkpoints, 1), f"keep_checkpoints={c.keep_checkpoints!r}: an int >= 1"),
+        (is_int(c.seed, 0) and c.seed < 2**31, f"seed={c.seed!r}: an int in [0, 2**31)"),
+        (is_int(c.checkpoint_every, 0), f"checkpoint_every={c.checkpoint_every!r}: an int >= 0 (0: never)"),
+        (is_int(c.keep_checkpoints, 1), f"keep_checkpoints={c.keep_checkpoints!r}: an int >= 1"),
         (isinstance(c.resume, bool), f"resume={c.resume!r}: a bool"),
-        (_is_int(c.log_every, 1), f"log_every={c.log_every!r}: an int >= 1"),
+        (is_int(c.log_every, 1), f"log_every={c.log_every!r}: an int >= 1"),
         (not (c.precision == "fp16" and c.device == "cpu"), "precision='fp16' needs device='cuda' (GradScaler); use 'bf16' on cpu"),
     ]
     return [msg for ok, msg in checks if not ok]

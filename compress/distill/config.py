@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from pocketfusion.errors import UserError
+from pocketfusion.validate import is_int, is_num
 
 METHODS = ("lcm", "regression")
 STEPS = (1, 2, 4)
@@ -105,41 +105,33 @@ class DistillConfig:
             raise UserError(f"--prompts {self.prompts} is not a file (expected a text file, one prompt a line)")
 
 
-def _int(v: Any, low: int, high: float = math.inf) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
-
-
-def _num(v: Any, low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False) -> bool:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        return False
-    return (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
 
 
 def _problems(c: DistillConfig) -> list[str]:
     g = c.guidance_range
     checks = [
         (c.version == CONFIG_VERSION, f"version={c.version!r}: only {CONFIG_VERSION}"),
-        (c.steps in STEPS and _int(c.steps, 1), f"steps={c.steps!r}: one of 1, 2, 4"),
+        (c.steps in STEPS and is_int(c.steps, 1), f"steps={c.steps!r}: one of 1, 2, 4"),
         (c.method in METHODS, f"method={c.method!r}: one of {', '.join(METHODS)}"),
-        (_int(c.iterations, 1), f"iterations={c.iterations!r}: an int >= 1"),
-        (_int(c.batch_size, 1), f"batch_size={c.batch_size!r}: an int >= 1"),
-        (_num(c.lr, 0, open_low=True), f"lr={c.lr!r}: a float > 0"),
-        (c.grad_clip is None or _num(c.grad_clip, 0, open_low=True), f"grad_clip={c.grad_clip!r}: None or > 0"),
-        (len(g) == 2 and all(_num(x, 1.0, 100.0) for x in g) and g[0] <= g[1],
+        (is_int(c.iterations, 1), f"iterations={c.iterations!r}: an int >= 1"),
+        (is_int(c.batch_size, 1), f"batch_size={c.batch_size!r}: an int >= 1"),
+        (is_num(c.lr, 0, open_low=True), f"lr={c.lr!r}: a float > 0"),
+        (c.grad_clip is None or is_num(c.grad_clip, 0, open_low=True), f"grad_clip={c.grad_clip!r}: None or > 0"),
+        (len(g) == 2 and all(is_num(x, 1.0, 100.0) for x in g) and g[0] <= g[1],
          f"guidance_range={g!r}: (min, max) with 1 <= min <= max <= 100 (1: no guidance)"),
-        (_int(c.teacher_steps, 2, 1000), f"teacher_steps={c.teacher_steps!r}: an int in 2..1000"),
-        (not _int(c.teacher_steps, 1) or c.steps not in STEPS or c.steps <= c.teacher_steps,
+        (is_int(c.teacher_steps, 2, 1000), f"teacher_steps={c.teacher_steps!r}: an int in 2..1000"),
+        (not is_int(c.teacher_steps, 1) or c.steps not in STEPS or c.steps <= c.teacher_steps,
          f"steps={c.steps!r} exceeds teacher_steps={c.teacher_steps!r}"),
-        (_int(c.w_embedding_dim, 4) and c.w_embedding_dim % 2 == 0, f"w_embedding_dim={c.w_embedding_dim!r}: an even int >= 4"),
-        (_num(c.ema_decay, 0, 1, open_low=True, open_high=True), f"ema_decay={c.ema_decay!r}: a float in (0, 1)"),
-        (_num(c.huber_c, 0, open_low=True), f"huber_c={c.huber_c!r}: a float > 0"),
-        (_num(c.timestep_scaling, 0, open_low=True), f"timestep_scaling={c.timestep_scaling!r}: a float > 0"),
-        (_int(c.n_pairs, 1), f"n_pairs={c.n_pairs!r}: an int >= 1"),
-        (_int(c.teacher_batch, 1), f"teacher_batch={c.teacher_batch!r}: an int >= 1"),
-        (c.n_prompts is None or _int(c.n_prompts, 1), f"n_prompts={c.n_prompts!r}: None or an int >= 1"),
-        (_int(c.seed, 0, 2**31 - 1), f"seed={c.seed!r}: an int in [0, 2**31)"),
+        (is_int(c.w_embedding_dim, 4) and c.w_embedding_dim % 2 == 0, f"w_embedding_dim={c.w_embedding_dim!r}: an even int >= 4"),
+        (is_num(c.ema_decay, 0, 1, open_low=True, open_high=True), f"ema_decay={c.ema_decay!r}: a float in (0, 1)"),
+        (is_num(c.huber_c, 0, open_low=True), f"huber_c={c.huber_c!r}: a float > 0"),
+        (is_num(c.timestep_scaling, 0, open_low=True), f"timestep_scaling={c.timestep_scaling!r}: a float > 0"),
+        (is_int(c.n_pairs, 1), f"n_pairs={c.n_pairs!r}: an int >= 1"),
+        (is_int(c.teacher_batch, 1), f"teacher_batch={c.teacher_batch!r}: an int >= 1"),
+        (c.n_prompts is None or is_int(c.n_prompts, 1), f"n_prompts={c.n_prompts!r}: None or an int >= 1"),
+        (is_int(c.seed, 0, 2**31 - 1), f"seed={c.seed!r}: an int in [0, 2**31)"),
         (c.device in DEVICES, f"device={c.device!r}: one of {', '.join(DEVICES)}"),
-        (_int(c.checkpoint_every, 0), f"checkpoint_every={c.checkpoint_every!r}: an int >= 0 (0: never)"),
+        (is_int(c.checkpoint_every, 0), f"checkpoint_every={c.checkpoint_every!r}: an int >= 0 (0: never)"),
         (isinstance(c.resume, bool), f"resume={c.resume!r}: a bool"),
         (c.precision in PRECISIONS, f"precision={c.precision!r}: one of {', '.join(PRECISIONS)}"),
         (not (c.precision == "fp16" and c.device == "cpu"), "precision='fp16' needs device='cuda'; use 'bf16' on cpu"),
