@@ -98,7 +98,9 @@ def test_kill_and_ctrl_c_leave_nothing_behind(tmp_path, sig, code, word):
 
     out = tmp_path / "cal"
     proc = subprocess.Popen([sys.executable, "-m", "pocketfusion", "run", "--target", "", "--quant", "none",
-                             "--bench-runs", "0", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--bench-runs", "0", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a background CI job inherits SIGINT ignored; Ctrl-C reaches a foreground process
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not any(p.name.endswith(".partial") for p in tmp_path.iterdir()):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
