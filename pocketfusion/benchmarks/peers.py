@@ -119,6 +119,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="pf-peers-"))
     try:
         runners, feed, m, export_s = export_runners(model, work / "export", a.threads)
+        n_targets = len(runners)
         opt_run, opt_s = optimum_unet(model_dir, work, a.threads)
         runners[OPTIMUM] = lambda: opt_run(feed)
         runners[EAGER] = eager_runner(model.components["unet"], feed)
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
             "model": str(model_dir), "threads": a.threads, "runs": a.runs, "rounds": a.rounds,
             "median_ms": med, "speedup_vs_eager": {k: med[EAGER] / v for k, v in med.items()},
             "speedup_vs_optimum": {k: med[OPTIMUM] / v for k, v in med.items()},
-            "export_seconds": {f"pocketfusion ({len(runners) - 2} targets, unet)": export_s, "optimum-cli (whole pipeline)": opt_s},
+            "export_seconds": {f"pocketfusion ({n_targets} targets, unet)": export_s, "optimum-cli (whole pipeline)": opt_s},
             "samples_ms": {k: v["samples_ms"] for k, v in lat.items()},
             "delegation": m.metrics.get("components", {}).get(et.key, {}).get("delegation") if et else None,
         }

@@ -12,7 +12,7 @@ def test_child_exports_measures_and_checks_parity(monkeypatch, tmp_path):
     monkeypatch.setitem(fixtures.FULL_CONFIGS, "sd15", fixtures.TINY_CONFIGS["sd15"])  # the full size takes minutes and GiBs
     res = scale.child(["onnx", "sd15", str(tmp_path), "1", "fp32", "w8", "32"])
     assert res["target"] == "onnx" and res["quant"] == "w8" and res["size_bytes"] > 0 and res["peak_rss_gib"] > 0
-    assert res["info"]["quantization"] and res["parity"]["rel_max"] < 1e-3 and "rel" not in res["parity"]
+    assert res["info"]["quantization"] and res["parity"]["rel_max"] < 1e-3
 
 
 def test_unknown_target_is_refused():
