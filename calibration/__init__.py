@@ -9,10 +9,10 @@ Prompts reach calibration only through ``pocketfusion.suite`` (a ``PromptSuite``
 the core only.
 """
 
-from pocketfusion.calibration.capture import CalibrationSet, capture, check_model, heldout_count, load, save
+from pocketfusion.calibration.capture import CalibrationSet, capture, capture_steps, check_model, heldout_count, load, save
 from pocketfusion.calibration.stage import DEFAULT_PROMPTS, CalibrationConfig, calibrate, resolve
 
 __all__ = [
-    "DEFAULT_PROMPTS", "CalibrationConfig", "CalibrationSet", "calibrate", "capture", "check_model", "heldout_count", "load",
-    "resolve", "save",
+    "DEFAULT_PROMPTS", "CalibrationConfig", "CalibrationSet", "calibrate", "capture", "capture_steps", "check_model",
+    "heldout_count", "load", "resolve", "save",
 ]

@@ -3,15 +3,18 @@
 ``capture`` runs the PyTorch pipeline (tokenizer, text encoder, the model's scheduler, CFG) once
 per prompt, prompt ``i`` with seed ``seed + i``, and records the U-Net's feed at ``n_timesteps``
 steps spread evenly over the whole trajectory (first and last included; activation ranges drift
-with the timestep, Q-Diffusion), each as a CFG pair ``[cond, uncond]``. ``save`` writes it as an
+with the timestep, Q-Diffusion), each as a CFG pair ``[cond, uncond]``; for a distilled student (a
+guidance-embedded U-Net) it runs the student's own sampler (its scheduler and step count, one batch-1
+call per step with the guidance scale as an input) and records those calls, ``guidance`` included. ``save`` writes it as an
 artifact directory (stage ``calibrate``)::
 
     DIR/manifest.json             settings: prompts, seeds, steps, guidance, scheduler + config,
                                   sampled step indices and timesteps; source: model path + hash
     DIR/calibration.safetensors   M = prompts x timesteps rows, ordered by prompt, then step
-        unet.sample                 (M, 2, C, h, w) float32  after scale_model_input
-        unet.timestep               (M, 2)          float32
-        unet.encoder_hidden_states  (M, 2, L, D)    float32
+        unet.sample                 (M, B, C, h, w) float32  after scale_model_input (B: 2, a CFG pair; 1 for a student)
+        unet.timestep               (M, B)          float32
+        unet.encoder_hidden_states  (M, B, L, D)    float32
+        unet.guidance               (M, 1)          float32  a student's guidance input only
         unet.text_embeds            (M, 2, T)       float32  SDXL-style U-Nets only
         unet.time_ids               (M, 2, 6)       float32  SDXL-style U-Nets only
         unet.noise_pred             (M, 2, C, h, w) float32  the U-Net's output on that feed
@@ -47,6 +50,7 @@ FILE = "calibration.safetensors"
 FORMAT_VERSION = 1
 SPLITS = ("all", "calib", "heldout")
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+DEFAULT_STEPS = 20  # sampling steps of a classifier-free-guided model's calibration runs
 SDXL_INPUTS = ("text_embeds", "time_ids")
 _REQUIRED = ("unet.sample", "unet.timestep", "unet.encoder_hidden_states", "unet.noise_pred", "unet.prompt_index",
              "unet.step_index", "text_encoder.input_ids", "vae_decoder.latent")
@@ -89,14 +93,19 @@ class CalibrationSet:
         return "unet.text_embeds" in self.tensors
 
     @property
+    def embedded(self) -> bool:
+        """Recorded from a distilled student: batch-1 feeds with the guidance scale as an input."""
+        return "unet.guidance" in self.tensors
+
+    @property
     def unet_input_names(self) -> tuple[str, ...]:
-        return UNET_INPUTS + (SDXL_INPUTS if self.sdxl else ())
+        return UNET_INPUTS + (SDXL_INPUTS if self.sdxl else ()) + (("guidance",) if self.embedded else ())
 
     def _rows(self, split: str) -> np.ndarray:
         return np.flatnonzero(np.isin(self.tensors["unet.prompt_index"], self.prompt_indices(split)))
 
     def unet_feeds(self, split: str = "all") -> list[dict[str, np.ndarray]]:
-        """U-Net feeds (CFG pairs, batch 2) named as ``unet_spec``'s inputs, by prompt then step."""
+        """U-Net feeds (CFG pairs, batch 2; a student's batch 1) named as ``unet_spec``'s inputs, by prompt then step."""
         return [{n: self.tensors[f"unet.{n}"][r] for n in self.unet_input_names} for r in self._rows(split)]
 
     def unet_outputs(self, split: str = "all") -> list[dict[str, np.ndarray]]:
@@ -154,16 +163,29 @@ def _sdxl_encoder(model, unet):
     return encode
 
 
-def capture(model, prompts: Sequence[str], *, steps: int = 20, n_timesteps: int = 10, guidance: float = 4.0,
+def capture_steps(model, steps: int | None, n_timesteps: int) -> tuple[int, int]:
+    """(steps, timesteps recorded) of a capture: ``steps`` None is the model's own sampler for a distilled
+    student (its default step count, every step recorded up to ``n_timesteps``), else ``DEFAULT_STEPS``."""
+    from pocketfusion.checkpoint import sampler_of
+
+    if steps is not None:
+        return steps, n_timesteps
+    s = sampler_of(model) if model.kind == "pipeline" else None
+    if s is not None and s.guidance == "embedded":
+        return s.default_steps, min(n_timesteps, s.default_steps)
+    return DEFAULT_STEPS, n_timesteps
+
+
+def capture(model, prompts: Sequence[str], *, steps: int | None = None, n_timesteps: int = 10, guidance: float = 4.0,
             seed: int = 0, progress: bool = True) -> CalibrationSet:
     """Run the PyTorch pipeline on ``prompts`` and record every component's inputs.
 
     Args:
         model: a ``pocketfusion.checkpoint.load_model`` pipeline.
         prompts: one image per prompt; prompt ``i`` uses seed ``seed + i``.
-        steps: sampling steps of the model's scheduler.
+        steps: sampling steps of the model's scheduler (None: ``capture_steps``: a student's own, else 20).
         n_timesteps: steps recorded per prompt, spread evenly over the trajectory (first and last included).
-        guidance: classifier-free guidance scale of the sampling run.
+        guidance: the guidance scale of the sampling run (classifier-free, or a student's guidance input).
 
     Returns:
         A ``CalibrationSet`` (see the module docstring for its arrays).
@@ -178,7 +200,10 @@ def capture(model, prompts: Sequence[str], *, steps: int = 20, n_timesteps: int 
     if model.kind != "pipeline":
         raise UserError(f"{model.path} holds a bare {model.class_name}; calibration needs a full pipeline folder "
                         "(model_index.json) to run the sampler")
+    from pocketfusion.guidance import embeds_guidance, guidance_embedding
+
     prompts = list(prompts)
+    steps, n_timesteps = capture_steps(model, steps, n_timesteps)
     _check_settings(len(prompts), steps, n_timesteps, guidance)
     t0 = time.perf_counter()
     comps = model.components
@@ -189,6 +214,9 @@ def capture(model, prompts: Sequence[str], *, steps: int = 20, n_timesteps: int 
         raise UserError(f"{model.path}: U-Net addition_embed_type {cfg.addition_embed_type!r} is not supported "
                         "(supported: none, 'text_time')")
     encode_sdxl = _sdxl_encoder(model, unet) if cfg.addition_embed_type == "text_time" else None
+    embedded = embeds_guidance(unet)
+    if embedded and encode_sdxl:
+        raise UserError(f"{model.path}: a guidance-embedded SDXL U-Net is not supported by calibration")
     h, w = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
     L = tok.model_max_length
     sched.set_timesteps(steps)
@@ -197,6 +225,10 @@ def capture(model, prompts: Sequence[str], *, steps: int = 20, n_timesteps: int 
     rec: dict[str, list] = {k: [] for k in ("sample", "timestep", "encoder_hidden_states", "noise_pred", "prompt_index", "step_index")}
     if encode_sdxl:
         rec.update(text_embeds=[], time_ids=[])
+    if embedded:
+        rec["guidance"] = []
+        gg = torch.full((1,), float(guidance))
+        kwargs_embedded = {"timestep_cond": guidance_embedding(gg, cfg.time_cond_proj_dim).to(unet.dtype)}
     input_ids, latents = [], []
     for i, prompt in enumerate(tqdm(prompts, desc="calibrate", unit="prompt", disable=not progress)):
         ids = tok([prompt, ""], padding="max_length", max_length=L, truncation=True, return_tensors="pt").input_ids
@@ -210,9 +242,12 @@ def capture(model, prompts: Sequence[str], *, steps: int = 20, n_timesteps: int 
         g = torch.Generator().manual_seed(seed + i)
         lat = torch.randn((1, cfg.in_channels, h, w), generator=g) * sched.init_noise_sigma
         sched.set_timesteps(steps)  # resets multistep schedulers' state
+        if embedded:  # the student's own call: batch 1, the conditional embedding, the guidance scale as an input
+            ctx, kwargs, added = ctx[:1], kwargs_embedded, {"guidance": gg}
+        b = 1 if embedded else 2
         for k, t in enumerate(sched.timesteps):
-            inp = sched.scale_model_input(torch.cat([lat, lat]), t)
-            tt = torch.full((2,), float(t))
+            inp = sched.scale_model_input(torch.cat([lat] * b), t)
+            tt = torch.full((b,), float(t))
             with torch.no_grad():
                 eps = unet(inp.to(unet.dtype), tt, ctx.to(unet.dtype), return_dict=False, **kwargs)[0].float()
             if k in keep:
@@ -220,29 +255,33 @@ def capture(model, prompts: Sequence[str], *, steps: int = 20, n_timesteps: int 
                     rec[name].append(v.float().numpy())
                 rec["prompt_index"].append(i)
                 rec["step_index"].append(k)
-            e_c, e_u = eps.chunk(2)
-            lat = sched.step(e_u + guidance * (e_c - e_u), t, lat).prev_sample
+            if embedded:
+                lat = sched.step(eps, t, lat, generator=g).prev_sample  # LCM re-noises from the image's generator
+            else:
+                e_c, e_u = eps.chunk(2)
+                lat = sched.step(e_u + guidance * (e_c - e_u), t, lat).prev_sample
         latents.append((lat / vae.config.scaling_factor).float().numpy())
     tensors = {f"unet.{k}": np.stack(v).astype(np.int32 if k.endswith("_index") else np.float32, copy=False) for k, v in rec.items()}
     tensors["text_encoder.input_ids"] = np.stack(input_ids)
     tensors["vae_decoder.latent"] = np.stack(latents).astype(np.float32, copy=False)
     return CalibrationSet(prompts=prompts, seeds=[seed + i for i in range(len(prompts))],
-                          settings=_capture_settings(steps, guidance, sched, keep, tensors),
+                          settings=_capture_settings(steps, guidance, sched, keep, tensors, embedded),
                           source=artifact.source_ref(model.path), tensors=tensors,
                           metrics={"capture_seconds": round(time.perf_counter() - t0, 3)})
 
 
-def _capture_settings(steps: int, guidance: float, sched, keep: list[int], tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+def _capture_settings(steps: int, guidance: float, sched, keep: list[int], tensors: dict[str, np.ndarray],
+                      embedded: bool = False) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "steps": steps,
         "n_timesteps": len(keep),
         "guidance": float(guidance),
-        "cfg_pair": ["cond", "uncond"],
+        **({"guidance_input": "embedded"} if embedded else {"cfg_pair": ["cond", "uncond"]}),
         "scheduler": {"class": type(sched).__name__, "config": _json_safe(sched.config)},
         "step_indices": keep,
         "timesteps": [float(sched.timesteps[k]) for k in keep],
-        "unet_inputs": [n for n in (*UNET_INPUTS, *SDXL_INPUTS) if f"unet.{n}" in tensors],
+        "unet_inputs": [n for n in (*UNET_INPUTS, *SDXL_INPUTS, "guidance") if f"unet.{n}" in tensors],
     }
 
 
@@ -306,7 +345,10 @@ def check_model(cset: CalibrationSet, model, *, name: str = "calibration set") -
     cfg, L = model.components["unet"].config, model.components["tokenizer"].model_max_length
     h, w = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
     D = cfg.cross_attention_dim if isinstance(cfg.cross_attention_dim, int) else cfg.cross_attention_dim[0]
-    expect = {"unet.sample": (2, cfg.in_channels, h, w), "unet.encoder_hidden_states": (2, L, D), "text_encoder.input_ids": (1, L)}
+    from pocketfusion.guidance import embeds_guidance
+
+    b = 1 if embeds_guidance(model.components["unet"]) else 2
+    expect = {"unet.sample": (b, cfg.in_channels, h, w), "unet.encoder_hidden_states": (b, L, D), "text_encoder.input_ids": (1, L)}
     for key, shape in expect.items():
         got = tuple(cset.tensors[key].shape[1:])
         if got != shape:

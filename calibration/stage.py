@@ -26,7 +26,7 @@ class CalibrationConfig:
 
     prompts: str | None = None
     n_prompts: int | None = None
-    steps: int = 20
+    steps: int | None = None  # None: 20, or a distilled student's own step count (``capture_steps``)
     n_timesteps: int = 10
     guidance: float = 4.0
     seed: int = 0
@@ -36,9 +36,9 @@ class CalibrationConfig:
             object.__setattr__(self, "prompts", str(self.prompts))
         if self.n_prompts is not None and self.n_prompts < 1:
             raise UserError(f"--num-prompts must be >= 1, got {self.n_prompts}")
-        if not 1 <= self.steps <= 1000:
+        if self.steps is not None and not 1 <= self.steps <= 1000:
             raise UserError(f"--steps must be in 1..1000, got {self.steps}")
-        if not 1 <= self.n_timesteps <= self.steps:
+        if not 1 <= self.n_timesteps <= (self.steps or 1000):
             raise UserError(f"--timesteps must be in 1..{self.steps} (the sampling steps), got {self.n_timesteps}")
         if not 0.0 <= self.guidance <= 50.0:
             raise UserError(f"--guidance must be in 0..50, got {self.guidance}")
@@ -72,7 +72,7 @@ def calibrate(model, cfg: CalibrationConfig, out: str | Path, *, progress: bool 
     return cset
 
 
-def resolve(model, calib: str | Path | None, *, n_prompts: int | None = None, steps: int = 20, n_timesteps: int = 10,
+def resolve(model, calib: str | Path | None, *, n_prompts: int | None = None, steps: int | None = None, n_timesteps: int = 10,
             guidance: float = 4.0, seed: int = 0, progress: bool = True, suite=None) -> CalibrationSet:
     """The calibration set a command asked for with ``--calib``.
 

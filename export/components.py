@@ -69,7 +69,7 @@ class ComponentSpec:
 def _wrappers():
     import torch
 
-    from pocketfusion.compress.distill.student import guidance_embedding  # the one the student was trained with
+    from pocketfusion.guidance import guidance_embedding  # the one the student was trained with
 
     class TextEncoder(torch.nn.Module):
         def __init__(self, text_encoder):

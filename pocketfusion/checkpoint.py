@@ -50,6 +50,24 @@ def bundled_models() -> list[dict]:
     return rows
 
 
+def find_source(model) -> Path | None:
+    """The folder ``model`` was made from (its manifest's ``source``), found by content hash: the recorded
+    path when it still holds those files, else a bundled model that does (a student shipped with the
+    package names the teacher's path on the machine that distilled it). None when neither does."""
+    from pocketfusion import artifact
+
+    if not (Path(model.path) / artifact.MANIFEST).is_file():
+        return None
+    src = artifact.load_manifest(model.path, verify=False).source
+    if src is None:
+        return None
+    candidates = [Path(src.path)] + [p for p in BUNDLED.values() if p.resolve() != Path(model.path).resolve()]
+    for p in candidates:
+        if p.is_dir() and artifact.content_hash(p) == src.sha256:
+            return p
+    return None
+
+
 def resolve_model_path(path: str | Path | None) -> Path:
     """``None`` → the demo model; a bundled model's name (``demo-4step``) → its folder; else the path."""
     if path is None:

@@ -440,7 +440,7 @@ def _add_calibrate(sub) -> None:
                    help="text file, one prompt a line (default: built-in demo prompts, demo model only)")
     p.add_argument("--num-prompts", type=int, default=None, metavar="N",
                    help="use the first N prompts (default: 32 built-in prompts, or every line of FILE)")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20; a distilled student's own step count)")
     p.add_argument("--timesteps", type=int, default=10, metavar="K",
                    help="steps recorded per prompt, spread over the trajectory (default 10)")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
@@ -457,7 +457,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--runs", type=int, default=20, help="timed runs per component (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up runs (default 3)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: 1, or 3 when comparing)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps of the end-to-end measurement")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps of the end-to-end measurement (default: each artifact's own: 50 for the demo teacher)")
     p.add_argument("--no-end-to-end", action="store_true", help="time components only")
     p.add_argument("--json", default=None, help="write results JSON here")
     p.add_argument("--device", default="host", help="host (default), qemu-arm64, android[:SERIAL], mac, iphone")

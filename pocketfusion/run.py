@@ -8,6 +8,11 @@ fp32) → export the quantized U-Net to the same targets → benchmark both expo
 (latency, peak memory, each in its own process, interleaved) → write ``grid.png``, ``eval.png``,
 ``eval.json``, ``export/``, ``compressed/``, ``export-<scheme>/``, ``bench.json``,
 ``report.html`` and ``manifest.json``.
+On a distilled student whose teacher is at hand (``checkpoint.find_source``: the bundled ``demo`` for
+``demo-4step`` and ``demo-1step``), it also measures the end-to-end speed against that teacher at
+the teacher's own sampler (50 steps with classifier-free guidance for the demo): in PyTorch
+(interleaved, one image at a time) and on every runtime (the teacher exported to the same targets,
+``teacher-export/``, benched in the same interleaved run).
 Targets whose backend is missing are listed in the manifest with the extra that installs them.
 """
 
@@ -85,11 +90,16 @@ def run(model, cfg: RunConfig, out: Path, *, showcase: Sequence[str]) -> str:
             "macs_per_call": {k: v["macs"]["total"] for k, v in info["components"].items()},
             "parameters": {k: v["parameters"] for k, v in info["components"].items()},
         }
+        teacher = _teacher(model)
+        if teacher is not None:
+            metrics["teacher"] = _pytorch_against_teacher(model, teacher, gen, showcase[0])
         exported = _export(model, cfg, tmp / "export")
         if exported is not None:
             metrics["export"] = exported
         if cfg.quant is not None:
             metrics["compress"] = _compress(model, cfg, gen, tmp, eval_images, metrics.get("export"))
+        if teacher is not None and cfg.bench_runs and metrics.get("export", {}).get("components"):
+            _export(teacher, cfg, tmp / "teacher-export")
         if cfg.bench_runs and metrics.get("export", {}).get("components"):
             metrics["bench"] = _bench(cfg, tmp)
         artifact.atomic_write_text(tmp / "eval.json", json.dumps(result, indent=2) + "\n")
@@ -117,6 +127,12 @@ def _summary(out: Path, cfg: RunConfig, metrics: dict) -> str:
                      f"min {c['image_psnr_db']['min_db']:.1f} dB; accuracy {acc}")
         for key, e in c.get("export", {}).get("components", {}).items():
             lines.append(_export_line(key, e, indent=4))
+    if "teacher" in metrics:
+        t = metrics["teacher"]
+        lines.append(f"  against the teacher ({t['teacher_steps']}-step CFG, {t['path']}): PyTorch {t['speedup']:.1f}x faster end to end "
+                     f"({t['student_s']:.3f} s vs {t['teacher_s']:.3f} s per image, interleaved)")
+    for label, rs in metrics.get("bench", {}).get("speed_vs_teacher", {}).items():
+        lines.append(f"  bench {label} end to end vs the teacher (x faster): " + ", ".join(f"{k} {v:.1f}x" for k, v in rs.items()))
     for key, b in metrics.get("bench", {}).get("median_ms", {}).items():
         lines.append(f"  bench {key:<33} {b:8.2f} ms  peak {metrics['bench']['peak_rss_mib'][key]:6.1f} MiB")
     for label, rs in metrics.get("bench", {}).get("speed_vs_float", {}).items():
@@ -133,16 +149,50 @@ def _bench(cfg: RunConfig, tmp: Path) -> dict:
     from pocketfusion.runtimes.report import write_report
 
     dirs = [tmp / "export"] + ([tmp / f"export-{cfg.quant}"] if cfg.quant and (tmp / f"export-{cfg.quant}").is_dir() else [])
-    res = bench(dirs, BenchConfig(runs=cfg.bench_runs, warmup=2, rounds=2 if len(dirs) > 1 else 1, steps=cfg.steps))
+    dirs += [tmp / "teacher-export"] if (tmp / "teacher-export").is_dir() else []
+    # end to end: each export at its own sampler (a student's steps, the teacher's 50 CFG steps)
+    res = bench(dirs, BenchConfig(runs=cfg.bench_runs, warmup=2, rounds=2 if len(dirs) > 1 else 1))
     artifact.atomic_write_text(tmp / "bench.json", json.dumps(res, indent=2) + "\n")
     write_report([tmp / "bench.json"], tmp / "report.html")
     key = lambda r: f"{r['artifact']}:{r['runtime']}/{r['component']}"  # noqa: E731
     return {
         "median_ms": {key(r): r["latency_ms"]["median"] for r in res["results"]},
         "peak_rss_mib": {key(r): r["peak_rss_mib"] for r in res["results"]},
-        "speed_vs_float": res.get("ratios", {}),  # float median / this median, per runtime/component
+        "speed_vs_float": {k: v for k, v in res.get("ratios", {}).items() if k != "teacher-export"},  # float / this median
+        "speed_vs_teacher": {"export": {k.split("/")[0]: 1 / v for k, v in res.get("ratios", {}).get("teacher-export", {}).items()
+                                        if k.endswith("/end_to_end")}} if "teacher-export" in res.get("ratios", {}) else {},
         "host": res["host"].get("processor"), "runs": cfg.bench_runs, "notes": res["notes"],
     }
+
+
+def _teacher(model):
+    """The loaded teacher of a distilled student (``checkpoint.find_source``), else None."""
+    from pocketfusion.checkpoint import find_source, load_model, sampler_of
+
+    if sampler_of(model).guidance != "embedded" or (path := find_source(model)) is None:
+        return None
+    teacher = load_model(path)
+    return teacher if teacher.kind == "pipeline" and sampler_of(teacher).guidance == "cfg" else None
+
+
+def _pytorch_against_teacher(model, teacher, gen, prompt: str, rounds: int = 3) -> dict:
+    """One image at a time, student (``gen``) and teacher (its own steps, CFG) interleaved: median seconds and the ratio."""
+    import dataclasses
+
+    import numpy as np
+
+    from pocketfusion.generate import default_steps, generate_images
+
+    tgen = dataclasses.replace(gen, steps=default_steps(teacher))
+    for m, g in ((model, gen), (teacher, tgen)):  # warm-up
+        generate_images(m, [prompt], g)
+    s, t = [], []
+    for _ in range(rounds):
+        s.append(generate_images(model, [prompt], gen)[1])
+        t.append(generate_images(teacher, [prompt], tgen)[1])
+    student_s, teacher_s = float(np.median(s)), float(np.median(t))
+    return {"path": str(teacher.path), "teacher_steps": tgen.steps, "student_steps": gen.steps, "student_s": student_s,
+            "teacher_s": teacher_s, "speedup": teacher_s / student_s, "rounds": rounds}
 
 
 def _export_line(key: str, e: dict, *, indent: int) -> str:

@@ -46,11 +46,11 @@ class BenchConfig:
     runs: int = 20
     warmup: int = 3
     rounds: int = 1
-    steps: int = 50  # end-to-end sampling steps
+    steps: int | None = None  # end-to-end sampling steps (None: each artifact's own, ``manifest.sampler.default_steps``)
     end_to_end: bool = True
 
     def __post_init__(self) -> None:
-        if self.runs < 1 or self.warmup < 0 or self.rounds < 1 or self.steps < 1:
+        if self.runs < 1 or self.warmup < 0 or self.rounds < 1 or (self.steps is not None and self.steps < 1):
             raise UserError("--runs, --rounds and --steps must be >= 1, --warmup >= 0")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be >= 1, got {self.threads}")
@@ -137,14 +137,15 @@ def _jobs(root: Path, cfg: BenchConfig) -> list[dict]:
     if cfg.end_to_end and m.sampler is not None:
         for runtime, comps in by_runtime.items():
             if {"text_encoder", "unet", "vae_decoder"} <= set(comps):
-                jobs.append({"root": str(root), "runtime": runtime, "component": "end_to_end", "path": None, "size_bytes": None})
+                jobs.append({"root": str(root), "runtime": runtime, "component": "end_to_end", "path": None, "size_bytes": None,
+                             "steps": cfg.steps or m.sampler.default_steps, "guidance_mode": m.sampler.guidance})
     if not jobs:
         raise UserError(f"{root}: nothing to benchmark for runtimes {sorted(wanted) if wanted else 'any'} on this host")
     return jobs
 
 
 def _run_child(job: dict, cfg: BenchConfig, runs: int) -> dict:
-    payload = dict(job, threads=cfg.threads, runs=runs, warmup=cfg.warmup, steps=cfg.steps)
+    payload = dict(job, threads=cfg.threads, runs=runs, warmup=cfg.warmup)
     if job["component"] == "end_to_end":
         payload["runs"] = max(1, min(runs, 3))
         payload["warmup"] = min(cfg.warmup, 1)
@@ -216,6 +217,8 @@ def bench(dirs: list[Path], cfg: BenchConfig, *, progress: bool = True) -> dict:
                 "peak_rss_mib": max(r["peak_rss_mib"] for r in runs), "rss_growth_mib": max(r["rss_growth_mib"] for r in runs),
                 "size_bytes": job["size_bytes"],
             }
+            if job["component"] == "end_to_end":
+                entry.update(steps=job["steps"], guidance_mode=job["guidance_mode"])
             if job["component"] in macs:
                 entry["macs"] = macs[job["component"]]
                 entry["gflops"] = 2 * macs[job["component"]] / (med / 1e3) / 1e9
@@ -293,7 +296,7 @@ def format_table(res: dict) -> str:
         lines.append(f"{r['artifact'][:14]:<14} {r['runtime']:<12} {r['component']:<13} {lat['median']:10.2f} {lat['p90']:9.2f} "
                      f"{lat['min']:8.2f} {r['load_ms']:8.1f} {r['peak_rss_mib']:9.1f} {r['rss_growth_mib']:7.1f} {roof}")
     for label, rs in res.get("ratios", {}).items():
-        lines.append(f"speed-up of {res['artifacts'][0]['label']} over {label}: " + ", ".join(f"{k} {v:.2f}x" for k, v in rs.items()))
+        lines.append(f"{label} against {res['artifacts'][0]['label']} (x faster): " + ", ".join(f"{k} {v:.2f}x" for k, v in rs.items()))
     for e in res.get("estimates", []):
         if e["component"] == "unet":
             lines.append(

@@ -26,7 +26,7 @@ class DistillConfig:
         method: ``lcm`` (latent consistency distillation: a skipping-step DDIM solver on the guided teacher,
             an EMA target network, Huber loss) or ``regression`` (the student maps the teacher's noise to the
             teacher's 50-step image in one call at t = T-1, read as x0; MSE; for 2 and 4 steps it also learns
-            x0 from re-noised teacher images at its other timesteps).
+            its other timesteps from points of the teacher's own trajectory, each mapped to that trajectory's end).
         w_embedding_dim: width of the sinusoidal guidance-scale embedding (``time_cond_proj_dim``).
         ema_decay: ``lcm``: decay of the EMA target network (the weights saved as the student).
         huber_c: ``lcm``: the Huber loss's c.

@@ -9,8 +9,11 @@ computes as ``denoised`` when sampling it.
   timestep ``t_{n+k}``; the guided teacher takes one DDIM step to ``t_n`` (``k = T / teacher_steps``);
   the student at ``t_{n+k}`` must match the EMA target network at ``t_n`` (Huber loss).
 * ``regression``: the student maps the teacher's noise at ``t = T-1`` to the teacher's sample (MSE on
-  x0). For 2 and 4 steps, a batch element is taken at one of the student's timesteps: at the first the
-  pair's own noise, at the others the teacher sample re-noised, the target always the teacher sample.
+  x0). For 2 and 4 steps, a batch element is taken at one of the student's timesteps, drawn uniformly: at
+  the first the pair's own noise, at the others the teacher's own trajectory from that noise (its DDIM
+  state there), the target always the end of that trajectory. This is consistency distillation with the
+  exact end point in place of the bootstrapped EMA target: every point of a trajectory maps to where the
+  teacher's ODE takes it, so the student's LCM multistep sampling (re-noise, denoise) stays on targets.
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ from pocketfusion.compress.distill.teacher import Pairs
 
 
 def _draw(pairs: Pairs, cond: torch.Tensor, batch_size: int, ctx) -> tuple[torch.Tensor, ...]:
-    """A random batch of pairs on the device: (noise, x0, cond, guidance)."""
+    """A random batch of pairs on the device: (their indices, noise, x0, cond, guidance)."""
     idx = torch.randint(0, len(pairs), (batch_size,), generator=ctx.rng)
     dev = ctx.device
-    return (pairs.noise[idx].to(dev), pairs.latents[idx].to(dev), cond[pairs.prompt_index[idx]].to(dev),
+    return (idx, pairs.noise[idx].to(dev), pairs.latents[idx].to(dev), cond[pairs.prompt_index[idx]].to(dev),
             pairs.guidance[idx].to(dev))
 
 
@@ -43,7 +46,7 @@ def lcm_loss(student, teacher, shadow: Shadow, schedule: Schedule, pairs: Pairs,
         if ctx.iteration > 0 and ctx.micro_step == 0:
             shadow.update(student, cfg.ema_decay)  # the target follows the student after each optimizer step
         s = sched.setdefault(ctx.device, schedule.to(ctx.device))
-        _, x0, c, g = _draw(pairs, cond, cfg.batch_size, ctx)
+        _, _, x0, c, g = _draw(pairs, cond, cfg.batch_size, ctx)
         index = torch.randint(0, n_solver, (cfg.batch_size,), generator=ctx.rng)
         start = solver_ts[index].to(ctx.device)
         t = (start - topk).clamp(min=0)
@@ -70,19 +73,20 @@ def lcm_loss(student, teacher, shadow: Shadow, schedule: Schedule, pairs: Pairs,
 def regression_loss(student, schedule: Schedule, pairs: Pairs, cond: torch.Tensor, cfg) -> Callable:
     """Regression onto the teacher's samples at the student's timesteps (see the module docstring)."""
     ts = torch.tensor(lcm_timesteps(cfg.steps, cfg.teacher_steps, schedule.T))
+    if cfg.steps > 1 and (pairs.states is None or list(pairs.state_timesteps) != ts[1:].tolist()):
+        raise ValueError(f"regression for {cfg.steps} steps needs the teacher's trajectory at {ts[1:].tolist()}")
     sched = {}
 
     def loss_fn(batch, ctx) -> torch.Tensor:
         s = sched.setdefault(ctx.device, schedule.to(ctx.device))
-        noise_T, x0, c, g = _draw(pairs, cond, cfg.batch_size, ctx)
+        idx, noise_T, x0, c, g = _draw(pairs, cond, cfg.batch_size, ctx)
         if cfg.steps == 1:
             t, x_t = ts[[0] * cfg.batch_size].to(ctx.device), noise_T
         else:
             k = torch.randint(0, cfg.steps, (cfg.batch_size,), generator=ctx.rng)
-            fresh = torch.randn(x0.shape, generator=ctx.rng).to(ctx.device)
             t = ts[k].to(ctx.device)
-            first = (k == 0).to(ctx.device).reshape(-1, 1, 1, 1)
-            x_t = torch.where(first, noise_T, s.add_noise(x0, fresh, t))
+            on_path = pairs.states[idx, (k - 1).clamp(min=0)].to(ctx.device)  # states[:, j] is timestep ts[j + 1]
+            x_t = torch.where((k == 0).to(ctx.device).reshape(-1, 1, 1, 1), noise_T, on_path)
         w_emb = guidance_embedding(g, cfg.w_embedding_dim)
         pred = s.consistency(student_call(student, x_t, t, c, w_emb), t, x_t)
         return torch.nn.functional.mse_loss(pred.float(), x0.float())

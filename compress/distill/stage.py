@@ -84,7 +84,7 @@ def _distill(model, cfg: DistillConfig, out: Path, progress: bool) -> artifact.M
     cond, uncond = TE.encode(model, prompts, device).cpu(), TE.encode(model, [""], device).cpu()
     _claim_work_dir(work, cfg)
     pairs = TE.teacher_pairs(model, teacher, cond, uncond, prompts, cfg, device=device, work=work, model_hash=source.sha256,
-                             progress=progress)
+                             record=trajectory_timesteps(cfg, schedule.T), progress=progress)
     sampling_s = time.perf_counter() - t0
     student = make_student(model.unet, cfg.w_embedding_dim)
     result, final = _train(student, teacher, schedule, pairs, cond, uncond, cfg, work, progress)
@@ -108,6 +108,13 @@ def _distill(model, cfg: DistillConfig, out: Path, progress: bool) -> artifact.M
     if world > 1:
         torch.distributed.barrier()
     return manifest if rank == 0 else artifact.load_manifest(out)
+
+
+def trajectory_timesteps(cfg: DistillConfig, T: int = 1000) -> tuple[int, ...]:
+    """The student timesteps after the first at which the teacher's trajectory is kept (multistep ``regression``)."""
+    from pocketfusion.compress.distill.student import lcm_timesteps
+
+    return tuple(lcm_timesteps(cfg.steps, cfg.teacher_steps, T)[1:]) if cfg.method == "regression" else ()
 
 
 def _rank() -> tuple[int, int]:

@@ -19,23 +19,13 @@ import torch
 from torch import nn
 
 from pocketfusion.errors import UserError
+from pocketfusion.guidance import guidance_embedding
+
+__all__ = ["guidance_embedding", "make_student", "Schedule", "Shadow", "student_call", "lcm_timesteps"]
 
 SIGMA_DATA = 0.5  # the consistency models' sigma_data (diffusers' LCMScheduler)
 COND_PROJ = "time_embedding.cond_proj.weight"
 PREDICTIONS = ("epsilon", "v_prediction")
-
-
-def guidance_embedding(scale: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The ``timestep_cond`` of guidance scales ``scale`` (shape ``[B]``, diffusers' convention: 1 = none).
-
-    The same numbers as ``LatentConsistencyModelPipeline.get_guidance_scale_embedding(scale - 1, dim)``.
-    """
-    w = (scale - 1.0) * 1000.0
-    half = dim // 2
-    freq = torch.exp(torch.arange(half, dtype=dtype, device=w.device) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
-    emb = w.to(dtype)[:, None] * freq[None, :]
-    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
-    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 == 1 else emb
 
 
 def make_student(teacher, w_embedding_dim: int):

@@ -1,8 +1,10 @@
 """What the teacher provides: prompt embeddings and its guided samples (noise -> image pairs).
 
 Distillation is data-free: the prompts come from the model's suite or a text file, and every target
-is the teacher's own guided DDIM sample. The pairs are made once per run and cached in the work
-directory (safetensors + a JSON key), so a resumed run does not sample them again.
+is the teacher's own guided DDIM sample. A pair may also carry points of the teacher's ODE trajectory
+(its DDIM states at the teacher timesteps nearest to the student's later timesteps), so that a
+multistep student learns where each point of the trajectory ends. The pairs are made once per run
+and cached in the work directory (safetensors + a JSON key), so a resumed run does not sample them again.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class Pairs:
     guidance: torch.Tensor  # [N] float32, diffusers' convention (1 = none)
     seconds: float = 0.0  # what sampling them took (when they were made, for a cached set)
     cached: bool = False  # read from the work directory's cache
+    states: torch.Tensor | None = None  # [N, K, C, H, W]: the trajectory from noise[i] at state_timesteps[k]
+    state_timesteps: tuple[int, ...] = ()  # the student timesteps the states stand for
 
     def __len__(self) -> int:
         return int(self.noise.shape[0])
@@ -65,28 +69,33 @@ def encode(model, prompts: list[str], device: torch.device, batch: int = 64) -> 
     return torch.cat(out)
 
 
-def _key(model_hash: str, prompts: list[str], cfg, shape: tuple[int, ...]) -> dict:
+def _key(model_hash: str, prompts: list[str], cfg, shape: tuple[int, ...], record: tuple[int, ...]) -> dict:
     digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
-    return {"source": model_hash, "prompts_sha256": digest, "n_pairs": cfg.n_pairs, "teacher_steps": cfg.teacher_steps,
-            "guidance_range": list(cfg.guidance_range), "seed": cfg.seed, "shape": list(shape)}
+    key = {"source": model_hash, "prompts_sha256": digest, "n_pairs": cfg.n_pairs, "teacher_steps": cfg.teacher_steps,
+           "guidance_range": list(cfg.guidance_range), "seed": cfg.seed, "shape": list(shape)}
+    return {**key, "trajectory": list(record)} if record else key
 
 
 def teacher_pairs(model, unet, cond: torch.Tensor, uncond: torch.Tensor, prompts: list[str], cfg, *, device: torch.device,
-                  work: Path, model_hash: str, progress: bool = True) -> Pairs:
-    """``cfg.n_pairs`` guided teacher samples, read from or written to the cache under ``work``."""
+                  work: Path, model_hash: str, record: tuple[int, ...] = (), progress: bool = True) -> Pairs:
+    """``cfg.n_pairs`` guided teacher samples, read from or written to the cache under ``work``.
+
+    ``record``: student timesteps at which to keep the teacher's trajectory as ``Pairs.states``.
+    """
     from safetensors.torch import load_file, save_file
 
     c = unet.config
     size = (c.sample_size, c.sample_size) if isinstance(c.sample_size, int) else tuple(c.sample_size)
     shape = (c.in_channels, *size)
-    key = _key(model_hash, prompts, cfg, shape)
+    key = _key(model_hash, prompts, cfg, shape, tuple(record))
     if (work / _KEY).is_file() and (work / _PAIRS).is_file():
         try:
             meta = json.loads((work / _KEY).read_text())
             if meta["key"] == key:
                 t = load_file(str(work / _PAIRS))
                 logger.info("reusing %d cached teacher samples from %s", cfg.n_pairs, work)
-                return Pairs(t["noise"], t["latents"], t["prompt_index"], t["guidance"], float(meta["seconds"]), True)
+                return Pairs(t["noise"], t["latents"], t["prompt_index"], t["guidance"], float(meta["seconds"]), True,
+                             t.get("states"), tuple(record))
         except (OSError, ValueError, KeyError):
             logger.warning("cached teacher samples in %s are unreadable: sampling them again", work)
     t0 = time.perf_counter()
@@ -96,12 +105,13 @@ def teacher_pairs(model, unet, cond: torch.Tensor, uncond: torch.Tensor, prompts
     lo, hi = cfg.guidance_range
     guidance = lo + (hi - lo) * torch.rand(n, generator=g)
     prompt_index = torch.arange(n) % len(prompts)
-    latents = sample(model, unet, noise, cond[prompt_index], uncond, guidance, cfg.teacher_steps,
-                     device=device, batch=cfg.teacher_batch, progress=progress)
-    pairs = Pairs(noise, latents, prompt_index, guidance.float(), time.perf_counter() - t0)
+    latents, states = sample(model, unet, noise, cond[prompt_index], uncond, guidance, cfg.teacher_steps,
+                             device=device, batch=cfg.teacher_batch, record=record, progress=progress)
+    pairs = Pairs(noise, latents, prompt_index, guidance.float(), time.perf_counter() - t0, False, states, tuple(record))
     work.mkdir(parents=True, exist_ok=True)
     tmp = work / f".{_PAIRS}.{os.getpid()}.tmp"  # one per process (data-parallel ranks make the same set)
-    save_file({"noise": noise, "latents": latents, "prompt_index": prompt_index, "guidance": pairs.guidance}, str(tmp))
+    tensors = {"noise": noise, "latents": latents, "prompt_index": prompt_index, "guidance": pairs.guidance}
+    save_file({**tensors, "states": states} if states is not None else tensors, str(tmp))
     tmp.replace(work / _PAIRS)
     atomic_write_text(work / _KEY, json.dumps({"key": key, "seconds": pairs.seconds}) + "\n")  # last: marks the cache complete
     return pairs
@@ -109,10 +119,14 @@ def teacher_pairs(model, unet, cond: torch.Tensor, uncond: torch.Tensor, prompts
 
 @torch.no_grad()
 def sample(model, unet, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, guidance: torch.Tensor, steps: int, *,
-           device: torch.device, batch: int = 64, progress: bool = True) -> torch.Tensor:
-    """The teacher's DDIM (eta 0) samples from ``noise`` with classifier-free guidance ``guidance[i]`` per sample.
+           device: torch.device, batch: int = 64, record: tuple[int, ...] = (),
+           progress: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher's DDIM (eta 0) samples from ``noise`` with classifier-free guidance ``guidance[i]`` per sample,
+    and (``record`` given) its states on the way: ``[N, len(record), C, H, W]``, else None.
 
-    ``cond`` holds one embedding per sample, ``uncond`` the empty prompt's (``[1, L, D]``).
+    ``cond`` holds one embedding per sample, ``uncond`` the empty prompt's (``[1, L, D]``). A recorded state is the
+    sample as it enters the teacher timestep nearest to the requested one (the teacher's 50 DDIM timesteps
+    981, 961, ... pass within ``T / (2 * steps)`` of every student timestep).
     """
     from diffusers import DDIMScheduler
     from tqdm import tqdm
@@ -120,18 +134,27 @@ def sample(model, unet, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.T
     config = {k: v for k, v in dict(model.components["scheduler"].config).items() if not k.startswith("_")}
     sched = DDIMScheduler.from_config(config)
     sched.set_timesteps(steps)
-    out = []
+    ts = [int(t) for t in sched.timesteps]
+    at = {min(range(len(ts)), key=lambda i: abs(ts[i] - r)): k for k, r in enumerate(record)}
+    if len(at) != len(record):
+        raise ValueError(f"trajectory timesteps {record} are too close together for {steps} teacher steps")
+    out, kept = [], []
     bar = tqdm(total=len(noise), desc=f"teacher samples ({steps} steps)", disable=not progress, mininterval=2.0)
     for i in range(0, len(noise), batch):
         x = noise[i:i + batch].to(device)
         c = cond[i:i + batch].to(device)
         u = uncond.to(device).expand_as(c)
         g = guidance[i:i + batch].to(device).reshape(-1, 1, 1, 1)
-        for t in sched.timesteps:
+        states = [None] * len(record)
+        for j, t in enumerate(sched.timesteps):
+            if j in at:
+                states[at[j]] = x.float().cpu()
             e = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([u, c])).sample
             e_u, e_c = e.chunk(2)
             x = sched.step(e_u + g * (e_c - e_u), t, x).prev_sample
         out.append(x.float().cpu())
+        if record:
+            kept.append(torch.stack(states, dim=1))
         bar.update(len(x))
     bar.close()
-    return torch.cat(out)
+    return torch.cat(out), (torch.cat(kept) if record else None)

@@ -73,11 +73,11 @@ class QuantConfig:
     calib: str | None = None
     n_prompts: int | None = None
     seed: int = 0
-    calib_steps: int = 20
+    calib_steps: int | None = None  # None: 20, or a distilled student's own step count (calibration.capture_steps)
     calib_timesteps: int = 10
     calib_guidance: float = 4.0
     image_prompts: int = 4
-    image_steps: int = 20
+    image_steps: int | None = None  # None: as calib_steps
     image_guidance: float = 4.0
 
     def __post_init__(self) -> None:
@@ -103,7 +103,7 @@ class QuantConfig:
         if self.damp < 0:
             raise UserError(f"damp must be >= 0, got {self.damp}")
         for name in ("chunks", "block", "sensitivity_feeds", "max_batch", "hessian_bytes", "calib_steps", "calib_timesteps", "image_steps"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.image_prompts < 0:
             raise UserError(f"image_prompts must be >= 0, got {self.image_prompts}")

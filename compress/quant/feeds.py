@@ -38,8 +38,13 @@ def subsample(feeds: Sequence[dict], n: int) -> list[dict]:
 
 
 def unet_call(unet, batch: dict[str, Any]):
-    """The U-Net's output on one batch of feeds (SDXL's added inputs passed as ``added_cond_kwargs``)."""
+    """The U-Net's output on one batch of feeds (SDXL's added inputs passed as ``added_cond_kwargs``, a
+    student's ``guidance`` as its ``timestep_cond`` embedding)."""
+    from pocketfusion.guidance import guidance_embedding
+
     kwargs = {}
+    if "guidance" in batch:
+        kwargs["timestep_cond"] = guidance_embedding(batch["guidance"], unet.config.time_cond_proj_dim)
     added = {k: batch[k] for k in ADDED_INPUTS if k in batch}
     if added:
         kwargs["added_cond_kwargs"] = added

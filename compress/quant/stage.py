@@ -197,19 +197,21 @@ def _size_metrics(unet, grid: G.QuantGrid) -> dict[str, Any]:
 
 def _image_metrics(model, unet, variants, grid: G.QuantGrid, cfg: QuantConfig, cset) -> dict[str, Any]:
     """Image PSNR of each variant's pipeline against the fp32 one, on held-out calibration prompts."""
+    from pocketfusion.calibration import capture_steps
     from pocketfusion.compress.evaluate import quant_metrics, with_unet
 
     n = cfg.image_prompts
+    steps = capture_steps(model, cfg.image_steps, 1)[0]
     prompts = [cset.prompts[i] for i in cset.prompt_indices("heldout")][:n]
     if len(prompts) < n:
         prompts += [p for p in cset.prompts if p not in prompts][: n - len(prompts)]
     cache: dict = {}
-    kw = {"prompts": prompts, "steps": cfg.image_steps, "guidance": cfg.image_guidance, "seed": cfg.seed, "reference": cache}
+    kw = {"prompts": prompts, "steps": steps, "guidance": cfg.image_guidance, "seed": cfg.seed, "reference": cache}
     images = {k: quant_metrics(model, with_unet(model, u), **kw)["image_psnr_db"] for k, u in variants.items()}
     if grid.activations:  # what a target with static activation quantization would compute
         with simulate_activations(unet, grid.activations["layers"]):
             images[f"{cfg.method}+{cfg.scheme}_activations_simulated"] = quant_metrics(model, with_unet(model, unet), **kw)["image_psnr_db"]
-    return {"prompts": prompts, "steps": cfg.image_steps, "seed": cfg.seed, **images}
+    return {"prompts": prompts, "steps": steps, "seed": cfg.seed, **images}
 
 
 def _copy_pipeline(src: Path, dst: Path) -> None:

@@ -1,14 +1,16 @@
 """The demo's distilled students: measure a model against the 50-step teacher, and ship it.
 
-    python -m pocketfusion.demo.students measure MODEL [--steps N] [--prompts 240] [--json OUT]
-    python -m pocketfusion.demo.students ship SRC --name demo-4step [--prompts 240]
+    python -m pocketfusion.demo.students measure MODEL [--steps N[,N...]] [--prompts 240] [--json OUT]
+    python -m pocketfusion.demo.students ship SRC --name demo-4step [--steps 4,2,1] [--prompts 240]
 
-``measure`` generates the held-out prompts at the model's own step count (guidance 4.0, seed 0,
-image i at seed i), and reports prompt accuracy per attribute and all five at once, and the
-distribution check (Fréchet distance on the shapes classifier's features against renders of the
-same prompts; diversity across seeds for fixed prompts). ``ship`` copies a distilled folder to the
-bundled name's place (``pocketfusion.checkpoint.BUNDLED``) with those figures in its manifest's
-``metrics["evaluation"]``; for ``demo`` (the teacher) only its manifest is rewritten.
+``measure`` generates the held-out prompts at the model's own step count (or each of ``--steps``;
+guidance 4.0, seed 0, image i at seed i), and reports prompt accuracy per attribute and all five at
+once, and the distribution check (Fréchet distance on the shapes classifier's features against
+renders of the same prompts; diversity across seeds for fixed prompts). ``ship`` copies a distilled
+folder to the bundled name's place (``pocketfusion.checkpoint.BUNDLED``) with those figures in its
+manifest's ``metrics["evaluation"]`` (the model's own step count; every step count measured under
+``evaluation["by_steps"]``, and ``vs_teacher``: the all-five ratio against the bundled teacher's
+shipped figure); for ``demo`` (the teacher) only its manifest is rewritten.
 """
 
 from __future__ import annotations
@@ -44,6 +46,30 @@ def measure(model, *, steps: int | None = None, n_prompts: int | None = None, gu
             "generate_seconds": round(seconds, 1)}
 
 
+def measure_steps(model, steps: list[int], *, n_prompts: int | None = None, progress: bool = True) -> dict:
+    """``measure`` at each step count; the model's own (or the first) at the top level, all under ``by_steps``."""
+    from pocketfusion.generate import default_steps
+
+    own = default_steps(model)
+    runs = {n: measure(model, steps=n, n_prompts=n_prompts, progress=progress) for n in steps}
+    top = runs.get(own) or runs[steps[0]]
+    return {**top, "by_steps": {str(n): {k: v for k, v in r.items() if k != "by_steps"} for n, r in runs.items()}}
+
+
+def against_teacher(evaluation: dict) -> dict:
+    """All-five accuracy per step count as a fraction of the bundled teacher's shipped figure (same prompts, seeds)."""
+    from pocketfusion import artifact
+    from pocketfusion.checkpoint import BUNDLED
+
+    ref = artifact.load_manifest(BUNDLED["demo"]).metrics.get("evaluation")
+    if not ref or ref.get("prompts") != evaluation.get("prompts"):
+        return {}
+    out = {"teacher_all_correct": ref["all_correct"], "teacher_steps": ref["steps"]}
+    for n, r in (evaluation.get("by_steps") or {str(evaluation["steps"]): evaluation}).items():
+        out[f"all_correct_ratio_{n}step"] = round(r["all_correct"] / ref["all_correct"], 4)
+    return out
+
+
 def ship(src: Path, name: str, evaluation: dict) -> Path:
     """Copy ``src`` to the bundled model ``name``'s folder with ``evaluation`` in its manifest."""
     from pocketfusion import artifact
@@ -51,6 +77,8 @@ def ship(src: Path, name: str, evaluation: dict) -> Path:
 
     dest = BUNDLED[name]
     m = artifact.load_manifest(src)
+    if name != "demo" and (ratio := against_teacher(evaluation)):
+        evaluation = dict(evaluation, vs_teacher=ratio)
     metrics = dict(m.metrics, evaluation=evaluation)
     if Path(src).resolve() == dest.resolve():  # the teacher: figures only
         artifact.write_manifest(dest, stage=m.stage, settings=m.settings, source=m.source, components=m.components,
@@ -72,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     for cmd in ("measure", "ship"):
         p = sub.add_parser(cmd)
         p.add_argument("model")
-        p.add_argument("--steps", type=int, default=None)
+        p.add_argument("--steps", default=None, help="step count(s), comma-separated (default: the model's own)")
         p.add_argument("--prompts", type=int, default=None, help="held-out prompts (default: all 240)")
         p.add_argument("--json", default=None)
         if cmd == "ship":
@@ -81,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     from pocketfusion.checkpoint import load_model
 
     model = load_model(args.model)
-    ev = measure(model, steps=args.steps, n_prompts=args.prompts)
+    steps = [int(n) for n in args.steps.split(",")] if args.steps else None
+    ev = measure_steps(model, steps, n_prompts=args.prompts) if steps else measure(model, n_prompts=args.prompts)
     print(json.dumps(ev, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(ev, indent=2) + "\n")

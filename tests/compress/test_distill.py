@@ -151,6 +151,43 @@ def test_student_starts_as_the_teachers_conditional_branch_and_embeds_guidance_l
             assert lcm_timesteps(steps, original) == sched.timesteps.tolist()
 
 
+def test_teacher_trajectory_states_are_the_ddim_states_nearest_the_student_timesteps(sources):
+    """Multistep regression learns from points of the teacher's own trajectory: each kept state is the
+    guided DDIM sample as it enters the teacher timestep nearest the student's."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    from pocketfusion.checkpoint import load_model
+    from pocketfusion.compress.distill.stage import trajectory_timesteps
+    from pocketfusion.compress.distill.teacher import sample
+
+    assert trajectory_timesteps(DistillConfig(steps=4, method="regression", teacher_steps=10)) == (799, 499, 299)
+    assert trajectory_timesteps(DistillConfig(steps=1, method="regression")) == ()
+    assert trajectory_timesteps(DistillConfig(steps=4, method="lcm")) == ()
+    model = load_model(sources["eps"])
+    unet = model.unet.eval()
+    c = unet.config
+    noise = torch.randn((3, c.in_channels, c.sample_size, c.sample_size), generator=torch.Generator().manual_seed(0))
+    cond = torch.randn((3, 16, c.cross_attention_dim), generator=torch.Generator().manual_seed(1))
+    uncond = torch.zeros((1, 16, c.cross_attention_dim))
+    g = torch.tensor([2.0, 4.0, 6.0])
+    final, states = sample(model, unet, noise, cond, uncond, g, 10, device=torch.device("cpu"), record=(799, 499, 299),
+                           progress=False)
+    assert states.shape == (3, 3, *noise.shape[1:])
+    sched = DDIMScheduler.from_config(model.components["scheduler"].config)
+    sched.set_timesteps(10)
+    x, seen = noise, {}
+    with torch.no_grad():
+        for t in sched.timesteps:
+            seen[int(t)] = x
+            e_u, e_c = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond.expand_as(cond), cond])).sample.chunk(2)
+            x = sched.step(e_u + g.reshape(-1, 1, 1, 1) * (e_c - e_u), t, x).prev_sample
+    torch.testing.assert_close(final, x)
+    for k, t in enumerate((801, 501, 301)):  # DDIM's 10 timesteps are 901, 801, ..., 1
+        torch.testing.assert_close(states[:, k], seen[t])
+    assert sample(model, unet, noise, cond, uncond, g, 10, device=torch.device("cpu"), progress=False)[1] is None
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(steps=3), "steps=3"), (dict(method="progressive"), "method='progressive'"), (dict(iterations=0), "iterations=0"),
     (dict(guidance_range=(6.0, 2.0)), "guidance_range"), (dict(guidance_range=(0.5, 2.0)), "guidance_range"),
@@ -229,3 +266,45 @@ def test_two_processes_with_accelerate(sources, tmp_path):
     manifest = load_model(out).manifest
     assert manifest.metrics["training"]["processes"] == 2 and manifest.metrics["training"]["iterations"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mp", "prompts.txt"]  # no work dir or partial output left
+
+
+def test_student_calibrates_on_its_own_sampler_then_quantizes_and_exports(sources, tmp_path):
+    """distill -> quantize: the calibration set records the student's own calls (its LCM steps, batch 1, the
+    guidance input); GPTQ runs on them; the quantized student exports at batch 1 with the guidance input."""
+    import numpy as np
+    import torch
+
+    from pocketfusion.calibration import capture
+    from pocketfusion.checkpoint import find_source, load_model
+    from pocketfusion.compress.quant import QuantConfig, quantize
+    from pocketfusion.export.api import export
+    from pocketfusion.export.base import ExportConfig
+    from pocketfusion.guidance import guidance_embedding
+
+    distill(load_model(sources["eps"]), DistillConfig(steps=2, method="regression", **FAST), tmp_path / "s", progress=False)
+    student = load_model(tmp_path / "s")
+    assert find_source(student) == sources["eps"].resolve()
+    prompts = ["a large red circle on a blue background, center", "a small blue square on a white background, top left",
+               "a large green triangle on a black background, bottom right"]
+    cset = capture(student, prompts, guidance=5.0, progress=False)
+    assert cset.embedded and cset.settings["steps"] == 2 and cset.settings["guidance_input"] == "embedded"
+    assert cset.settings["timesteps"] == [999.0, 499.0]  # LCM's timesteps for 2 of the teacher's 10 steps
+    feeds = cset.unet_feeds("all")
+    assert len(feeds) == 6 and feeds[0]["sample"].shape[0] == 1 and feeds[0]["guidance"].tolist() == [5.0]
+    unet = student.unet.eval()
+    with torch.no_grad():
+        f = {k: torch.from_numpy(v) for k, v in feeds[1].items()}
+        out = unet(f["sample"], f["timestep"], f["encoder_hidden_states"],
+                   timestep_cond=guidance_embedding(f["guidance"], unet.config.time_cond_proj_dim)).sample
+    np.testing.assert_allclose(out.numpy(), cset.unet_outputs("all")[1]["noise_pred"], rtol=0, atol=1e-5)
+
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    man = quantize(student, QuantConfig(scheme="w8", calib=str(tmp_path / "p.txt"), image_prompts=1, sensitivity_feeds=2),
+                   tmp_path / "q", progress=False)
+    assert man.sampler.guidance == "embedded" and man.settings["calibration"]["steps"] == 2
+    assert man.metrics["image_psnr_vs_fp32"]["steps"] == 2
+    assert man.metrics["unet_heldout_error"]["gptq"]["snr_db"] > 20
+    ex = export(load_model(tmp_path / "q"), ExportConfig(targets=("onnx",), components=("unet",)), tmp_path / "e")
+    (key, e), = ex.metrics["components"].items()
+    assert key == "onnx/unet" and e["parity"]["rel_max"] < 1e-3 and e["versus_fp32"]["snr_db"] > 20
+    assert [s.name for s in ex.component("unet", "onnx").inputs][-1] == "guidance"
