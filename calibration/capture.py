@@ -215,8 +215,6 @@ def capture(model, prompts: Sequence[str], *, steps: int | None = None, n_timest
                         "(supported: none, 'text_time')")
     encode_sdxl = _sdxl_encoder(model, unet) if cfg.addition_embed_type == "text_time" else None
     embedded = embeds_guidance(unet)
-    if embedded and encode_sdxl:
-        raise UserError(f"{model.path}: a guidance-embedded SDXL U-Net is not supported by calibration")
     h, w = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
     L = tok.model_max_length
     sched.set_timesteps(steps)
@@ -242,8 +240,10 @@ def capture(model, prompts: Sequence[str], *, steps: int | None = None, n_timest
         g = torch.Generator().manual_seed(seed + i)
         lat = torch.randn((1, cfg.in_channels, h, w), generator=g) * sched.init_noise_sigma
         sched.set_timesteps(steps)  # resets multistep schedulers' state
-        if embedded:  # the student's own call: batch 1, the conditional embedding, the guidance scale as an input
-            ctx, kwargs, added = ctx[:1], kwargs_embedded, {"guidance": gg}
+        if embedded:  # the student's own call: batch 1, the conditional row, the guidance scale as an input
+            ctx, added = ctx[:1], {**{k: v[:1] for k, v in added.items()}, "guidance": gg}
+            kwargs = {**kwargs_embedded, **({"added_cond_kwargs": {k: v[:1].to(unet.dtype) for k, v in added.items()
+                                                                    if k != "guidance"}} if encode_sdxl else {})}
         b = 1 if embedded else 2
         for k, t in enumerate(sched.timesteps):
             inp = sched.scale_model_input(torch.cat([lat] * b), t)

@@ -23,18 +23,18 @@ from collections.abc import Callable
 import torch
 
 from pocketfusion.compress.distill.student import Schedule, Shadow, guidance_embedding, lcm_timesteps, student_call
-from pocketfusion.compress.distill.teacher import Pairs
+from pocketfusion.compress.distill.teacher import Conditioning, Pairs, cfg_kwargs
 
 
-def _draw(pairs: Pairs, cond: torch.Tensor, batch_size: int, ctx) -> tuple[torch.Tensor, ...]:
-    """A random batch of pairs on the device: (their indices, noise, x0, cond, guidance)."""
+def _draw(pairs: Pairs, cond: Conditioning, batch_size: int, ctx) -> tuple:
+    """A random batch of pairs on the device: (their indices, noise, x0, U-Net conditioning kwargs, guidance)."""
     idx = torch.randint(0, len(pairs), (batch_size,), generator=ctx.rng)
     dev = ctx.device
-    return (idx, pairs.noise[idx].to(dev), pairs.latents[idx].to(dev), cond[pairs.prompt_index[idx]].to(dev),
+    return (idx, pairs.noise[idx].to(dev), pairs.latents[idx].to(dev), cond.take(pairs.prompt_index[idx]).kwargs(dev),
             pairs.guidance[idx].to(dev))
 
 
-def lcm_loss(student, teacher, shadow: Shadow, schedule: Schedule, pairs: Pairs, cond: torch.Tensor, uncond: torch.Tensor,
+def lcm_loss(student, teacher, shadow: Shadow, schedule: Schedule, pairs: Pairs, cond: Conditioning, uncond: Conditioning,
              cfg) -> Callable:
     """Latent consistency distillation on teacher samples (see the module docstring)."""
     T, n_solver = schedule.T, cfg.teacher_steps
@@ -55,9 +55,8 @@ def lcm_loss(student, teacher, shadow: Shadow, schedule: Schedule, pairs: Pairs,
         w_emb = guidance_embedding(g, cfg.w_embedding_dim)
         pred = s.consistency(student_call(student, x_start, start, c, w_emb), start, x_start)
         with torch.no_grad():
-            u = uncond.to(ctx.device).expand_as(c)
-            out_u, out_c = teacher(torch.cat([x_start, x_start]), torch.cat([start, start]),
-                                   encoder_hidden_states=torch.cat([u, c])).sample.chunk(2)
+            kw = cfg_kwargs(uncond.kwargs(ctx.device, len(x0)), c)
+            out_u, out_c = teacher(torch.cat([x_start, x_start]), torch.cat([start, start]), **kw).sample.chunk(2)
             gw = g.reshape(-1, 1, 1, 1)
             x0_u, x0_c = s.x0(out_u, start, x_start), s.x0(out_c, start, x_start)
             e_u, e_c = s.eps(out_u, start, x_start), s.eps(out_c, start, x_start)
@@ -70,7 +69,7 @@ def lcm_loss(student, teacher, shadow: Shadow, schedule: Schedule, pairs: Pairs,
     return loss_fn
 
 
-def regression_loss(student, schedule: Schedule, pairs: Pairs, cond: torch.Tensor, cfg) -> Callable:
+def regression_loss(student, schedule: Schedule, pairs: Pairs, cond: Conditioning, cfg) -> Callable:
     """Regression onto the teacher's samples at the student's timesteps (see the module docstring)."""
     ts = torch.tensor(lcm_timesteps(cfg.steps, cfg.teacher_steps, schedule.T))
     if cfg.steps > 1 and (pairs.states is None or list(pairs.state_timesteps) != ts[1:].tolist()):

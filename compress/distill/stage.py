@@ -81,7 +81,7 @@ def _distill(model, cfg: DistillConfig, out: Path, progress: bool) -> artifact.M
     source = artifact.source_ref(model.path)
     teacher = _frozen_teacher(model.unet, device)
     schedule = Schedule(dict(model.components["scheduler"].config), cfg.timestep_scaling)
-    cond, uncond = TE.encode(model, prompts, device).cpu(), TE.encode(model, [""], device).cpu()
+    cond, uncond = TE.encode(model, prompts, device).cpu(), TE.encode(model, [""], device, negative=True).cpu()
     _claim_work_dir(work, cfg)
     pairs = TE.teacher_pairs(model, teacher, cond, uncond, prompts, cfg, device=device, work=work, model_hash=source.sha256,
                              record=trajectory_timesteps(cfg, schedule.T), progress=progress)
@@ -146,9 +146,8 @@ def _check_input(model, out, cfg: DistillConfig) -> None:
     if model.kind != "pipeline":
         raise UserError(f"{model.path} is a bare {model.class_name}: distill needs the full pipeline (its teacher samples need "
                         "the text encoder and scheduler)")
-    if model.class_name != "StableDiffusionPipeline":
-        raise UserError(f"{model.path} is a {model.class_name}: distill supports Stable Diffusion 1.x/2.x pipelines "
-                        "(SDXL's added conditions are not distilled yet)")
+    if model.class_name not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        raise UserError(f"{model.path} is a {model.class_name}: distill supports Stable Diffusion 1.x/2.x and SDXL pipelines")
     if model.quantized:
         raise UserError(f"{model.path} is quantized: distill its float source, then quantize the student")
     if getattr(model.unet.config, "time_cond_proj_dim", None) is not None:

@@ -98,12 +98,13 @@ class Schedule:
         return c_skip * x + c_out * self.x0(out, t, x)
 
 
-def student_call(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, w_emb: torch.Tensor,
+def student_call(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict, w_emb: torch.Tensor,
                  weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """The student's raw prediction; ``weights`` (name -> tensor) replace its parameters for this call (EMA target)."""
+    """The student's raw prediction; ``cond``: the U-Net's conditioning kwargs (``Conditioning.kwargs``);
+    ``weights`` (name -> tensor) replace its parameters for this call (EMA target)."""
     if weights is None:
-        return unet(x, t, encoder_hidden_states=cond, timestep_cond=w_emb).sample
-    return torch.func.functional_call(unet, weights, (x, t), {"encoder_hidden_states": cond, "timestep_cond": w_emb}).sample
+        return unet(x, t, timestep_cond=w_emb, **cond).sample
+    return torch.func.functional_call(unet, weights, (x, t), {**cond, "timestep_cond": w_emb}).sample
 
 
 class Shadow(nn.Module):

@@ -44,6 +44,43 @@ class Pairs:
         return int(self.noise.shape[0])
 
 
+@dataclass
+class Conditioning:
+    """What conditions the U-Net, one row per prompt: the text encoder's hidden states, and for SDXL the
+    pooled text embeddings and the added time ids (original size, crop, target size) of its added conditions."""
+
+    hidden: torch.Tensor  # [P, L, D]
+    pooled: torch.Tensor | None = None  # [P, T] (SDXL)
+    time_ids: torch.Tensor | None = None  # [6] (SDXL)
+
+    def __len__(self) -> int:
+        return int(self.hidden.shape[0])
+
+    def take(self, idx: torch.Tensor | list[int]) -> Conditioning:
+        return Conditioning(self.hidden[idx], None if self.pooled is None else self.pooled[idx], self.time_ids)
+
+    def cpu(self) -> Conditioning:
+        return Conditioning(self.hidden.cpu(), None if self.pooled is None else self.pooled.cpu(),
+                            None if self.time_ids is None else self.time_ids.cpu())
+
+    def kwargs(self, device, n: int | None = None) -> dict:
+        """``unet(x, t, **kwargs)`` for these rows (``n``: one row repeated n times, the unconditional case)."""
+        hidden = self.hidden if n is None else self.hidden.expand(n, -1, -1)
+        kw = {"encoder_hidden_states": hidden.to(device)}
+        if self.pooled is not None:
+            pooled = self.pooled if n is None else self.pooled.expand(n, -1)
+            kw["added_cond_kwargs"] = {"text_embeds": pooled.to(device), "time_ids": self.time_ids.to(device).expand(len(pooled), -1)}
+        return kw
+
+
+def cfg_kwargs(uncond: dict, cond: dict) -> dict:
+    """The U-Net kwargs of a CFG pair batch ``[uncond; cond]``."""
+    kw = {"encoder_hidden_states": torch.cat([uncond["encoder_hidden_states"], cond["encoder_hidden_states"]])}
+    if "added_cond_kwargs" in cond:
+        kw["added_cond_kwargs"] = {k: torch.cat([uncond["added_cond_kwargs"][k], v]) for k, v in cond["added_cond_kwargs"].items()}
+    return kw
+
+
 def select_prompts(model, cfg) -> list[str]:
     """The prompts of ``cfg.prompts`` (a file), else of the model's built-in suite (training prompts only)."""
     from pocketfusion import suite as S
@@ -57,8 +94,12 @@ def select_prompts(model, cfg) -> list[str]:
 
 
 @torch.no_grad()
-def encode(model, prompts: list[str], device: torch.device, batch: int = 64) -> torch.Tensor:
-    """The text encoder's last hidden states of ``prompts`` (padded to the tokenizer's max length), as the pipeline encodes them."""
+def encode(model, prompts: list[str], device: torch.device, batch: int = 64, *, negative: bool = False) -> Conditioning:
+    """``prompts`` as the pipeline conditions the U-Net on them: the text encoder's last hidden states (padded to the
+    tokenizer's max length); for SDXL both encoders' (``encode_prompt``), the pooled embedding and the time ids.
+    ``negative``: the unconditional branch's (SDXL's ``force_zeros_for_empty_prompt`` gives zeros)."""
+    if model.class_name == "StableDiffusionXLPipeline":
+        return _encode_sdxl(model, prompts, device, batch, negative)
     tok, te = model.components["tokenizer"], model.components["text_encoder"]
     te = te.to(device).eval()
     out = []
@@ -66,7 +107,24 @@ def encode(model, prompts: list[str], device: torch.device, batch: int = 64) -> 
         ids = tok(prompts[i:i + batch], padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(device)
         out.append(te(ids)[0].float())
-    return torch.cat(out)
+    return Conditioning(torch.cat(out))
+
+
+def _encode_sdxl(model, prompts: list[str], device, batch: int, negative: bool) -> Conditioning:
+    from pocketfusion.checkpoint import build_pipeline
+
+    pipe = build_pipeline(model)
+    hidden, pooled = [], []
+    for i in range(0, len(prompts), batch):
+        pe, _, po, _ = pipe.encode_prompt(prompts[i:i + batch], device=device, do_classifier_free_guidance=False)
+        hidden.append(pe.float())
+        pooled.append(po.float())
+    hidden, pooled = torch.cat(hidden), torch.cat(pooled)
+    if negative and pipe.config.force_zeros_for_empty_prompt:
+        hidden, pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
+    c = model.components["unet"].config
+    size = float(c.sample_size * pipe.vae_scale_factor)
+    return Conditioning(hidden, pooled, torch.tensor([size, size, 0.0, 0.0, size, size]))
 
 
 def _key(model_hash: str, prompts: list[str], cfg, shape: tuple[int, ...], record: tuple[int, ...]) -> dict:
@@ -76,7 +134,7 @@ def _key(model_hash: str, prompts: list[str], cfg, shape: tuple[int, ...], recor
     return {**key, "trajectory": list(record)} if record else key
 
 
-def teacher_pairs(model, unet, cond: torch.Tensor, uncond: torch.Tensor, prompts: list[str], cfg, *, device: torch.device,
+def teacher_pairs(model, unet, cond: Conditioning, uncond: Conditioning, prompts: list[str], cfg, *, device: torch.device,
                   work: Path, model_hash: str, record: tuple[int, ...] = (), progress: bool = True) -> Pairs:
     """``cfg.n_pairs`` guided teacher samples, read from or written to the cache under ``work``.
 
@@ -105,7 +163,7 @@ def teacher_pairs(model, unet, cond: torch.Tensor, uncond: torch.Tensor, prompts
     lo, hi = cfg.guidance_range
     guidance = lo + (hi - lo) * torch.rand(n, generator=g)
     prompt_index = torch.arange(n) % len(prompts)
-    latents, states = sample(model, unet, noise, cond[prompt_index], uncond, guidance, cfg.teacher_steps,
+    latents, states = sample(model, unet, noise, cond.take(prompt_index), uncond, guidance, cfg.teacher_steps,
                              device=device, batch=cfg.teacher_batch, record=record, progress=progress)
     pairs = Pairs(noise, latents, prompt_index, guidance.float(), time.perf_counter() - t0, False, states, tuple(record))
     work.mkdir(parents=True, exist_ok=True)
@@ -118,13 +176,13 @@ def teacher_pairs(model, unet, cond: torch.Tensor, uncond: torch.Tensor, prompts
 
 
 @torch.no_grad()
-def sample(model, unet, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, guidance: torch.Tensor, steps: int, *,
+def sample(model, unet, noise: torch.Tensor, cond: Conditioning, uncond: Conditioning, guidance: torch.Tensor, steps: int, *,
            device: torch.device, batch: int = 64, record: tuple[int, ...] = (),
            progress: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The teacher's DDIM (eta 0) samples from ``noise`` with classifier-free guidance ``guidance[i]`` per sample,
     and (``record`` given) its states on the way: ``[N, len(record), C, H, W]``, else None.
 
-    ``cond`` holds one embedding per sample, ``uncond`` the empty prompt's (``[1, L, D]``). A recorded state is the
+    ``cond`` holds one row per sample, ``uncond`` the empty prompt's (one row). A recorded state is the
     sample as it enters the teacher timestep nearest to the requested one (the teacher's 50 DDIM timesteps
     981, 961, ... pass within ``T / (2 * steps)`` of every student timestep).
     """
@@ -142,14 +200,13 @@ def sample(model, unet, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.T
     bar = tqdm(total=len(noise), desc=f"teacher samples ({steps} steps)", disable=not progress, mininterval=2.0)
     for i in range(0, len(noise), batch):
         x = noise[i:i + batch].to(device)
-        c = cond[i:i + batch].to(device)
-        u = uncond.to(device).expand_as(c)
+        kw = cfg_kwargs(uncond.kwargs(device, len(x)), cond.take(slice(i, i + batch)).kwargs(device))
         g = guidance[i:i + batch].to(device).reshape(-1, 1, 1, 1)
         states = [None] * len(record)
         for j, t in enumerate(sched.timesteps):
             if j in at:
                 states[at[j]] = x.float().cpu()
-            e = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([u, c])).sample
+            e = unet(torch.cat([x, x]), t, **kw).sample
             e_u, e_c = e.chunk(2)
             x = sched.step(e_u + g * (e_c - e_u), t, x).prev_sample
         out.append(x.float().cpu())

@@ -105,10 +105,13 @@ def example_inputs(unet, batch: int = 1, seq_len: int = TINY_SEQ_LEN, seed: int 
 def save_tiny_pipeline(out_dir, family: str = "sd15", seed: int = 0) -> None:
     """Write a complete tiny diffusers Stable Diffusion folder (random weights) to ``out_dir``.
 
-    Uses the demo grammar's tokenizer, so prompts of the demo grammar tokenize sensibly.
-    SDXL-family U-Nets are not wrapped in a pipeline (their pipeline needs two text encoders);
-    use ``tiny_unet('sdxl')`` for them.
+    Uses the demo grammar's tokenizer, so prompts of the demo grammar tokenize sensibly. ``sdxl``
+    writes a ``StableDiffusionXLPipeline`` (two text encoders, the second with a projection giving
+    the pooled embedding; 16 + 16-d context, 16-d pooled).
     """
+    import shutil
+    from pathlib import Path
+
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -116,14 +119,14 @@ def save_tiny_pipeline(out_dir, family: str = "sd15", seed: int = 0) -> None:
     from pocketfusion.demo import configs
     from pocketfusion.demo.tokenizer import write_tokenizer
 
-    if family == "sdxl":
-        raise ValueError("save_tiny_pipeline builds SD-1.x/2.x style pipelines; use tiny_unet('sdxl')")
-    from pathlib import Path
-
     out = Path(out_dir)
     write_tokenizer(out / "_tok")
     tok = CLIPTokenizer.from_pretrained(str(out / "_tok"))
     unet = tiny_unet(family, seed)
+    if family == "sdxl":
+        _save_tiny_sdxl(out, tok, unet, seed)
+        shutil.rmtree(out / "_tok")
+        return
     torch.manual_seed(seed + 1)
     te = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tok), hidden_size=unet.config.cross_attention_dim, intermediate_size=32, num_hidden_layers=1,
@@ -139,6 +142,22 @@ def save_tiny_pipeline(out_dir, family: str = "sd15", seed: int = 0) -> None:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(str(out), safe_serialization=True)
-    import shutil
-
     shutil.rmtree(out / "_tok")
+
+
+def _save_tiny_sdxl(out, tok, unet, seed: int) -> None:
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from pocketfusion.demo import configs
+
+    common = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.eos_token_id)
+    torch.manual_seed(seed + 1)
+    te, te2 = CLIPTextModel(CLIPTextConfig(**common)), CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=16, **common))
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4, layers_per_block=1)
+    StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok, unet=unet,
+                              scheduler=DDIMScheduler(**configs.SCHEDULER)).save_pretrained(str(out), safe_serialization=True)

@@ -251,26 +251,9 @@ def test_sdxl_unet_without_second_encoder_is_a_user_error(tiny_sd):
 
 
 def _save_tiny_sdxl(out):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from pocketfusion.testing.fixtures import save_tiny_pipeline
 
-    from pocketfusion.demo import configs
-    from pocketfusion.demo.tokenizer import write_tokenizer
-    from pocketfusion.testing.fixtures import tiny_unet
-
-    write_tokenizer(out / "_tok")
-    tok = CLIPTokenizer.from_pretrained(str(out / "_tok"))
-    unet = tiny_unet("sdxl")  # 32-d context (16 + 16), 16-d pooled text embedding
-    common = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.eos_token_id)
-    torch.manual_seed(1)
-    te, te2 = CLIPTextModel(CLIPTextConfig(**common)), CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=16, **common))
-    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4, layers_per_block=1)
-    StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok, unet=unet,
-                              scheduler=DDIMScheduler(**configs.SCHEDULER)).save_pretrained(str(out), safe_serialization=True)
-    shutil.rmtree(out / "_tok")
+    save_tiny_pipeline(out, "sdxl")
 
 
 def test_sdxl_pipeline_records_added_embeddings(tmp_path):

@@ -44,10 +44,12 @@ def _tiny(root, family: str, prediction: str):
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill-src")
-    return {"v": _tiny(root, "sd15", "v_prediction"), "eps": _tiny(root, "sd15", "epsilon"), "sd21": _tiny(root, "sd21", "epsilon")}
+    return {"v": _tiny(root, "sd15", "v_prediction"), "eps": _tiny(root, "sd15", "epsilon"), "sd21": _tiny(root, "sd21", "v_prediction"),
+            "bk": _tiny(root, "bk-sdm-small", "epsilon")}
 
 
-@pytest.mark.parametrize("source,method,steps", [("v", "lcm", 4), ("eps", "regression", 1), ("sd21", "lcm", 2), ("v", "regression", 2)])
+@pytest.mark.parametrize("source,method,steps", [("v", "lcm", 4), ("eps", "regression", 1), ("sd21", "lcm", 2), ("v", "regression", 2),
+                                                 ("bk", "regression", 4)])
 def test_distill_writes_a_student_diffusers_samples(sources, tmp_path, source, method, steps):
     import numpy as np
     from diffusers import LatentConsistencyModelPipeline
@@ -81,6 +83,13 @@ def test_distill_writes_a_student_diffusers_samples(sources, tmp_path, source, m
     assert calls == [1] * steps  # one batch-1 U-Net call per step: the guidance is embedded, no CFG pair
     images, _ = generate_images(model, ["a small blue square on a white background, top left"], GenerateConfig(steps=steps))
     assert images[0].shape == (64, 64, 3)  # pocketfusion's own generate (StableDiffusionPipeline embeds the guidance itself)
+    if source in ("sd21", "bk"):  # every family's student exports: batch 1, the guidance input, parity
+        from pocketfusion.export.api import export
+        from pocketfusion.export.base import ExportConfig
+
+        ex = export(model, ExportConfig(targets=("onnx",), components=("unet",)), tmp_path / "export")
+        assert ex.metrics["components"]["onnx/unet"]["parity"]["rel_max"] < 1e-4
+        assert [(s.name, s.shape[0]) for s in ex.component("unet", "onnx").inputs][-1] == ("guidance", 1)
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(sources, tmp_path, monkeypatch):
@@ -159,7 +168,7 @@ def test_teacher_trajectory_states_are_the_ddim_states_nearest_the_student_times
 
     from pocketfusion.checkpoint import load_model
     from pocketfusion.compress.distill.stage import trajectory_timesteps
-    from pocketfusion.compress.distill.teacher import sample
+    from pocketfusion.compress.distill.teacher import Conditioning, sample
 
     assert trajectory_timesteps(DistillConfig(steps=4, method="regression", teacher_steps=10)) == (799, 499, 299)
     assert trajectory_timesteps(DistillConfig(steps=1, method="regression")) == ()
@@ -171,8 +180,8 @@ def test_teacher_trajectory_states_are_the_ddim_states_nearest_the_student_times
     cond = torch.randn((3, 16, c.cross_attention_dim), generator=torch.Generator().manual_seed(1))
     uncond = torch.zeros((1, 16, c.cross_attention_dim))
     g = torch.tensor([2.0, 4.0, 6.0])
-    final, states = sample(model, unet, noise, cond, uncond, g, 10, device=torch.device("cpu"), record=(799, 499, 299),
-                           progress=False)
+    final, states = sample(model, unet, noise, Conditioning(cond), Conditioning(uncond), g, 10, device=torch.device("cpu"),
+                           record=(799, 499, 299), progress=False)
     assert states.shape == (3, 3, *noise.shape[1:])
     sched = DDIMScheduler.from_config(model.components["scheduler"].config)
     sched.set_timesteps(10)
@@ -185,7 +194,8 @@ def test_teacher_trajectory_states_are_the_ddim_states_nearest_the_student_times
     torch.testing.assert_close(final, x)
     for k, t in enumerate((801, 501, 301)):  # DDIM's 10 timesteps are 901, 801, ..., 1
         torch.testing.assert_close(states[:, k], seen[t])
-    assert sample(model, unet, noise, cond, uncond, g, 10, device=torch.device("cpu"), progress=False)[1] is None
+    assert sample(model, unet, noise, Conditioning(cond), Conditioning(uncond), g, 10, device=torch.device("cpu"),
+                  progress=False)[1] is None
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -308,3 +318,40 @@ def test_student_calibrates_on_its_own_sampler_then_quantizes_and_exports(source
     (key, e), = ex.metrics["components"].items()
     assert key == "onnx/unet" and e["parity"]["rel_max"] < 1e-3 and e["versus_fp32"]["snr_db"] > 20
     assert [s.name for s in ex.component("unet", "onnx").inputs][-1] == "guidance"
+
+
+@pytest.mark.parametrize("method", ["lcm", "regression"])
+def test_sdxl_student_takes_the_added_conditions(tmp_path, method):
+    """SDXL: the teacher's CFG pairs and the student carry the pooled text embedding and time ids; diffusers'
+    StableDiffusionXLPipeline samples the student at batch 1; calibration records its calls; it exports with parity."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from pocketfusion.calibration import capture
+    from pocketfusion.checkpoint import load_model, sampler_of
+    from pocketfusion.export.api import export
+    from pocketfusion.export.base import ExportConfig
+
+    src = _tiny(tmp_path, "sdxl", "epsilon")
+    man = distill(load_model(src), DistillConfig(steps=2, method=method, **FAST), tmp_path / "s", progress=False)
+    assert np.isfinite(man.metrics["training"]["final_loss"])
+    student = load_model(tmp_path / "s")
+    assert student.class_name == "StableDiffusionXLPipeline" and sampler_of(student).guidance == "embedded"
+    assert {"text_encoder_2", "tokenizer_2"} <= set(student.components)
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "s"))
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    pipe.unet.register_forward_hook(lambda m, a, kw, o: calls.append((a[0].shape[0], kw.get("timestep_cond") is not None)),
+                                    with_kwargs=True)
+    img = pipe("a large red circle on a blue background, center", num_inference_steps=2, guidance_scale=4.0, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert np.isfinite(img).all() and calls == [(1, True)] * 2
+
+    cset = capture(student, ["a small blue square on a white background, top left"], progress=False)
+    feeds = cset.unet_feeds()
+    assert len(feeds) == 2 and list(feeds[0]) == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "guidance"]
+    assert all(v.shape[0] == 1 for v in feeds[0].values())
+    ex = export(student, ExportConfig(targets=("onnx",), components=("unet",)), tmp_path / "e")
+    assert ex.metrics["components"]["onnx/unet"]["parity"]["rel_max"] < 1e-4
