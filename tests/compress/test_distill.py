@@ -355,3 +355,21 @@ def test_sdxl_student_takes_the_added_conditions(tmp_path, method):
     assert all(v.shape[0] == 1 for v in feeds[0].values())
     ex = export(student, ExportConfig(targets=("onnx",), components=("unet",)), tmp_path / "e")
     assert ex.metrics["components"]["onnx/unet"]["parity"]["rel_max"] < 1e-4
+
+
+@pytest.mark.slow
+def test_distill_under_accelerate_with_two_cpu_processes(sources, tmp_path):
+    """The multi-GPU command, run here on 2 CPU processes (gloo): rank 0 writes one student, trained by both."""
+    pytest.importorskip("accelerate")
+    from pocketfusion import artifact
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29633"]
+    cmd = [*launch, "-m", "pocketfusion", "distill", str(sources["eps"]), "--steps", "2", "--method", "regression",
+           "--iterations", "3", "--batch-size", "2", "--pairs", "8", "--teacher-steps", "10", "-o", str(tmp_path / "s")]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    t = artifact.load_manifest(tmp_path / "s").metrics["training"]
+    assert t["processes"] == 2 and t["iterations"] == 3
+    assert not work_dir(tmp_path / "s", DistillConfig()).exists()
