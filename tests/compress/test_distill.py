@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -294,6 +295,14 @@ def test_student_calibrates_on_its_own_sampler_then_quantizes_and_exports(source
     distill(load_model(sources["eps"]), DistillConfig(steps=2, method="regression", **FAST), tmp_path / "s", progress=False)
     student = load_model(tmp_path / "s")
     assert find_source(student) == sources["eps"].resolve()
+    from pocketfusion.generate import GenerateConfig
+    from pocketfusion.run import _pytorch_against_teacher, _teacher
+
+    teacher = _teacher(student)
+    assert Path(teacher.path).resolve() == sources["eps"].resolve()
+    vs = _pytorch_against_teacher(student, teacher, GenerateConfig(steps=2), "a large red circle on a blue background, center",
+                                  rounds=1)
+    assert vs["teacher_steps"] == 50 and vs["student_steps"] == 2 and vs["speedup"] > 1  # 2 batch-1 calls vs 50 CFG pairs
     prompts = ["a large red circle on a blue background, center", "a small blue square on a white background, top left",
                "a large green triangle on a black background, bottom right"]
     cset = capture(student, prompts, guidance=5.0, progress=False)
