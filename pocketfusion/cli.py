@@ -242,7 +242,24 @@ def cmd_compress(args) -> int:
         raise UserError(f"--calib {args.calib} does not exist (a prompts .txt file or a directory made by 'pocketfusion calibrate')")
     cfg = QuantConfig(scheme=args.quant, method=args.method, calib=args.calib, n_prompts=args.num_prompts,
                       group_size=args.group_size, seed=args.seed)
+    dcfg = None
+    if args.distill_steps is not None:  # (prune ->) distill -> quantize: the student is calibrated on its own sampler
+        from pocketfusion.compress.distill import DistillConfig
+
+        given = {"method": args.distill_method, "iterations": args.distill_iterations, "n_pairs": args.distill_pairs,
+                 "batch_size": args.distill_batch_size}
+        dcfg = DistillConfig(steps=args.distill_steps, **{k: v for k, v in given.items() if v is not None})
     model = _load(args)
+    if dcfg is not None:
+        from pocketfusion.checkpoint import load_model
+        from pocketfusion.compress.distill import distill
+        from pocketfusion.compress.distill import summary as distill_summary
+
+        student_dir = Path(args.output).parent / f"{Path(args.output).name}-student"
+        print(f"stage 1/2: distilling {model.path} to {dcfg.steps} step(s) with {dcfg.method} -> {student_dir}/", flush=True)
+        print(distill_summary(distill(model, dcfg, student_dir, progress=True)))
+        model = load_model(student_dir)
+        print(f"stage 2/2: quantizing the student ({args.quant}, calibrated on its own {dcfg.steps}-step sampler)", flush=True)
     manifest = quantize(model, cfg, Path(args.output), progress=True)
     print(f"wrote {args.output}/ ({args.quant}, {args.method})")
     print(summary(manifest))
@@ -401,6 +418,12 @@ def _add_compress(sub) -> None:
                    help="prompts file (one a line) or a set from 'pocketfusion calibrate' (default: built-in demo prompts)")
     p.add_argument("--num-prompts", type=int, default=None, metavar="N", help="calibration prompts (default 32, or every line of the file)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first calibration prompt")
+    p.add_argument("--distill-steps", type=int, default=None, choices=[1, 2, 4],
+                   help="distill the sampler first (written to OUT-student/), then quantize the student")
+    p.add_argument("--distill-method", default=None, choices=["lcm", "regression"], help="see 'pocketfusion distill'")
+    p.add_argument("--distill-iterations", type=int, default=None, metavar="N", help="see 'pocketfusion distill --iterations'")
+    p.add_argument("--distill-pairs", type=int, default=None, metavar="N", help="see 'pocketfusion distill --pairs'")
+    p.add_argument("--distill-batch-size", type=int, default=None, metavar="N", help="see 'pocketfusion distill --batch-size'")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     p.set_defaults(func=cmd_compress)
 

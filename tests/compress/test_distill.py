@@ -366,19 +366,19 @@ def test_sdxl_student_takes_the_added_conditions(tmp_path, method):
     assert ex.metrics["components"]["onnx/unet"]["parity"]["rel_max"] < 1e-4
 
 
-@pytest.mark.slow
-def test_distill_under_accelerate_with_two_cpu_processes(sources, tmp_path):
-    """The multi-GPU command, run here on 2 CPU processes (gloo): rank 0 writes one student, trained by both."""
-    pytest.importorskip("accelerate")
-    from pocketfusion import artifact
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29633"]
-    cmd = [*launch, "-m", "pocketfusion", "distill", str(sources["eps"]), "--steps", "2", "--method", "regression",
-           "--iterations", "3", "--batch-size", "2", "--pairs", "8", "--teacher-steps", "10", "-o", str(tmp_path / "s")]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
-    t = artifact.load_manifest(tmp_path / "s").metrics["training"]
-    assert t["processes"] == 2 and t["iterations"] == 3
-    assert not work_dir(tmp_path / "s", DistillConfig()).exists()
+def test_cli_compress_distills_then_quantizes(sources, tmp_path, capsys):
+    """(prune ->) distill -> quantize in one command: the float student beside the output, the output its W8 version,
+    calibrated on the student's own steps."""
+    from pocketfusion import artifact
+    from pocketfusion.cli import main
+
+    out = tmp_path / "c"
+    rc = main(["compress", str(sources["eps"]), "--distill-steps", "2", "--distill-method", "regression", "--distill-iterations", "2",
+               "--distill-pairs", "4", "--distill-batch-size", "2", "--quant", "w8", "--num-prompts", "4", "-o", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "stage 1/2" in printed and "stage 2/2" in printed
+    student, quant = artifact.load_manifest(tmp_path / "c-student"), artifact.load_manifest(out)
+    assert student.stage == "distill" and student.sampler.default_steps == 2
+    assert quant.source.sha256 == artifact.content_hash(tmp_path / "c-student") and quant.sampler.guidance == "embedded"
+    assert quant.settings["calibration"]["steps"] == 2
