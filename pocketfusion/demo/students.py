@@ -2,6 +2,10 @@
 
     python -m pocketfusion.demo.students measure MODEL [--steps N[,N...]] [--prompts 240] [--json OUT]
     python -m pocketfusion.demo.students ship SRC --name demo-4step [--steps 4,2,1] [--prompts 240]
+    python -m pocketfusion.demo.students make demo-4step [--work runs/students]   # train (RECIPES), measure, ship
+
+``make`` is the one command that reproduces a shipped student: ``pocketfusion distill`` on the bundled
+teacher with the recipe below (seed 0; resumable: run it again after an interruption), then ``ship``.
 
 ``measure`` generates the held-out prompts at the model's own step count (or each of ``--steps``;
 guidance 4.0, seed 0, image i at seed i), and reports prompt accuracy per attribute and all five at
@@ -94,9 +98,42 @@ def ship(src: Path, name: str, evaluation: dict) -> Path:
     return dest
 
 
+# The shipped students: the DistillConfig each was trained with, and the step counts measured when shipping.
+RECIPES: dict[str, dict] = {
+    "demo-4step": {"distill": ["--steps", "4", "--method", "regression", "--pairs", "2048", "--iterations", "3000", "--batch-size", "64"],
+                   "measure": [4, 2, 1]},
+    "demo-1step": {"distill": ["--steps", "1", "--method", "regression", "--pairs", "2048", "--iterations", "2000", "--batch-size", "64"],
+                   "measure": [1]},
+}
+
+
+def make(name: str, work: Path, *, progress: bool = True) -> Path:
+    """Train the bundled student ``name`` from the bundled teacher by its recipe (``pocketfusion distill``, in a
+    child process; resumed when a checkpoint of it is there), measure it and ship it."""
+    import subprocess
+    import sys
+
+    from pocketfusion.checkpoint import load_model
+
+    out = Path(work) / name
+    if not (out / "manifest.json").is_file():
+        cmd = [sys.executable, "-m", "pocketfusion", "distill", "demo", *RECIPES[name]["distill"], "--checkpoint-every", "250",
+               "-o", str(out)]
+        if (out.parent / f".{out.name}.distill-work" / "checkpoints").is_dir():
+            cmd.append("--resume")
+        print(" ".join(cmd[1:]), flush=True)
+        if (rc := subprocess.run(cmd).returncode) != 0:
+            raise SystemExit(rc)
+    ev = measure_steps(load_model(out), RECIPES[name]["measure"], progress=progress)
+    return ship(out, name, ev)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("make")
+    p.add_argument("name", choices=list(RECIPES))
+    p.add_argument("--work", default="runs/students", help="where the student is trained (default runs/students)")
     for cmd in ("measure", "ship"):
         p = sub.add_parser(cmd)
         p.add_argument("model")
@@ -104,10 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--prompts", type=int, default=None, help="held-out prompts (default: all 240)")
         p.add_argument("--json", default=None)
         if cmd == "ship":
-            p.add_argument("--name", required=True, choices=["demo", "demo-4step", "demo-1step"])
+            from pocketfusion.checkpoint import BUNDLED
+
+            p.add_argument("--name", required=True, choices=list(BUNDLED))
     args = ap.parse_args(argv)
     from pocketfusion.checkpoint import load_model
 
+    if args.cmd == "make":
+        print(f"shipped {make(args.name, Path(args.work))}")
+        return 0
     model = load_model(args.model)
     steps = [int(n) for n in args.steps.split(",")] if args.steps else None
     ev = measure_steps(model, steps, n_prompts=args.prompts) if steps else measure(model, n_prompts=args.prompts)
