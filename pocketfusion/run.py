@@ -149,9 +149,10 @@ def _bench(cfg: RunConfig, tmp: Path) -> dict:
     from pocketfusion.runtimes.report import write_report
 
     dirs = [tmp / "export"] + ([tmp / f"export-{cfg.quant}"] if cfg.quant and (tmp / f"export-{cfg.quant}").is_dir() else [])
-    dirs += [tmp / "teacher-export"] if (tmp / "teacher-export").is_dir() else []
-    # end to end: each export at its own sampler (a student's steps, the teacher's 50 CFG steps)
-    res = bench(dirs, BenchConfig(runs=cfg.bench_runs, warmup=2, rounds=2 if len(dirs) > 1 else 1))
+    teacher = (tmp / "teacher-export").is_dir()
+    dirs += [tmp / "teacher-export"] if teacher else []
+    # end to end: the run's own steps; against a teacher, each export at its own sampler (the student's steps, the teacher's CFG steps)
+    res = bench(dirs, BenchConfig(runs=cfg.bench_runs, warmup=2, rounds=2 if len(dirs) > 1 else 1, steps=None if teacher else cfg.steps))
     artifact.atomic_write_text(tmp / "bench.json", json.dumps(res, indent=2) + "\n")
     write_report([tmp / "bench.json"], tmp / "report.html")
     key = lambda r: f"{r['artifact']}:{r['runtime']}/{r['component']}"  # noqa: E731

@@ -78,6 +78,24 @@ def test_run_writes_a_complete_artifact(tmp_path, capsys):
     assert "held-out prompts" in capsys.readouterr().out
 
 
+def test_run_on_a_student_times_it_against_its_teacher(tmp_path, capsys):
+    # The README's main command on the shipped 4-step student, at small settings: ONNX only.
+    out = tmp_path / "run"
+    argv = ["run", "demo-4step", "--prompts", "8", "--target", "onnx", "--quant", "w8", "--quant-prompts", "2", "--bench-runs", "2",
+            "-o", str(out)]
+    assert main(argv) == 0
+    m = artifact.load_manifest(out)
+    t = m.metrics["teacher"]
+    assert t["teacher_steps"] == 50 and t["student_steps"] == 4 and t["speedup"] > 3, t
+    assert m.metrics["compress"]["unet_snr_db"] > 25
+    b = json.loads((out / "bench.json").read_text())
+    e2e = {r["artifact"]: r for r in b["results"] if r["component"] == "end_to_end"}
+    assert (e2e["export"]["steps"], e2e["export"]["guidance_mode"]) == (4, "embedded")
+    assert (e2e["teacher-export"]["steps"], e2e["teacher-export"]["guidance_mode"]) == (50, "cfg")
+    assert m.metrics["bench"]["speed_vs_teacher"]["export"]["onnxruntime"] > 3
+    assert "end to end vs the teacher" in capsys.readouterr().out
+
+
 def test_eval_cli_json(tmp_path):
     out = tmp_path / "e.json"
     assert main(["eval", "--prompts", "4", "--steps", "5", "-o", str(out)]) == 0

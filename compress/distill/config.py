@@ -50,7 +50,7 @@ class DistillConfig:
     """
 
     steps: int = 4
-    method: str = "lcm"
+    method: str = "regression"  # measured best at every step count on the demo at equal budget (README, benchmarks/distill.py)
     iterations: int = 1000
     batch_size: int = 16
     lr: float = 1e-4

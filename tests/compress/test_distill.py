@@ -100,7 +100,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(sources, tmp_pat
     from pocketfusion.compress.distill import methods
 
     model = load_model(sources["v"])
-    base = dict(FAST, iterations=4, checkpoint_every=2)
+    base = dict(FAST, iterations=4, checkpoint_every=2, method="lcm")
     ref = distill(model, DistillConfig(**base), tmp_path / "ref", progress=False)
 
     real = methods.lcm_loss
