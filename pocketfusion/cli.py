@@ -400,8 +400,9 @@ def _add_export(sub) -> None:
     p.add_argument("--max-delegates", type=int, default=8, help="fail when the ExecuTorch U-Net splits into more XNNPACK blobs")
     p.add_argument("--no-rewrite", action="store_true", help="skip the delegation rewrites (for comparison)")
     p.add_argument("--no-parity", action="store_true", help="skip running the exports against PyTorch")
-    p.add_argument("--executorch-activations", default=None, choices=["dynamic", "static"],
-                   help="ExecuTorch int8 activations of a quantized U-Net (default: the grid's: static for w8a8, else dynamic)")
+    p.add_argument("--executorch-activations", default="grid", choices=["grid", "dynamic"],
+                   help="ExecuTorch int8 activations of a quantized U-Net: grid (default: the grid's own, static for w8a8) "
+                        "or dynamic (per-token int8 whatever the grid says)")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     p.set_defaults(func=cmd_export)
 

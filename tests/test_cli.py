@@ -110,3 +110,14 @@ def test_kill_and_ctrl_c_leave_nothing_behind(tmp_path, sig, code, word):
     assert proc.returncode == code, err
     assert err.strip().splitlines()[-1].startswith(f"error: {word}"), err
     assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_export_cli_with_default_flags(tiny_sd, tmp_path, capsys):
+    """``pocketfusion export MODEL --target onnx -o DIR`` with every other flag at its default."""
+    from pocketfusion import artifact
+
+    out = tmp_path / "e"
+    assert main(["export", str(tiny_sd), "--target", "onnx", "-o", str(out)]) == 0, capsys.readouterr().err
+    m = artifact.load_manifest(out)
+    assert {"onnx/unet", "onnx/text_encoder", "onnx/vae_decoder"} <= set(m.metrics["components"])
+    assert m.settings["executorch_activations"] == "grid"
