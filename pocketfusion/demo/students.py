@@ -84,17 +84,21 @@ def ship(src: Path, name: str, evaluation: dict) -> Path:
     if name != "demo" and (ratio := against_teacher(evaluation)):
         evaluation = dict(evaluation, vs_teacher=ratio)
     metrics = dict(m.metrics, evaluation=evaluation)
-    if Path(src).resolve() == dest.resolve():  # the teacher: figures only
-        artifact.write_manifest(dest, stage=m.stage, settings=m.settings, source=m.source, components=m.components,
-                                calibration=m.calibration, sampler=m.sampler, metrics=metrics, notes=m.notes)
+    settings = dict(m.settings)
+    if name in RECIPES:  # the one command (its seed: settings["seed"]) that makes these weights
+        settings["command"] = (f"python -m pocketfusion.demo.students make {name}  # = pocketfusion distill demo "
+                               + " ".join(RECIPES[name]["distill"]))
+    kw = dict(stage=m.stage, settings=settings, source=m.source, components=m.components, calibration=m.calibration,
+              sampler=m.sampler, metrics=metrics, notes=m.notes)
+    if Path(src).resolve() == dest.resolve():  # already in place (the teacher): the manifest only
+        artifact.write_manifest(dest, **kw)
         return dest
     with artifact.staged_dir(dest) as tmp:
         for item in Path(src).iterdir():
             if item.name == artifact.MANIFEST:
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-        artifact.write_manifest(tmp, stage=m.stage, settings=m.settings, source=m.source, components=m.components,
-                                calibration=m.calibration, sampler=m.sampler, metrics=metrics, notes=m.notes)
+        artifact.write_manifest(tmp, **kw)
     return dest
 
 
