@@ -190,8 +190,10 @@ def text_encoder_spec(text_encoder, tokenizer, prompts: list[str]) -> ComponentS
 
 def vae_decoder_spec(vae, latents: list[np.ndarray]) -> ComponentSpec:
     _, _, VaeDecoder = _wrappers()
+    from pocketfusion.checkpoint import vae_scale_factor
+
     shape = tuple(latents[0].shape)
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    f = vae_scale_factor(vae)  # AutoencoderKL or AutoencoderTiny
     out_shape = (shape[0], vae.config.out_channels, shape[2] * f, shape[3] * f)
     return ComponentSpec(
         "vae_decoder", VaeDecoder(vae).eval(), (TensorSpec("latent", shape, "float32"),),
@@ -258,11 +260,11 @@ def _bare_specs(model, seed: int) -> list[ComponentSpec]:
         unet = model.components["unet"]
         return [unet_spec(unet, seq_len=77 if unet.config.cross_attention_dim >= 256 else 8, seed=seed)]
     if "vae" in model.components:
-        vae = model.components["vae"]
-        f = 2 ** (len(vae.config.block_out_channels) - 1)
-        s = vae.config.sample_size if isinstance(vae.config.sample_size, int) else vae.config.sample_size[0]
+        from pocketfusion.checkpoint import latent_size
+
+        vae, h = model.components["vae"], latent_size(model)
         rng = np.random.default_rng(seed)
-        return [vae_decoder_spec(vae, [rng.standard_normal((1, vae.config.latent_channels, s // f, s // f)) for _ in range(2)])]
+        return [vae_decoder_spec(vae, [rng.standard_normal((1, vae.config.latent_channels, h, h)) for _ in range(2)])]
     raise UserError(f"{model.path}: a bare {model.class_name} cannot be exported on its own (give a pipeline folder)")
 
 

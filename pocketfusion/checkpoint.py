@@ -31,6 +31,7 @@ BUNDLED: dict[str, Path] = {
     "demo": DEMO_MODEL,
     "demo-4step": DEMO_MODEL.parent / "model-4step",
     "demo-1step": DEMO_MODEL.parent / "model-1step",
+    "demo-tiny-decoder": DEMO_MODEL.parent / "model-tiny-decoder",
 }
 
 
@@ -80,6 +81,7 @@ def resolve_model_path(path: str | Path | None) -> Path:
 SUPPORTED_MODELS: dict[str, tuple[str, str]] = {
     "UNet2DConditionModel": ("diffusers", "diffusion_pytorch_model"),
     "AutoencoderKL": ("diffusers", "diffusion_pytorch_model"),
+    "AutoencoderTiny": ("diffusers", "diffusion_pytorch_model"),
     "CLIPTextModel": ("transformers", "model"),
     "CLIPTextModelWithProjection": ("transformers", "model"),
 }
@@ -294,7 +296,7 @@ def _load_scheduler(folder: Path, class_name: str):
 
 _SLOT_CLASSES = {
     "unet": ("UNet2DConditionModel",),
-    "vae": ("AutoencoderKL",),
+    "vae": ("AutoencoderKL", "AutoencoderTiny"),
     "text_encoder": ("CLIPTextModel", "CLIPTextModelWithProjection"),
     "text_encoder_2": ("CLIPTextModel", "CLIPTextModelWithProjection"),
 }
@@ -359,9 +361,27 @@ def load_model(path: str | Path | None = None, *, allow_pickle: bool = False, ve
         return model
     if (root / "config.json").is_file():
         comp = load_component(root, allow_pickle=allow_pickle)
-        name = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae"}.get(type(comp).__name__, "text_encoder")
+        name = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "AutoencoderTiny": "vae"}.get(type(comp).__name__, "text_encoder")
         return Model(path=root, kind="component", class_name=type(comp).__name__, components={name: comp}, manifest=manifest)
     raise CheckpointError(f"{root}: neither model_index.json (pipeline) nor config.json (component) found")
+
+
+def vae_scale_factor(vae) -> int:
+    """How many pixels one latent pixel decodes to, per side: ``AutoencoderKL`` doubles per block after the first,
+    ``AutoencoderTiny`` multiplies by its ``upsampling_scaling_factor`` per stage after the first."""
+    c = vae.config
+    return int(getattr(c, "upsampling_scaling_factor", 2)) ** (len(c.block_out_channels) - 1)
+
+
+def latent_size(model: Model) -> int:
+    """The latent side the decoder sees: the U-Net's ``sample_size`` in a pipeline, else the VAE's image size
+    over its scale factor (a bare ``AutoencoderTiny`` records no image size: 64 pixels are assumed)."""
+    if "unet" in model.components:
+        s = model.unet.config.sample_size
+        return s if isinstance(s, int) else s[0]
+    vae = model.components["vae"]
+    s = getattr(vae.config, "sample_size", 64)
+    return (s if isinstance(s, int) else s[0]) // vae_scale_factor(vae)
 
 
 def build_pipeline(model: Model):

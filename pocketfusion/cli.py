@@ -249,7 +249,17 @@ def cmd_compress(args) -> int:
         given = {"method": args.distill_method, "iterations": args.distill_iterations, "n_pairs": args.distill_pairs,
                  "batch_size": args.distill_batch_size}
         dcfg = DistillConfig(steps=args.distill_steps, **{k: v for k, v in given.items() if v is not None})
+    vcfg = _decoder_config(args, kind=args.decoder, iterations=args.decoder_iterations) if args.decoder else None
     model = _load(args)
+    if vcfg is not None:  # the compact decoder first: it learns from the teacher's samples (a student has no CFG sampler)
+        from pocketfusion.checkpoint import load_model
+        from pocketfusion.compress.decoder import compress_decoder
+        from pocketfusion.compress.decoder import summary as decoder_summary
+
+        decoder_dir = Path(args.output).parent / f"{Path(args.output).name}-decoder"
+        print(f"decoder stage: distilling a {vcfg.kind} VAE of {model.path} -> {decoder_dir}/", flush=True)
+        print(decoder_summary(compress_decoder(model, vcfg, decoder_dir, progress=True)))
+        model = load_model(decoder_dir)
     if dcfg is not None:
         from pocketfusion.checkpoint import load_model
         from pocketfusion.compress.distill import distill
@@ -281,6 +291,30 @@ def cmd_distill(args) -> int:
           f"{' (resuming)' if cfg.resume else ''}", flush=True)
     manifest = distill(model, cfg, Path(args.output), progress=True)
     print(f"wrote {args.output}/ (a diffusers folder: {cfg.steps}-step student, LCMScheduler, guidance embedded)")
+    print(summary(manifest))
+    return 0
+
+
+def _decoder_config(args, **given):
+    from pocketfusion.compress.decoder import DecoderConfig
+
+    cfg = DecoderConfig(**{k: v for k, v in given.items() if v is not None})
+    cfg.check_prompt_file()  # bad file: fail before loading the model
+    return cfg
+
+
+def cmd_decoder(args) -> int:
+    from pocketfusion.compress.decoder import compress_decoder, summary, work_dir
+
+    cfg = _decoder_config(args, kind=args.kind, channels=args.channels, iterations=args.iterations, batch_size=args.batch_size,
+                          lr=args.lr, n_pairs=args.pairs, teacher_steps=args.teacher_steps, prompts=args.prompts,
+                          n_prompts=args.num_prompts, seed=args.seed, device=args.device, checkpoint_every=args.checkpoint_every,
+                          work_dir=args.work_dir, resume=args.resume, train_encoder=False if args.no_encoder else None)
+    model = _load(args)
+    print(f"distilling a {cfg.kind} VAE of {model.path}; checkpoints in {work_dir(args.output, cfg)}"
+          f"{' (resuming)' if cfg.resume else ''}", flush=True)
+    manifest = compress_decoder(model, cfg, Path(args.output), progress=True)
+    print(f"wrote {args.output}/ (a diffusers folder: the source pipeline with a compact {cfg.kind} VAE)")
     print(summary(manifest))
     return 0
 
@@ -344,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_compress(sub)
     _add_distill(sub)
+    _add_decoder(sub)
     _add_calibrate(sub)
     _add_bench(sub)
     _add_report(sub)
@@ -425,6 +460,9 @@ def _add_compress(sub) -> None:
     p.add_argument("--distill-iterations", type=int, default=None, metavar="N", help="see 'pocketfusion distill --iterations'")
     p.add_argument("--distill-pairs", type=int, default=None, metavar="N", help="see 'pocketfusion distill --pairs'")
     p.add_argument("--distill-batch-size", type=int, default=None, metavar="N", help="see 'pocketfusion distill --batch-size'")
+    p.add_argument("--decoder", default=None, choices=["tiny"],
+                   help="first distill a compact VAE decoder (written to OUT-decoder/; before --distill-steps), see 'pocketfusion decoder'")
+    p.add_argument("--decoder-iterations", type=int, default=None, metavar="N", help="see 'pocketfusion decoder --iterations'")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     p.set_defaults(func=cmd_compress)
 
@@ -456,6 +494,30 @@ def _add_distill(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the work directory")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     p.set_defaults(func=cmd_distill)
+
+
+def _add_decoder(sub) -> None:
+    p = sub.add_parser("decoder", help="a compact VAE (TAESD-style AutoencoderTiny) distilled from the model's own on its teacher "
+                                       "latents; the rest of the pipeline is kept")
+    _model_arg(p)
+    p.add_argument("--kind", default="tiny", choices=["tiny"], help="tiny: diffusers' AutoencoderTiny (default)")
+    p.add_argument("--channels", type=int, default=None, metavar="N", help="the decoder's width (default 24)")
+    p.add_argument("--iterations", type=int, default=None, metavar="N", help="optimizer steps (default 1500)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="latents per optimizer step (default 32)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate, cosine decay (default 2e-3)")
+    p.add_argument("--pairs", type=int, default=None, metavar="N", help="teacher latents sampled before training (default 512)")
+    p.add_argument("--teacher-steps", type=int, default=None, metavar="N", help="teacher DDIM steps (default 50)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="text file, one prompt a line (default: built-in demo prompts, demo model only)")
+    p.add_argument("--num-prompts", type=int, default=None, metavar="N", help="prompts drawn (default: as many as --pairs allows)")
+    p.add_argument("--no-encoder", action="store_true", help="do not train the compact encoder (image-to-image will not work)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the prompts, teacher latents and training (default 0)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="training device (default cpu)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N", help="checkpoint every N iterations (default 100; 0: never)")
+    p.add_argument("--work-dir", default=None, help="checkpoints and cached teacher latents (default: .<OUT>.decoder-work beside -o)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the work directory")
+    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    p.set_defaults(func=cmd_decoder)
 
 
 def _add_calibrate(sub) -> None:

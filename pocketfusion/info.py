@@ -22,7 +22,8 @@ def describe(model) -> dict:
         module = comps["vae"] if name == "vae_decoder" else comps[name]
         params = sum(p.numel() for p in (module.decoder.parameters() if name == "vae_decoder" else module.parameters()))
         if name == "vae_decoder":
-            params += sum(p.numel() for p in module.post_quant_conv.parameters()) if module.post_quant_conv is not None else 0
+            pqc = getattr(module, "post_quant_conv", None)  # AutoencoderTiny has none
+            params += sum(p.numel() for p in pqc.parameters()) if pqc is not None else 0
         args, kwargs = component_inputs(model, name)
         macs = count_macs(component_callable(model, name), args, kwargs)
         out["components"][name] = {

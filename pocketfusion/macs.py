@@ -104,10 +104,11 @@ def component_inputs(model, name: str, batch: int = 1, device: str = "cpu") -> t
         seq = tok.model_max_length if tok is not None else comps[name].config.max_position_embeddings
         return (torch.zeros(batch, seq, dtype=torch.long, device=device),), {}
     if name == "vae_decoder":
+        from pocketfusion.checkpoint import latent_size
+
         vae = comps["vae"]
-        f = 2 ** (len(vae.config.block_out_channels) - 1)
-        size = vae.config.sample_size if isinstance(vae.config.sample_size, int) else vae.config.sample_size[0]
-        z = torch.zeros(batch, vae.config.latent_channels, size // f, size // f, device=device, dtype=vae.dtype)
+        h = latent_size(model)
+        z = torch.zeros(batch, vae.config.latent_channels, h, h, device=device, dtype=vae.dtype)
         return (z,), {}
     raise ValueError(f"unknown component {name!r}")
 

@@ -3,9 +3,11 @@
     python -m pocketfusion.demo.students measure MODEL [--steps N[,N...]] [--prompts 240] [--json OUT]
     python -m pocketfusion.demo.students ship SRC --name demo-4step [--steps 4,2,1] [--prompts 240]
     python -m pocketfusion.demo.students make demo-4step [--work runs/students]   # train (RECIPES), measure, ship
+    python -m pocketfusion.demo.students make demo-tiny-decoder                    # the compact VAE (pocketfusion decoder)
 
-``make`` is the one command that reproduces a shipped student: ``pocketfusion distill`` on the bundled
-teacher with the recipe below (seed 0; resumable: run it again after an interruption), then ``ship``.
+``make`` is the one command that reproduces a shipped student: ``pocketfusion distill`` (``pocketfusion decoder``
+for ``demo-tiny-decoder``) on the bundled teacher with the recipe below (seed 0; resumable: run it again after an
+interruption), then ``ship``.
 
 ``measure`` generates the held-out prompts at the model's own step count (or each of ``--steps``;
 guidance 4.0, seed 0, image i at seed i), and reports prompt accuracy per attribute and all five at
@@ -86,8 +88,8 @@ def ship(src: Path, name: str, evaluation: dict) -> Path:
     metrics = dict(m.metrics, evaluation=evaluation)
     settings = dict(m.settings)
     if name in RECIPES:  # the one command (its seed: settings["seed"]) that makes these weights
-        settings["command"] = (f"python -m pocketfusion.demo.students make {name}  # = pocketfusion distill demo "
-                               + " ".join(RECIPES[name]["distill"]))
+        stage, args = _recipe(name)
+        settings["command"] = f"python -m pocketfusion.demo.students make {name}  # = pocketfusion {stage} demo " + " ".join(args)
     kw = dict(stage=m.stage, settings=settings, source=m.source, components=m.components, calibration=m.calibration,
               sampler=m.sampler, metrics=metrics, notes=m.notes)
     if Path(src).resolve() == dest.resolve():  # already in place (the teacher): the manifest only
@@ -108,7 +110,17 @@ RECIPES: dict[str, dict] = {
                    "measure": [4, 2, 1]},
     "demo-1step": {"distill": ["--steps", "1", "--method", "regression", "--pairs", "2048", "--iterations", "2000", "--batch-size", "64"],
                    "measure": [1]},
+    # the teacher's U-Net and sampler with a compact VAE (AutoencoderTiny, width 24), measured at the teacher's 50 steps
+    "demo-tiny-decoder": {"decoder": ["--kind", "tiny", "--channels", "24", "--pairs", "1024", "--iterations", "1500",
+                                      "--batch-size", "32", "--seed", "0"],
+                          "measure": [50]},
 }
+
+
+def _recipe(name: str) -> tuple[str, list[str]]:
+    """(the ``pocketfusion`` subcommand, its arguments) that trains the bundled model ``name``."""
+    stage = "decoder" if "decoder" in RECIPES[name] else "distill"
+    return stage, RECIPES[name][stage]
 
 
 def make(name: str, work: Path, *, progress: bool = True) -> Path:
@@ -121,9 +133,10 @@ def make(name: str, work: Path, *, progress: bool = True) -> Path:
 
     out = Path(work) / name
     if not (out / "manifest.json").is_file():
-        cmd = [sys.executable, "-m", "pocketfusion", "distill", "demo", *RECIPES[name]["distill"], "--checkpoint-every", "250",
+        stage, args = _recipe(name)
+        cmd = [sys.executable, "-m", "pocketfusion", stage, "demo", *args, "--checkpoint-every", "100" if stage == "decoder" else "250",
                "-o", str(out)]
-        if (out.parent / f".{out.name}.distill-work" / "checkpoints").is_dir():
+        if (out.parent / f".{out.name}.{stage}-work" / "checkpoints").is_dir():
             cmd.append("--resume")
         print(" ".join(cmd[1:]), flush=True)
         if (rc := subprocess.run(cmd).returncode) != 0:

@@ -1,0 +1,339 @@
+"""The decoder stage: ``compress_decoder(model, DecoderConfig, out)`` distills a compact VAE (diffusers'
+``AutoencoderTiny``) from a pipeline's ``AutoencoderKL`` and writes one artifact directory (stage ``decoder``).
+
+The output is a normal diffusers folder that plain diffusers loads and samples (``StableDiffusionPipeline``
+decodes ``latents / vae.config.scaling_factor``; the compact VAE's factor is 1: it takes the diffusion latents as
+they are, TAESD's convention)::
+
+    vae/             AutoencoderTiny (safetensors), scaling_factor 1
+    unet/, text_encoder/, tokenizer/, scheduler/   the source's, as they are
+    manifest.json    typed: components, ``sampler`` (the source's, scaling_factor 1); settings
+                     (``DecoderConfig.to_dict()``); metrics: decoder PSNR against the original decoder on held-out
+                     latents, MACs and parameters of both decoders, the encoder's error, training cost
+
+Data-free: the latents are the teacher's own guided samples (``compress.distill.teacher``, cached in a work
+directory beside the output for ``resume``), the targets the original decoder's images of them (and, for the
+encoder, the original encoder's latents of those images).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pocketfusion import artifact
+from pocketfusion.compress.decoder.config import DecoderConfig
+from pocketfusion.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+STAGE = "decoder"
+_SETTINGS = "decoder.json"
+_HELDOUT_SEED_OFFSET = 1_000_003  # held-out latents start from other noise than the training pairs
+# settings a resumed run may change without changing what it computes
+_RESUME_FREE = ("iterations", "checkpoint_every", "resume", "keep_work", "work_dir", "teacher_batch")
+_FORMATS = {"unet": "diffusers", "vae": "diffusers", "text_encoder": "transformers", "tokenizer": "tokenizer", "scheduler": "scheduler"}
+
+
+def work_dir(out: str | Path, cfg: DecoderConfig) -> Path:
+    """Where checkpoints and cached teacher latents go: ``cfg.work_dir``, else ``.<out name>.decoder-work`` beside ``out``."""
+    out = Path(out)
+    return Path(cfg.work_dir) if cfg.work_dir is not None else out.parent / f".{out.name}.decoder-work"
+
+
+def tiny_vae(cfg: DecoderConfig, *, latent_channels: int = 4, out_channels: int = 3):
+    """The untrained ``AutoencoderTiny`` of ``cfg`` (scaling_factor 1: it takes the diffusion latents as they are)."""
+    from diffusers import AutoencoderTiny
+
+    return AutoencoderTiny(
+        in_channels=out_channels, out_channels=out_channels, latent_channels=latent_channels,
+        decoder_block_out_channels=(cfg.channels,) * len(cfg.decoder_blocks), num_decoder_blocks=cfg.decoder_blocks,
+        encoder_block_out_channels=(cfg.encoder_channels,) * len(cfg.encoder_blocks), num_encoder_blocks=cfg.encoder_blocks,
+        upsampling_scaling_factor=2, scaling_factor=1.0, shift_factor=0.0,
+    )
+
+
+def compress_decoder(model, cfg: DecoderConfig, out: str | Path, *, progress: bool = True) -> artifact.Manifest:
+    """Distill ``model``'s VAE into a compact one (``cfg.kind``) and write the pipeline with it to ``out``.
+
+    Args:
+        model: a loaded Stable Diffusion pipeline (``checkpoint.Model``) with an ``AutoencoderKL``, float, not
+            distilled (its teacher samples are classifier-free-guided DDIM runs of its U-Net).
+        cfg: the stage's options (``DecoderConfig``).
+        out: the output directory (written under a temporary name, renamed into place when complete).
+        progress: progress bars (teacher sampling; training with loss and ETA).
+
+    Returns:
+        The written ``artifact.Manifest``.
+
+    Raises:
+        UserError: a bare component, a quantized or distilled model, a VAE that is already compact, a decoder whose
+            upsampling the config's stages do not match, a bad output path, no prompts, CUDA asked for but missing,
+            or a checkpoint made with other settings (``resume``).
+
+    Example:
+        >>> from pocketfusion.checkpoint import load_model
+        >>> m = compress_decoder(load_model("demo"), DecoderConfig(iterations=1500), "runs/tiny-decoder")
+        >>> m.metrics["decoder"]["psnr_db"]["mean_db"] > 30
+        True
+    """
+    _check_input(model, out, cfg)
+    try:
+        return _compress(model, cfg, Path(out), progress)
+    finally:  # the caller's model stays where load_model put it
+        if cfg.device != "cpu":
+            for name in ("text_encoder", "unet", "vae"):
+                model.components[name].to("cpu")
+
+
+def _compress(model, cfg: DecoderConfig, out: Path, progress: bool) -> artifact.Manifest:
+    import torch
+
+    from pocketfusion.compress.distill import teacher as TE
+    from pocketfusion.metrics import image_psnr, output_error
+
+    work = work_dir(out, cfg)
+    t0 = time.perf_counter()
+    device = torch.device(cfg.device)
+    prompts = TE.select_prompts(model, cfg)
+    source = artifact.source_ref(model.path)
+    unet = _frozen(model.unet, device)
+    vae = _frozen(model.components["vae"], device)
+    sf = float(vae.config.scaling_factor)
+    cond, uncond = TE.encode(model, prompts, device).cpu(), TE.encode(model, [""], device, negative=True).cpu()
+    _claim_work_dir(work, cfg)
+    pairs = TE.teacher_pairs(model, unet, cond, uncond, prompts, cfg, device=device, work=work, model_hash=source.sha256,
+                             progress=progress)
+    heldout = _heldout_latents(model, unet, uncond, prompts, cfg, device, progress)
+    sampling_s = time.perf_counter() - t0
+    images, enc = _targets(vae, pairs.latents, sf, device)
+    student = tiny_vae(cfg, latent_channels=vae.config.latent_channels, out_channels=vae.config.out_channels)
+    if not cfg.train_encoder:
+        student.encoder.requires_grad_(False)
+    result = _train(student, pairs.latents, images, enc, cfg, work, progress)
+    student = student.cpu().eval()
+    train_s_this_run = time.perf_counter() - t0 - sampling_s
+
+    ref_images, ref_enc = _targets(vae, heldout, sf, device)
+    with torch.no_grad():
+        got = _decode_uint8(student, heldout, 1.0, torch.device("cpu"))
+        got_enc = torch.cat([student.encoder(x) for x in ref_images.split(64)])
+    psnr = image_psnr(_to_uint8(ref_images), got)
+    losses = result.losses
+    tail = losses[-max(1, len(losses) // 10):]
+    metrics: dict[str, Any] = {
+        "decoder": {
+            "kind": cfg.kind, "class": type(student).__name__, "heldout_latents": len(heldout),
+            "psnr_db": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in psnr.items()},
+            "original": _cost(model.components["vae"], heldout[:1] / sf), "compact": _cost(student, heldout[:1]),
+        },
+        "encoder": {"trained": cfg.train_encoder, "heldout_images": len(heldout),
+                    **{k: round(float(v), 5) for k, v in output_error([ref_enc], [got_enc]).items()}},
+        "training": {
+            "device": cfg.device, "device_name": _device_name(device), "iterations": result.iterations,
+            "resumed_from": result.resumed_from, "batch_size": cfg.batch_size, "teacher_pairs": len(pairs),
+            "teacher_pairs_cached": pairs.cached, "prompts": len(prompts), "first_loss": losses[0], "final_loss": losses[-1],
+            "loss_last_10pct": sum(tail) / len(tail), "teacher_sampling_s": round(pairs.seconds, 2),
+            "train_s": round(result.elapsed_s, 2), "train_s_this_run": round(train_s_this_run, 2),
+            "wall_s": round(time.perf_counter() - t0, 2),
+        },
+    }
+    d = metrics["decoder"]
+    d["macs_ratio"] = round(d["original"]["macs"] / max(1, d["compact"]["macs"]), 3)
+    d["params_ratio"] = round(d["original"]["params"] / max(1, d["compact"]["params"]), 3)
+    manifest = _write(model, student, cfg, out, source=source, metrics=metrics)
+    if not cfg.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def _frozen(module, device):
+    import copy
+
+    import torch
+
+    m = copy.deepcopy(module).float() if next(module.parameters()).dtype != torch.float32 else module
+    m = m.to(device).eval()
+    m.requires_grad_(False)
+    return m
+
+
+def _heldout_latents(model, unet, uncond, train_prompts: list[str], cfg: DecoderConfig, device, progress: bool):
+    """``cfg.n_heldout`` teacher samples at guidance 4 from other noise, on the suite's held-out prompts when it has them."""
+    import torch
+
+    from pocketfusion import suite as S
+    from pocketfusion.compress.distill import teacher as TE
+
+    found = S.suite_for(model) if cfg.prompts is None else None
+    pool = list(found.heldout_prompts) if found is not None and found.heldout_prompts else train_prompts
+    prompts = [pool[i % len(pool)] for i in range(cfg.n_heldout)]
+    g = torch.Generator().manual_seed(cfg.seed + _HELDOUT_SEED_OFFSET)
+    c = unet.config
+    size = (c.sample_size, c.sample_size) if isinstance(c.sample_size, int) else tuple(c.sample_size)
+    noise = torch.randn((cfg.n_heldout, c.in_channels, *size), generator=g)
+    cond = TE.encode(model, prompts, device).cpu()
+    latents, _ = TE.sample(model, unet, noise, cond, uncond, torch.full((cfg.n_heldout,), 4.0), cfg.teacher_steps,
+                           device=device, batch=cfg.teacher_batch, progress=progress)
+    return latents
+
+
+def _targets(vae, latents, sf: float, device, batch: int = 64):
+    """The original VAE's images of ``latents`` (diffusion latents, divided by ``sf`` to decode) in [-1, 1], clamped,
+    and its encoder's latent mean of those images times ``sf`` (what a compact encoder should return)."""
+    import torch
+
+    images, enc = [], []
+    with torch.no_grad():
+        for z in latents.split(batch):
+            x = vae.decode(z.to(device) / sf).sample.clamp(-1, 1)
+            images.append(x.float().cpu())
+            enc.append((vae.encode(x).latent_dist.mean * sf).float().cpu())
+    return torch.cat(images), torch.cat(enc)
+
+
+def _to_uint8(images) -> list:
+    import numpy as np
+
+    x = images.permute(0, 2, 3, 1).numpy()
+    return [(np.clip(i / 2 + 0.5, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8) for i in x]
+
+
+def _decode_uint8(vae, latents, sf: float, device, batch: int = 64) -> list:
+    import torch
+
+    with torch.no_grad():
+        return _to_uint8(torch.cat([vae.decode(z.to(device) / sf).sample.float().cpu() for z in latents.split(batch)]))
+
+
+def _cost(vae, z) -> dict:
+    """MACs of one decode of ``z`` (attention matmuls included) and the decoder's parameters."""
+    from pocketfusion.macs import count_macs
+
+    params = sum(p.numel() for p in vae.decoder.parameters())
+    if getattr(vae, "post_quant_conv", None) is not None:
+        params += sum(p.numel() for p in vae.post_quant_conv.parameters())
+    return {"class": type(vae).__name__, "macs": int(count_macs(vae.decode, (z.to(vae.device),), {})["total"]), "params": params}
+
+
+def _train(student, latents, images, enc, cfg: DecoderConfig, work: Path, progress: bool):
+    """Pixel MSE of the compact decoder against the original decoder's images (+ the encoder's latent MSE)."""
+    import torch
+
+    from pocketfusion.training import TrainConfig, train
+
+    tcfg = TrainConfig(iterations=cfg.iterations, lr=cfg.lr, grad_clip=cfg.grad_clip, device=cfg.device, seed=cfg.seed,
+                       schedule="cosine", warmup=min(50, cfg.iterations // 10), checkpoint_every=cfg.checkpoint_every,
+                       resume=cfg.resume, log_every=max(1, cfg.iterations // 50))
+    n = len(latents)
+
+    def loss_fn(batch, ctx):
+        idx = torch.randint(n, (min(cfg.batch_size, n),), generator=ctx.rng)
+        x = images[idx].to(ctx.device)
+        loss = torch.nn.functional.mse_loss(student.decoder(latents[idx].to(ctx.device)), x)
+        if cfg.train_encoder and cfg.encoder_weight > 0:
+            loss = loss + cfg.encoder_weight * torch.nn.functional.mse_loss(student.encoder(x), enc[idx].to(ctx.device))
+        return loss
+
+    return train({"vae": student}, loss_fn, tcfg, ckpt_dir=work / "checkpoints", progress=progress, desc=f"decoder {cfg.kind}")
+
+
+def _claim_work_dir(work: Path, cfg: DecoderConfig) -> None:
+    """A fresh run clears old checkpoints and records its settings; ``resume`` checks them."""
+    path, now = work / _SETTINGS, {k: v for k, v in cfg.to_dict().items() if k not in _RESUME_FREE}
+    if cfg.resume and path.is_file():
+        then = json.loads(path.read_text())
+        if changed := [f"{k}: {then.get(k)!r} -> {v!r}" for k, v in now.items() if then.get(k) != v]:
+            raise UserError(f"cannot resume from {work}: settings changed ({'; '.join(changed)}); "
+                            "use the same settings, or drop --resume to start over")
+        return
+    if not cfg.resume:
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    artifact.atomic_write_text(path, json.dumps(now, indent=2) + "\n")
+
+
+def _check_input(model, out, cfg: DecoderConfig) -> None:
+    if model.kind != "pipeline":
+        raise UserError(f"{model.path} is a bare {model.class_name}: the decoder stage needs the full pipeline (its latents "
+                        "are the teacher's samples)")
+    if model.class_name != "StableDiffusionPipeline":
+        raise UserError(f"{model.path} is a {model.class_name}: the decoder stage supports Stable Diffusion 1.x/2.x pipelines")
+    if model.quantized:
+        raise UserError(f"{model.path} is quantized: compress the decoder of its float source, then quantize")
+    if getattr(model.unet.config, "time_cond_proj_dim", None) is not None:
+        raise UserError(f"{model.path} is a distilled student: compress the decoder of its teacher, then distill "
+                        "(pocketfusion compress --decoder tiny --distill-steps N does both in that order)")
+    vae = model.components["vae"]
+    if type(vae).__name__ != "AutoencoderKL":
+        raise UserError(f"{model.path}: its VAE is already a {type(vae).__name__}; give a pipeline with an AutoencoderKL")
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if 2 ** (len(cfg.decoder_blocks) - 1) != factor:
+        raise UserError(f"decoder_blocks={list(cfg.decoder_blocks)} has {len(cfg.decoder_blocks)} stages (upsampling "
+                        f"{2 ** (len(cfg.decoder_blocks) - 1)}x); {model.path}'s VAE upsamples {factor}x: give "
+                        f"{len(vae.config.block_out_channels)} stages")
+    if 2 ** (len(cfg.encoder_blocks) - 1) != factor:
+        raise UserError(f"encoder_blocks={list(cfg.encoder_blocks)}: {model.path}'s VAE downsamples {factor}x: give "
+                        f"{len(vae.config.block_out_channels)} stages")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} exists and is not a directory")
+    if out.resolve() == Path(model.path).resolve():
+        raise UserError(f"output {out} is the source model folder; choose another directory")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device cuda but torch {torch.__version__} sees no CUDA device; use --device cpu")
+
+
+def _device_name(device) -> str:
+    import platform
+
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+
+
+def _write(model, vae, cfg: DecoderConfig, out: Path, *, source: artifact.SourceRef, metrics: dict) -> artifact.Manifest:
+    from pocketfusion.checkpoint import sampler_of
+
+    src = Path(model.path)
+    index = json.loads((src / "model_index.json").read_text())
+    with artifact.staged_dir(out) as tmp:
+        for name in index:
+            if not name.startswith("_") and name != "vae" and (src / name).is_dir():
+                shutil.copytree(src / name, tmp / name)
+        index["vae"] = ["diffusers", type(vae).__name__]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        vae.save_pretrained(str(tmp / "vae"), safe_serialization=True)
+        sampler = dataclasses.replace(sampler_of(model), scaling_factor=float(vae.config.scaling_factor))
+        comps = [artifact.Component(n, n, _FORMATS.get(n) or _FORMATS[n.rstrip("_0123456789")]) for n in model.components]
+        d = metrics["decoder"]
+        notes = [f"compact VAE ({type(vae).__name__}, width {cfg.channels}, decoder blocks {list(cfg.decoder_blocks)}): "
+                 f"{d['compact']['macs'] / 1e6:.1f} MMAC per decode vs {d['original']['macs'] / 1e6:.1f} MMAC; it decodes the "
+                 "diffusion latents as they are (scaling_factor 1)"]
+        if not cfg.train_encoder:
+            notes.append("the compact encoder was not trained (train_encoder=False): image-to-image would not work")
+        return artifact.write_manifest(tmp, stage=STAGE, settings=cfg.to_dict(), source=source, components=comps,
+                                       sampler=sampler, metrics=metrics, notes=notes)
+
+
+def summary(manifest: artifact.Manifest) -> str:
+    """A few lines on what a decoder manifest records: quality, cost and training."""
+    d, e, t = manifest.metrics["decoder"], manifest.metrics["encoder"], manifest.metrics["training"]
+    p = d["psnr_db"]
+    return "\n".join([
+        f"  decoder: {d['class']} {d['compact']['macs'] / 1e6:.1f} MMAC, {d['compact']['params'] / 1e3:.1f} k params "
+        f"(original {d['original']['macs'] / 1e6:.1f} MMAC, {d['original']['params'] / 1e3:.1f} k: {d['macs_ratio']:.2f}x fewer MACs)",
+        f"  PSNR vs the original decoder on {d['heldout_latents']} held-out latents: mean {p['mean_db']:.2f} dB, min {p['min_db']:.2f} dB",
+        f"  encoder: {'trained' if e['trained'] else 'not trained'}, latent SNR {e['snr_db']:.1f} dB vs the original's",
+        f"  training: {t['iterations']} iterations of batch {t['batch_size']} on {t['device']} ({t['device_name']}), "
+        f"loss {t['first_loss']:.4g} -> {t['final_loss']:.4g}; {t['wall_s']:.1f} s wall ({t['teacher_sampling_s']:.1f} s teacher "
+        f"sampling of {t['teacher_pairs']} pairs{', cached' if t['teacher_pairs_cached'] else ''}, {t['train_s']:.1f} s training)",
+    ])
