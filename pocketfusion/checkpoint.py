@@ -243,6 +243,10 @@ def load_component(folder: str | Path, *, allow_pickle: bool = False, expect: tu
     files, is_st = _weight_files(folder, SUPPORTED_MODELS[class_name][1], allow_pickle)
     sd = _read_state_dict(files, is_st)
     model = _build(class_name, config, folder)
+    if class_name == "UNet2DConditionModel":
+        from pocketfusion import pruning
+
+        pruning.apply_file(model, folder)  # units removed beyond what config.json can express
     own = model.state_dict()
     for k, v in own.items():
         if k not in sd:

@@ -118,3 +118,16 @@ def component_callable(model, name: str):
     if name == "vae_decoder":
         return model.components["vae"].decode
     return model.components[name]
+
+
+def unet_macs(unet, *, seq_len: int, batch: int = 1) -> int:
+    """MACs of one batch-``batch`` call of a bare U-Net at its native latent size (context ``seq_len`` tokens)."""
+    import torch
+
+    cfg = unet.config
+    s = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    ctx_dim = cfg.cross_attention_dim if isinstance(cfg.cross_attention_dim, int) else cfg.cross_attention_dim[0]
+    p = next(unet.parameters())
+    args = (torch.zeros(batch, cfg.in_channels, s, s, dtype=p.dtype, device=p.device), torch.full((batch,), 999, device=p.device),
+            torch.zeros(batch, seq_len, ctx_dim, dtype=p.dtype, device=p.device))
+    return count_macs(unet, args)["total"]

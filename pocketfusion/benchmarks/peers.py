@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pocketfusion import artifact, backends
-from pocketfusion.benchmarks.latency import interleaved_latency
+from pocketfusion.runtimes.timing import interleaved_latency
 
 EAGER = "pytorch eager"
 OPTIMUM = "optimum onnx (ORT)"

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from pocketfusion.benchmarks.latency import interleaved_latency
+from pocketfusion.runtimes.timing import interleaved_latency
 from pocketfusion.benchmarks.quant import parse_args
 from pocketfusion.benchmarks.quant.measure import artifact_bytes, param_bytes, session_runner, state_dict_bytes, torch_runner, unet_error
 from pocketfusion.benchmarks.quant.output import format_table

@@ -11,7 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
-from pocketfusion.benchmarks.latency import interleaved_latency
+from pocketfusion.runtimes.timing import interleaved_latency
 from pocketfusion.benchmarks.quant.context import Bench
 from pocketfusion.benchmarks.quant.output import format_table, header, result, write_json
 from pocketfusion.benchmarks.quant.plan import make_rows
