@@ -32,6 +32,8 @@ BUNDLED: dict[str, Path] = {
     "demo-4step": DEMO_MODEL.parent / "model-4step",
     "demo-1step": DEMO_MODEL.parent / "model-1step",
     "demo-tiny-decoder": DEMO_MODEL.parent / "model-tiny-decoder",
+    "demo-pruned": DEMO_MODEL.parent / "model-pruned",
+    "demo-mobile": DEMO_MODEL.parent / "model-mobile",
 }
 
 
@@ -51,6 +53,30 @@ def bundled_models() -> list[dict]:
     return rows
 
 
+def find_ref(path: str | Path, sha256: str, *, exclude: Path | None = None) -> Path | None:
+    """The folder holding the files of content hash ``sha256``: ``path`` when it still does, else a bundled model
+    that does (a model shipped with the package names folders on the machine that made it)."""
+    from pocketfusion import artifact
+
+    candidates = [Path(path)] + [p for p in BUNDLED.values() if exclude is None or p.resolve() != exclude.resolve()]
+    for p in candidates:
+        if p.is_dir() and artifact.content_hash(p) == sha256:
+            return p
+    return None
+
+
+def find_teacher(model) -> Path | None:
+    """The 50-step model a distilled student learned from: the teacher its distillation recorded (a pruned
+    student's unpruned original), else its source (``find_source``)."""
+    from pocketfusion import artifact
+
+    if (Path(model.path) / artifact.MANIFEST).is_file():
+        t = artifact.load_manifest(model.path, verify=False).metrics.get("training", {}).get("teacher")
+        if isinstance(t, dict) and "sha256" in t:
+            return find_ref(t["path"], t["sha256"], exclude=Path(model.path))
+    return find_source(model)
+
+
 def find_source(model) -> Path | None:
     """The folder ``model`` was made from (its manifest's ``source``), found by content hash: the recorded
     path when it still holds those files, else a bundled model that does (a student shipped with the
@@ -62,11 +88,7 @@ def find_source(model) -> Path | None:
     src = artifact.load_manifest(model.path, verify=False).source
     if src is None:
         return None
-    candidates = [Path(src.path)] + [p for p in BUNDLED.values() if p.resolve() != Path(model.path).resolve()]
-    for p in candidates:
-        if p.is_dir() and artifact.content_hash(p) == src.sha256:
-            return p
-    return None
+    return find_ref(src.path, src.sha256, exclude=Path(model.path))
 
 
 def resolve_model_path(path: str | Path | None) -> Path:

@@ -258,6 +258,22 @@ def save(unet, folder: str | Path, *, removed, source_config: dict) -> dict:
     return record
 
 
+def removed_units(unet) -> list[str]:
+    """The units of a loaded U-Net that are removed beyond what its config says (their stand-ins)."""
+    return sorted(name for name, m in unet.named_modules() if isinstance(m, _Removed))
+
+
+def save_unet(unet, folder: str | Path) -> list[str]:
+    """``unet.save_pretrained(folder)`` (safetensors) for any U-Net, a pruned one included: units removed beyond
+    what its config says are listed in ``pruning.json``. Returns those units."""
+    rest = removed_units(unet)
+    unet.save_pretrained(str(folder), safe_serialization=True)
+    if rest:
+        record = {"removed": rest, "not_in_config": rest, "plain_diffusers": False}
+        (Path(folder) / PRUNING_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return rest
+
+
 def apply_file(unet, folder: Path) -> None:
     """Apply ``folder/pruning.json`` (if any) to a U-Net just built from ``folder/config.json``."""
     path = Path(folder) / PRUNING_FILE

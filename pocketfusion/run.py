@@ -167,10 +167,10 @@ def _bench(cfg: RunConfig, tmp: Path) -> dict:
 
 
 def _teacher(model):
-    """The loaded teacher of a distilled student (``checkpoint.find_source``), else None."""
-    from pocketfusion.checkpoint import find_source, load_model, sampler_of
+    """The loaded teacher of a distilled student (``checkpoint.find_teacher``), else None."""
+    from pocketfusion.checkpoint import find_teacher, load_model, sampler_of
 
-    if sampler_of(model).guidance != "embedded" or (path := find_source(model)) is None:
+    if sampler_of(model).guidance != "embedded" or (path := find_teacher(model)) is None:
         return None
     teacher = load_model(path)
     return teacher if teacher.kind == "pipeline" and sampler_of(teacher).guidance == "cfg" else None

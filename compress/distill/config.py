@@ -33,6 +33,9 @@ class DistillConfig:
         timestep_scaling: the consistency boundary condition's timestep scaling (``LCMScheduler.timestep_scaling``).
 
     Teacher (data-free: it makes every target):
+        teacher: None (the input model's own U-Net) or another pipeline whose U-Net makes the targets while the
+            student starts from the input's: distill a pruned model from its unpruned original (same text encoder,
+            scheduler and latent space), as SnapFusion does.
         guidance_range: (min, max) classifier-free guidance scale, drawn uniformly per teacher sample (diffusers'
             convention: 1 is no guidance); the student is told the scale through its embedding.
         teacher_steps: DDIM steps of the teacher's samples and of the LCM solver's schedule (``original_inference_steps``).
@@ -65,6 +68,7 @@ class DistillConfig:
     teacher_batch: int = 64
     prompts: str | None = None
     n_prompts: int | None = None
+    teacher: str | None = None
     seed: int = 0
     device: str = "cpu"
     precision: str = "none"
@@ -82,6 +86,8 @@ class DistillConfig:
             raise UserError(f"DistillConfig: guidance_range={self.guidance_range!r}: two numbers (min, max)") from None
         if self.prompts is not None:
             object.__setattr__(self, "prompts", str(self.prompts))
+        if self.teacher is not None:
+            object.__setattr__(self, "teacher", str(self.teacher))
         if self.work_dir is not None:
             object.__setattr__(self, "work_dir", str(self.work_dir))
         if problems := _problems(self):

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pocketfusion import artifact
+from pocketfusion import artifact, pruning
 from pocketfusion.compress.distill.config import DistillConfig
 from pocketfusion.errors import UserError
 
@@ -79,11 +79,13 @@ def _distill(model, cfg: DistillConfig, out: Path, progress: bool) -> artifact.M
     device = torch.device(cfg.device)
     prompts = TE.select_prompts(model, cfg)
     source = artifact.source_ref(model.path)
-    teacher = _frozen_teacher(model.unet, device)
+    tmodel = _teacher_model(model, cfg)
+    tsource = artifact.source_ref(tmodel.path) if tmodel is not model else source
+    teacher = _frozen_teacher(tmodel.unet, device)
     schedule = Schedule(dict(model.components["scheduler"].config), cfg.timestep_scaling)
     cond, uncond = TE.encode(model, prompts, device).cpu(), TE.encode(model, [""], device, negative=True).cpu()
     _claim_work_dir(work, cfg)
-    pairs = TE.teacher_pairs(model, teacher, cond, uncond, prompts, cfg, device=device, work=work, model_hash=source.sha256,
+    pairs = TE.teacher_pairs(tmodel, teacher, cond, uncond, prompts, cfg, device=device, work=work, model_hash=tsource.sha256,
                              record=trajectory_timesteps(cfg, schedule.T), progress=progress)
     sampling_s = time.perf_counter() - t0
     student = make_student(model.unet, cfg.w_embedding_dim)
@@ -100,6 +102,7 @@ def _distill(model, cfg: DistillConfig, out: Path, progress: bool) -> artifact.M
         "teacher_sampling_s": round(pairs.seconds, 2), "train_s": round(result.elapsed_s, 2),
         "train_s_this_run": round(train_s_this_run, 2), "wall_s": round(time.perf_counter() - t0, 2),
         "weights": "ema_target" if cfg.method == "lcm" else "online",
+        "teacher": {"path": str(tsource.path), "sha256": tsource.sha256},
     }}
     if rank == 0:  # data-parallel (accelerate launch): rank 0 writes, the others read what it wrote
         manifest = _write(model, final, cfg, out, source=source, metrics=metrics)
@@ -162,6 +165,34 @@ def _check_input(model, out, cfg: DistillConfig) -> None:
 
         if not torch.cuda.is_available():
             raise UserError(f"--device cuda but torch {torch.__version__} sees no CUDA device; use --device cpu")
+
+
+def _teacher_model(model, cfg: DistillConfig):
+    """The pipeline whose U-Net makes the targets: ``cfg.teacher`` when given (checked to share the input's text
+    encoder, noise schedule and latent space), else ``model`` itself."""
+    if cfg.teacher is None:
+        return model
+    import torch
+
+    from pocketfusion.checkpoint import load_model, sampler_of
+
+    teacher = load_model(cfg.teacher)
+    if teacher.kind != "pipeline" or teacher.class_name != model.class_name:
+        raise UserError(f"--teacher {cfg.teacher} is a {teacher.class_name}, not a {model.class_name} like {model.path}")
+    if teacher.quantized or getattr(teacher.unet.config, "time_cond_proj_dim", None) is not None:
+        raise UserError(f"--teacher {cfg.teacher} is quantized or distilled: give the float 50-step original")
+    a, b = sampler_of(model), sampler_of(teacher)
+    if tuple(a.latent_shape) != tuple(b.latent_shape):
+        raise UserError(f"--teacher {cfg.teacher}: latent shape {tuple(b.latent_shape)} differs from {tuple(a.latent_shape)}")
+    keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
+    sa, sb = (dict(m.components["scheduler"].config) for m in (model, teacher))
+    if diff := [k for k in keys if sa.get(k) != sb.get(k)]:
+        raise UserError(f"--teacher {cfg.teacher}: its noise schedule differs ({', '.join(diff)})")
+    ta, tb = model.components["text_encoder"].state_dict(), teacher.components["text_encoder"].state_dict()
+    if ta.keys() != tb.keys() or any(not torch.equal(ta[k], tb[k]) for k in ta):
+        raise UserError(f"--teacher {cfg.teacher}: its text encoder differs from {model.path}'s (the student is conditioned "
+                        "on the input's text encoder)")
+    return teacher
 
 
 def _frozen_teacher(unet, device):
@@ -235,7 +266,7 @@ def _write(model, unet, cfg: DistillConfig, out: Path, *, source: artifact.Sourc
         index["scheduler"] = ["diffusers", "LCMScheduler"]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         LCMScheduler.from_config(lcm_scheduler_config(model, cfg)).save_pretrained(str(tmp / "scheduler"))
-        unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
+        pruning.save_unet(unet, tmp / "unet")  # a pruned U-Net's pruning.json too
         sampler = dataclasses.replace(sampler_of(model), scheduler="scheduler", guidance="embedded", default_steps=cfg.steps)
         comps = [artifact.Component(n, n, _FORMATS.get(n) or _FORMATS[n.rstrip("_0123456789")]) for n in model.components]
         notes = [f"distilled student ({cfg.method}, {cfg.steps} steps): the U-Net takes the guidance scale g as timestep_cond = "

@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from pocketfusion import pruning
 from pocketfusion.errors import UserError
 from pocketfusion.guidance import guidance_embedding
 
@@ -41,6 +42,7 @@ def make_student(teacher, w_embedding_dim: int):
                         "it is a distilled student; distill its teacher")
     config = {k: v for k, v in dict(teacher.config).items() if not k.startswith("_")}
     student = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": w_embedding_dim})
+    pruning.remove(student, pruning.removed_units(teacher))  # a pruned teacher's units beyond its config
     missing, unexpected = student.load_state_dict({k: v.float() for k, v in teacher.state_dict().items()}, strict=False)
     if list(missing) != [COND_PROJ] or unexpected:
         raise UserError(f"the student does not take the teacher's weights (missing {missing[:3]}, unexpected {unexpected[:3]})")

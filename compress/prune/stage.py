@@ -361,6 +361,9 @@ def _choose(table: dict, score: Callable[[set[str]], float], unet, cfg: PruneCon
     base = table["base_ms"]
     path = greedy_path(table, score, floor_ms=0.5 * budget * base)
     frontier += path
+    if len(path) == 1:
+        raise UserError(f"no unit's removal measured faster on {table['runtime']} (latency table: every saving <= 0); "
+                        "nothing to prune: measure the table again with more --runs, or use a --preset")
     if measure is None:
         within = [p for p in path if p["est_ms"] <= budget * base] or path[-1:]
         return set(within[0]["removed"]), {}

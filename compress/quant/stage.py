@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pocketfusion import artifact
+from pocketfusion import artifact, pruning
 from pocketfusion.compress.quant import grid as G
 from pocketfusion.compress.quant.activations import simulate_activations
 from pocketfusion.compress.quant.config import QuantConfig
@@ -246,7 +246,7 @@ def _write(model, unet, grid: G.QuantGrid, cset, out: Path, *, settings: dict, m
         unet_dir = tmp if model.kind == "component" else tmp / "unet"
         if model.kind == "pipeline":
             _copy_pipeline(Path(model.path), tmp)
-        unet.save_pretrained(str(unet_dir), safe_serialization=True)
+        pruning.save_unet(unet, unet_dir)  # a pruned U-Net's pruning.json too
         grid.save(unet_dir, unet)
         C.save(cset, tmp / CALIBRATION_DIR)
         calibration = artifact.CalibrationRef(CALIBRATION_DIR, artifact.content_hash(tmp / CALIBRATION_DIR))
