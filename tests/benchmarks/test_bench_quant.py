@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 
-from pocketfusion.runtimes.timing import interleaved_latency
 from pocketfusion.benchmarks.quant import parse_args
 from pocketfusion.benchmarks.quant.measure import artifact_bytes, param_bytes, session_runner, state_dict_bytes, torch_runner, unet_error
 from pocketfusion.benchmarks.quant.output import format_table
@@ -15,6 +14,7 @@ from pocketfusion.benchmarks.quant.peers_pytorch import peer_quanto, peer_torcha
 from pocketfusion.benchmarks.quant.pocketfusion_rows import grid_packed_bytes, pf_rtn
 from pocketfusion.benchmarks.quant.rows import Row
 from pocketfusion.benchmarks.quant.targets import swap_unet, unet_component, unet_path
+from pocketfusion.runtimes.timing import interleaved_latency
 
 
 @pytest.fixture(scope="module")

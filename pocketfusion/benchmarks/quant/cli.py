@@ -11,11 +11,11 @@ import time
 import warnings
 from pathlib import Path
 
-from pocketfusion.runtimes.timing import interleaved_latency
 from pocketfusion.benchmarks.quant.context import Bench
 from pocketfusion.benchmarks.quant.output import format_table, header, result, write_json
 from pocketfusion.benchmarks.quant.plan import make_rows
 from pocketfusion.benchmarks.quant.rows import MEASUREMENTS, TAGS
+from pocketfusion.runtimes.timing import interleaved_latency
 
 
 def parse_args(argv=None) -> argparse.Namespace:
