@@ -124,3 +124,111 @@ def unit_table(unet, runtime: str, *, seq_len: int, units: list[str] | None = No
         "shapes": {"seq_len": seq_len, "sample_size": unet.config.sample_size},
         "runs": runs, "rounds": rounds, "threads": threads, "wall_s": round(time.perf_counter() - t0, 2),
     }
+
+
+def _unit_wrapper(module, kind: str):
+    """The unit as a module of positional tensors: resnet (x, temb), attention (x, context), mid (x, temb, context)."""
+    import torch
+
+    class Unit(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unit = module
+
+        def forward(self, *xs):
+            if kind == "resnet":
+                return self.unit(xs[0], xs[1])
+            if kind == "attention":
+                return self.unit(xs[0], encoder_hidden_states=xs[1], return_dict=False)[0]
+            return self.unit(xs[0], xs[1], encoder_hidden_states=xs[2])
+
+    return Unit().eval()
+
+
+def unit_inputs(unet, *, seq_len: int, batch: int | None = None) -> dict[str, tuple]:
+    """Each unit's real inputs in one U-Net call at the model's shapes: ``{unit: (x, temb or context, ...)}``."""
+    import torch
+
+    from pocketfusion.export.components import unet_batch
+
+    batch = batch or unet_batch(unet)
+    units = pruning.units(unet)
+    seen: dict[str, tuple] = {}
+    hooks = []
+    for u in units:
+        def hook(module, args, kwargs, name=u.name, kind=u.kind):
+            ctx = kwargs.get("encoder_hidden_states")
+            x, temb = args[0], (args[1] if len(args) > 1 else kwargs.get("temb"))
+            seen[name] = (x, temb) if kind == "resnet" else (x, ctx) if kind == "attention" else (x, temb, ctx)
+        hooks.append(unet.get_submodule(u.name).register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        cfg = unet.config
+        s = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        ctx_dim = cfg.cross_attention_dim if isinstance(cfg.cross_attention_dim, int) else cfg.cross_attention_dim[0]
+        g = torch.Generator().manual_seed(0)
+        kw = {}
+        if getattr(cfg, "time_cond_proj_dim", None) is not None:
+            kw["timestep_cond"] = torch.zeros(batch, cfg.time_cond_proj_dim)
+        with torch.no_grad():
+            unet(torch.randn(batch, cfg.in_channels, s, s, generator=g), torch.full((batch,), 500.0),
+                 torch.randn(batch, seq_len, ctx_dim, generator=g), **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: tuple(t.detach().clone() for t in v) for n, v in seen.items()}
+
+
+def unit_table_alone(unet, runtime: str, *, seq_len: int, runs: int = 10, rounds: int = 3, threads: int | None = None,
+                     progress: bool = False) -> dict:
+    """The latency table with each unit exported and timed alone at its real input shapes (cheap at full size,
+    where exporting the whole U-Net once per unit is not); ``saving_ms`` is the unit's own time."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from pocketfusion.artifact import TensorSpec
+    from pocketfusion.export.base import ExportConfig
+    from pocketfusion.export.components import ComponentSpec
+    from pocketfusion.runtimes.base import load_session
+
+    t0 = time.perf_counter()
+    runtime = backends.canonical_runtime(runtime)
+    target = backends.for_runtime(runtime).target
+    inputs = unit_inputs(unet, seq_len=seq_len)
+    kinds = {u.name: u for u in pruning.units(unet)}
+    tmp = Path(tempfile.mkdtemp(prefix=".pocketfusion-latency-"))
+    cfg = ExportConfig(targets=(target,), components=("unet",), check_parity=False, executorch_profile_runs=0)
+    try:
+        sessions, feeds = {}, {}
+        for name in tqdm(inputs, desc=f"export units ({runtime})", disable=not progress, unit="unit"):
+            import torch
+
+            wrapper = _unit_wrapper(unet.get_submodule(name), kinds[name].kind)
+            xs = inputs[name]
+            with torch.no_grad():
+                out = wrapper(*xs)
+            specs = tuple(TensorSpec(f"in{i}", tuple(x.shape), "float32") for i, x in enumerate(xs))
+            feed = {s.name: x.float().numpy() for s, x in zip(specs, xs)}
+            spec = ComponentSpec("unit", wrapper, specs, (TensorSpec("out", tuple(out.shape), "float32"),), [feed], source="unit")
+            suffix = {"onnx": ".onnx", "executorch": ".pte", "tflite": ".tflite"}[target]
+            path = tmp / f"u{len(sessions)}{suffix}"
+            backends.exporter(target).export_component(spec, path, cfg)
+            sessions[name], feeds[name] = load_session(path, runtime, threads=threads), feed
+        samples: dict[str, list[float]] = {n: [] for n in sessions}
+        for _ in tqdm(range(rounds), desc=f"latency rounds ({runtime})", disable=not progress, unit="round"):
+            for name, s in sessions.items():
+                s.run(feeds[name])
+                for _ in range(runs):
+                    t = time.perf_counter()
+                    s.run(feeds[name])
+                    samples[name].append((time.perf_counter() - t) * 1e3)
+        ms = {n: float(np.median(v)) for n, v in samples.items()}
+        device = next(iter(sessions.values())).device if sessions else ""
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "runtime": runtime, "device": device, "base_ms": None,
+        "units": {n: {"ms": v, "saving_ms": v, "params": kinds[n].params} for n, v in ms.items()},
+        "method": "each unit exported and timed alone at its real input shapes (saving = its own time)",
+        "shapes": {"seq_len": seq_len, "sample_size": unet.config.sample_size, "units_total_ms": sum(ms.values())},
+        "runs": runs, "rounds": rounds, "threads": threads, "wall_s": round(time.perf_counter() - t0, 2),
+    }
