@@ -357,6 +357,19 @@ def _decoder_config(args, **given):
 def cmd_decoder(args) -> int:
     from pocketfusion.compress.decoder import compress_decoder, summary, work_dir
 
+    if args.donor is not None:
+        from pocketfusion.checkpoint import load_model
+        from pocketfusion.compress.decoder.adopt import adopt_decoder
+
+        model, donor = _load(args), load_model(args.donor)
+        m = adopt_decoder(model, donor, Path(args.output))
+        d = m.metrics["decoder"]
+        print(f"wrote {args.output}/ ({model.path} with the compact VAE of {donor.path}; no training)")
+        if "psnr_db" in d:
+            print(f"  decoder as measured on its own source: PSNR {d['psnr_db']['mean_db']:.2f} dB mean, "
+                  f"{d.get('macs_ratio', float('nan')):.2f}x fewer MACs")
+        return 0
+
     cfg = _decoder_config(args, kind=args.kind, channels=args.channels, iterations=args.iterations, batch_size=args.batch_size,
                           lr=args.lr, n_pairs=args.pairs, teacher_steps=args.teacher_steps, prompts=args.prompts,
                           n_prompts=args.num_prompts, seed=args.seed, device=args.device, checkpoint_every=args.checkpoint_every,
@@ -586,6 +599,9 @@ def _add_decoder(sub) -> None:
                                        "latents; the rest of the pipeline is kept")
     _model_arg(p)
     p.add_argument("--kind", default="tiny", choices=["tiny"], help="tiny: diffusers' AutoencoderTiny (default)")
+    p.add_argument("--from", dest="donor", default=None, metavar="MODEL",
+                   help="no training: adopt the compact VAE of MODEL (made by 'pocketfusion decoder' from the same original VAE), "
+                        "e.g. to give a pruned or distilled model the decoder its original already has")
     p.add_argument("--channels", type=int, default=None, metavar="N", help="the decoder's width (default 24)")
     p.add_argument("--iterations", type=int, default=None, metavar="N", help="optimizer steps (default 1500)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N", help="latents per optimizer step (default 32)")
