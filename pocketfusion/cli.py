@@ -304,7 +304,7 @@ def cmd_prune(args) -> int:
              "robust_iterations": args.robust_iterations, "recovery_iterations": args.iterations, "batch_size": args.batch_size,
              "lr": args.lr, "n_pairs": args.pairs, "prompts": args.prompts, "n_prompts": args.num_prompts, "seed": args.seed,
              "device": args.device, "checkpoint_every": args.checkpoint_every, "work_dir": args.work_dir}
-    cfg = PruneConfig(resume=args.resume, **{k: v for k, v in given.items() if v is not None})
+    cfg = PruneConfig(resume=args.resume, keep_work=args.keep_work, **{k: v for k, v in given.items() if v is not None})
     if cfg.prompts is not None and not Path(cfg.prompts).is_file():
         raise UserError(f"--prompts {cfg.prompts} is not a file (expected a text file, one prompt a line)")
     if args.device_target not in (None, "host"):
@@ -581,7 +581,7 @@ def _add_prune(sub) -> None:
                    help="robust training before the search, units dropped at random (default 300; 0: none)")
     p.add_argument("--iterations", type=int, default=None, metavar="N", help="KD recovery iterations (default 1000)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N", help="batch per optimizer step (default 32)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-4)")
+    p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate, cosine decay (default 2e-4)")
     p.add_argument("--pairs", type=int, default=None, metavar="N", help="teacher samples made before training (default 1024)")
     p.add_argument("--prompts", default=None, metavar="FILE", help="text file, one prompt a line (default: the built-in demo prompts)")
     p.add_argument("--num-prompts", type=int, default=None, metavar="N", help="prompts drawn")
@@ -590,6 +590,8 @@ def _add_prune(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="N", help="checkpoint every N iterations (default 100)")
     p.add_argument("--work-dir", default=None, help="checkpoints and cached teacher samples (default: .<OUT>.prune-work beside -o)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the work directory")
+    p.add_argument("--keep-work", action="store_true", help="keep the work directory (teacher samples, checkpoints, the search's "
+                                                              "choice) after writing, e.g. to resume with more --iterations")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     p.set_defaults(func=cmd_prune)
 

@@ -58,7 +58,7 @@ class PruneConfig:
     prompts: str | None = None
     n_prompts: int | None = None
     batch_size: int = 32
-    lr: float = 1e-4
+    lr: float = 2e-4  # peak AdamW rate; warmup, then cosine decay to a tenth
     seed: int = 0
     device: str = "cpu"
     bench_runs: int = 10

@@ -219,8 +219,9 @@ def _kd_loss(student, teacher, data: _Data, cfg: PruneConfig, *, gates: pruning.
 def _train(modules: dict, loss_fn, cfg: PruneConfig, iterations: int, ckpt: Path, desc: str, progress: bool):
     from pocketfusion.training import TrainConfig, train
 
-    tcfg = TrainConfig(iterations=iterations, lr=cfg.lr, grad_clip=1.0, device=cfg.device, seed=cfg.seed,
-                       checkpoint_every=cfg.checkpoint_every, resume=cfg.resume, log_every=max(1, iterations // 50))
+    tcfg = TrainConfig(iterations=iterations, lr=cfg.lr, grad_clip=1.0, device=cfg.device, seed=cfg.seed, schedule="cosine",
+                       warmup=min(100, iterations // 10), min_lr_ratio=0.1, checkpoint_every=cfg.checkpoint_every,
+                       resume=cfg.resume, log_every=max(1, iterations // 50))
     try:
         return train(modules, loss_fn, tcfg, ckpt_dir=ckpt, progress=progress, desc=desc)
     finally:
@@ -230,19 +231,28 @@ def _train(modules: dict, loss_fn, cfg: PruneConfig, iterations: int, ckpt: Path
 
 
 class _Scorer:
-    """Teacher-vs-student error of the noise prediction on a fixed set of noised teacher samples:
-    mean squared difference over the teacher prediction's mean square (0: the teacher's output)."""
+    """Teacher-vs-student error of the *guided* prediction (both CFG branches at the sampler's scale, as sampling
+    uses them) on a fixed set of noised teacher samples: mean squared difference over the teacher's mean square."""
 
-    def __init__(self, teacher, data: _Data, cfg: PruneConfig, device):
+    def __init__(self, teacher, data: _Data, cfg: PruneConfig, device, guidance: float = 4.0):
         gen = torch.Generator().manual_seed(cfg.seed + 7919)
-        self.batches = []
+        self.batches, self.guidance = [], guidance
         n = cfg.score_samples
         with torch.no_grad():
             for i in range(0, n, 64):
-                x_t, t, kw, _, _ = data.batch(min(64, n - i), gen, device)
-                self.batches.append((x_t, t, kw, teacher(x_t, t, **kw).sample.float()))
-        self.scale = sum(r.pow(2).sum().item() for *_, r in self.batches) / sum(r.numel() for *_, r in self.batches)
+                m = min(64, n - i)
+                x_t, t, _, _, _ = data.batch(m, gen, device)
+                idx = torch.randint(0, len(data.cond), (m,), generator=gen)
+                hidden = torch.cat([data.uncond.hidden.expand(m, -1, -1), data.cond.hidden[idx]]).to(device)
+                args = (torch.cat([x_t, x_t]), torch.cat([t, t]), {"encoder_hidden_states": hidden})
+                self.batches.append((args, self._guided(teacher, args)))
+        self.scale = sum(r.pow(2).sum().item() for _, r in self.batches) / sum(r.numel() for _, r in self.batches)
         self.calls = 0
+
+    def _guided(self, unet, args) -> torch.Tensor:
+        x, t, kw = args
+        e_u, e_c = unet(x, t, **kw).sample.float().chunk(2)
+        return e_u + self.guidance * (e_c - e_u)
 
     @torch.no_grad()
     def __call__(self, unet, gates: pruning.Gates | None = None, drop=()) -> float:
@@ -250,8 +260,8 @@ class _Scorer:
             gates.drop = list(drop)
         self.calls += 1
         err, n = 0.0, 0
-        for x_t, t, kw, ref in self.batches:
-            d = unet(x_t, t, **kw).sample.float() - ref
+        for args, ref in self.batches:
+            d = self._guided(unet, args) - ref
             err += d.pow(2).sum().item()
             n += d.numel()
         return err / n / self.scale
@@ -446,10 +456,15 @@ def _prune(model, cfg: PruneConfig, out: Path, table: dict | None, measure: Meas
     units_before = pruning.units(teacher)
     frontier: list[dict] = []
     measured: dict[str, Any] = {}
+    chosen = work / "search.json"  # a resumed run keeps what the search chose (its measurements would differ)
     if cfg.preset is not None:
         removed = set(preset_units(teacher, cfg.preset))
+    elif cfg.resume and chosen.is_file():
+        saved = json.loads(chosen.read_text())
+        removed, measured, frontier = set(saved["removed"]), saved["measured"], saved["frontier"]
     else:
         removed, measured = _choose(table, lambda r: scorer(student, gates, r), teacher, cfg, measure, frontier)
+        artifact.atomic_write_text(chosen, json.dumps({"removed": sorted(removed), "measured": measured, "frontier": frontier}) + "\n")
     gates.drop = sorted(removed)
     error_pruned_robust = scorer(student, gates, removed)
     gates.ungate()
@@ -491,8 +506,8 @@ def _prune(model, cfg: PruneConfig, out: Path, table: dict | None, measure: Meas
                         {"estimated_ratio": None, "note": "not measured (no runtime measurement given)"}),
             "error_vs_teacher": {"robust_full": error_robust_full, "robust_pruned": error_pruned_robust,
                                  "before_recovery": error_before_kd, "after_recovery": error_after_kd,
-                                 "metric": "mean squared difference of the U-Net prediction over the teacher's mean square, "
-                                           f"{cfg.score_samples} noised teacher samples"},
+                                 "metric": "mean squared difference of the CFG-guided U-Net prediction (scale 4) over the teacher's "
+                                           f"mean square, {cfg.score_samples} noised teacher samples"},
             "frontier": frontier, "search_scores": scorer.calls,
         },
         "latency_table": table,
@@ -517,6 +532,7 @@ def _claim_work_dir(work: Path, cfg: PruneConfig) -> None:
         for d in ("robust", "recovery"):
             shutil.rmtree(work / d, ignore_errors=True)
         (work / "robust.safetensors").unlink(missing_ok=True)
+        (work / "search.json").unlink(missing_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     artifact.atomic_write_text(path, json.dumps(now, indent=2) + "\n")
 

@@ -89,7 +89,10 @@ def ship(src: Path, name: str, evaluation: dict) -> Path:
     settings = dict(m.settings)
     if name in RECIPES:  # the one command (its seed: settings["seed"]) that makes these weights
         stage, args = _recipe(name)
-        settings["command"] = f"python -m pocketfusion.demo.students make {name}  # = pocketfusion {stage} demo " + " ".join(args)
+        r = RECIPES[name]
+        then = f" && pocketfusion decoder OUT --from {r['decoder_from']}" if "decoder_from" in r else ""
+        settings["command"] = (f"python -m pocketfusion.demo.students make {name}  # = pocketfusion {stage} {r.get('input', 'demo')} "
+                               + " ".join(args) + then)
     kw = dict(stage=m.stage, settings=settings, source=m.source, components=m.components, calibration=m.calibration,
               sampler=m.sampler, metrics=metrics, notes=m.notes)
     if Path(src).resolve() == dest.resolve():  # already in place (the teacher): the manifest only
@@ -117,9 +120,20 @@ RECIPES: dict[str, dict] = {
 }
 
 
+# pruned (ONNX Runtime latency table, search to half the U-Net's per-call latency), KD-recovered; the teacher's sampler
+RECIPES["demo-pruned"] = {"prune": ["--runtime", "onnxruntime", "--latency-budget", "0.5", "--pairs", "512", "--robust-iterations",
+                                    "300", "--iterations", "1500", "--batch-size", "32", "--seed", "0"],
+                          "measure": [50]}
+# the full combination: demo-pruned distilled to 4 steps by the unpruned teacher, then the compact VAE of demo-tiny-decoder
+RECIPES["demo-mobile"] = {"input": "demo-pruned",
+                          "distill": ["--steps", "4", "--method", "regression", "--teacher", "demo", "--pairs", "1024",
+                                      "--iterations", "1500", "--batch-size", "64", "--seed", "0"],
+                          "decoder_from": "demo-tiny-decoder", "measure": [4, 2, 1]}
+
+
 def _recipe(name: str) -> tuple[str, list[str]]:
     """(the ``pocketfusion`` subcommand, its arguments) that trains the bundled model ``name``."""
-    stage = "decoder" if "decoder" in RECIPES[name] else "distill"
+    stage = next(s for s in ("decoder", "prune", "distill") if s in RECIPES[name])
     return stage, RECIPES[name][stage]
 
 
@@ -132,16 +146,26 @@ def make(name: str, work: Path, *, progress: bool = True) -> Path:
     from pocketfusion.checkpoint import load_model
 
     out = Path(work) / name
+    recipe = RECIPES[name]
     if not (out / "manifest.json").is_file():
         stage, args = _recipe(name)
-        cmd = [sys.executable, "-m", "pocketfusion", stage, "demo", *args, "--checkpoint-every", "100" if stage == "decoder" else "250",
+        every = "250" if stage == "distill" else "100"
+        cmd = [sys.executable, "-m", "pocketfusion", stage, recipe.get("input", "demo"), *args, "--checkpoint-every", every,
                "-o", str(out)]
-        if (out.parent / f".{out.name}.{stage}-work" / "checkpoints").is_dir():
+        if (out.parent / f".{out.name}.{stage}-work").is_dir():
             cmd.append("--resume")
         print(" ".join(cmd[1:]), flush=True)
         if (rc := subprocess.run(cmd).returncode) != 0:
             raise SystemExit(rc)
-    ev = measure_steps(load_model(out), RECIPES[name]["measure"], progress=progress)
+    if "decoder_from" in recipe:  # the compact VAE its original already has (pocketfusion decoder --from)
+        final = Path(work) / f"{name}-vae"
+        if not (final / "manifest.json").is_file():
+            cmd = [sys.executable, "-m", "pocketfusion", "decoder", str(out), "--from", recipe["decoder_from"], "-o", str(final)]
+            print(" ".join(cmd[1:]), flush=True)
+            if (rc := subprocess.run(cmd).returncode) != 0:
+                raise SystemExit(rc)
+        out = final
+    ev = measure_steps(load_model(out), recipe["measure"], progress=progress)
     return ship(out, name, ev)
 
 
