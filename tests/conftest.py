@@ -40,3 +40,15 @@ def tiny_onnx_export(tiny_sd, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx") / "exp"
     export(load_model(tiny_sd), ExportConfig(targets=("onnx",)), out, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("torch_one_thread")``): on a shared
+    2-core machine, two spinning OpenMP threads make tiny calls up to 100x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

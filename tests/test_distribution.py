@@ -7,19 +7,12 @@ import random
 
 import numpy as np
 import pytest
-import torch
 
 from pocketfusion.demo import distribution as D
 from pocketfusion.demo.scenes import Scene, parse_prompt, render
 from pocketfusion.errors import UserError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -130,19 +130,10 @@ def _rank() -> tuple[int, int]:
 
 
 def _claim_work_dir(work: Path, cfg: DistillConfig) -> None:
-    """A fresh run clears old checkpoints and records its settings; ``resume`` checks them (the training
-    loop checks only its own config, not the method, step count or teacher settings)."""
-    path, now = work / _SETTINGS, {k: v for k, v in cfg.to_dict().items() if k not in _RESUME_FREE}
-    if cfg.resume and path.is_file():
-        then = json.loads(path.read_text())
-        if changed := [f"{k}: {then.get(k)!r} -> {v!r}" for k, v in now.items() if then.get(k) != v]:
-            raise UserError(f"cannot resume from {work}: settings changed ({'; '.join(changed)}); "
-                            "use the same settings, or drop --resume to start over")
-        return
-    if not cfg.resume:
-        shutil.rmtree(work / "checkpoints", ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    artifact.atomic_write_text(path, json.dumps(now, indent=2) + "\n")
+    from pocketfusion.compress.workdir import claim
+
+    claim(work, {k: v for k, v in cfg.to_dict().items() if k not in _RESUME_FREE}, resume=cfg.resume, record=_SETTINGS,
+          fresh=("checkpoints",))
 
 
 def _check_input(model, out, cfg: DistillConfig) -> None:

@@ -521,20 +521,10 @@ def _prune(model, cfg: PruneConfig, out: Path, table: dict | None, measure: Meas
 
 
 def _claim_work_dir(work: Path, cfg: PruneConfig) -> None:
-    path, now = work / "prune.json", {k: v for k, v in cfg.to_dict().items() if k not in _RESUME_FREE}
-    if cfg.resume and path.is_file():
-        then = json.loads(path.read_text())
-        if changed := [f"{k}: {then.get(k)!r} -> {v!r}" for k, v in now.items() if then.get(k) != v]:
-            raise UserError(f"cannot resume from {work}: settings changed ({'; '.join(changed)}); "
-                            "use the same settings, or drop --resume to start over")
-        return
-    if not cfg.resume:
-        for d in ("robust", "recovery"):
-            shutil.rmtree(work / d, ignore_errors=True)
-        (work / "robust.safetensors").unlink(missing_ok=True)
-        (work / "search.json").unlink(missing_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
-    artifact.atomic_write_text(path, json.dumps(now, indent=2) + "\n")
+    from pocketfusion.compress.workdir import claim
+
+    claim(work, {k: v for k, v in cfg.to_dict().items() if k not in _RESUME_FREE}, resume=cfg.resume, record="prune.json",
+          fresh=("robust", "recovery", "robust.safetensors", "search.json"))
 
 
 def _write(model, unet, cfg: PruneConfig, out: Path, *, source, metrics: dict, removed: list[str]) -> artifact.Manifest:

@@ -20,15 +20,7 @@ from pocketfusion.errors import UserError
 FAST = dict(n_pairs=8, teacher_steps=10, teacher_batch=8, batch_size=4, w_embedding_dim=16, iterations=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, two spinning OpenMP threads make tiny calls 100x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _tiny(root, family: str, prediction: str):
