@@ -31,14 +31,17 @@ class Session(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-def load_session(path: str | Path, runtime: str, *, threads: int | None = None) -> Session:
-    """Load one exported component file with ``runtime`` (the adapter named by ``pocketfusion.backends``)."""
+def load_session(path: str | Path, runtime: str, *, threads: int | None = None, shared_cores: bool = False) -> Session:
+    """Load one exported component file with ``runtime`` (the adapter named by ``pocketfusion.backends``).
+
+    ``shared_cores``: the session takes turns with others on the same cores (a pipeline's components); a runtime
+    whose idle workers would spin against the others' (onnxruntime) lets them sleep."""
     from pocketfusion import backends
 
     path = Path(path)
     if not path.exists():
         raise UserError(f"artifact {path} does not exist")
-    return backends.adapter(runtime).load(path, threads=threads)
+    return backends.adapter(runtime).load(path, threads=threads, shared_cores=shared_cores)
 
 
 def check_feeds(session: Session, feeds: dict[str, np.ndarray]) -> None:

@@ -43,7 +43,7 @@ class CoreMLSession:
         return {n: np.asarray(outs[n]) for n in self.output_names}
 
 
-def load(path: Path, threads: int | None = None, compute_units: str = "CPU_AND_NE") -> CoreMLSession:
+def load(path: Path, threads: int | None = None, compute_units: str = "CPU_AND_NE", *, shared_cores: bool = False) -> CoreMLSession:
     """Load an ``.mlpackage`` for prediction (macOS only; ``threads`` is ignored: Core ML schedules itself).
 
     Raises:

@@ -68,6 +68,6 @@ class ExecuTorchSession:
         return {n: (o.detach().numpy().copy() if isinstance(o, torch.Tensor) else np.asarray(o)) for n, o in zip(self.output_names, outs)}
 
 
-def load(path: Path, threads: int | None = None) -> ExecuTorchSession:
+def load(path: Path, threads: int | None = None, *, shared_cores: bool = False) -> ExecuTorchSession:
     """Load the ``.pte`` at ``path`` (and its ``.io.json`` names) for ``run``."""
     return ExecuTorchSession(Path(path), threads)

@@ -82,7 +82,7 @@ class LiteRTSession:
         return {n: outs[self._out_map[n]] for n in self.output_names}
 
 
-def load(path: Path, threads: int | None = None) -> LiteRTSession:
+def load(path: Path, threads: int | None = None, *, shared_cores: bool = False) -> LiteRTSession:
     """Load a ``.tflite`` file with ai-edge-litert; ``threads`` defaults to ``os.cpu_count()``
     (the interpreter's own default is a single thread)."""
     return LiteRTSession(path, threads)

@@ -1,10 +1,10 @@
 """onnxruntime adapter (CPU execution provider here).
 
-Every session of a process shares one intra-op thread pool (onnxruntime's global pool), the way an
-app that runs a text encoder, a U-Net and a VAE decoder in turn should: with one pool per session,
-the idle pools' spinning workers compete with the running one for the same cores (measured on the
-demo student's 4-step pipeline on a 2-core host: 48 ms an image with per-session pools, 34 ms with
-one shared pool). A session asking for a thread count other than the shared pool's gets its own.
+Sessions that take turns on the same cores (the runtime pipeline's text encoder, U-Net and VAE decoder:
+``shared_cores=True``) do not spin: with onnxruntime's default, each session's idle intra-op workers spin after
+its run and take the cores from the next session's (measured on the demo student's 4-step pipeline on a
+2-core host: 48-52 ms an image spinning, 37-40 ms not; a process-wide global pool measured 34-36 ms, but once
+set every other session of the process, onnxruntime's own quantization tools' included, must use it).
 """
 
 from __future__ import annotations
@@ -15,29 +15,17 @@ import numpy as np
 
 from pocketfusion.runtimes.base import check_feeds, require
 
-_shared_pool_threads: int | None = None
-
-
-def _shared_pool(ort, threads: int | None) -> bool:
-    """Size the process-wide pool on first use; True when a session of ``threads`` can use it."""
-    global _shared_pool_threads
-    want = threads or 0  # 0: onnxruntime's default, one thread a physical core
-    if _shared_pool_threads is None:
-        ort.set_global_thread_pool_sizes(want, 1)
-        _shared_pool_threads = want
-    return want == _shared_pool_threads
-
 
 class OrtSession:
     runtime = "onnxruntime"
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, *, shared_cores: bool = False):
         ort = require("onnxruntime", "onnx")
         opts = ort.SessionOptions()
-        if _shared_pool(ort, threads):
-            opts.use_per_session_threads = False
-        elif threads:
+        if threads:
             opts.intra_op_num_threads = threads
+        if shared_cores:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # A weight-only QDQ model (DequantizeLinear -> MatMul) is fused into MatMulNBits, whose
         # default accuracy level 4 quantizes the activations to int8 on the fly; level 1 keeps fp32
         # activations, i.e. computes what the graph says (quantized U-Nets from pocketfusion.export).
@@ -53,5 +41,5 @@ class OrtSession:
         return dict(zip(self.output_names, outs))
 
 
-def load(path: Path, threads: int | None = None) -> OrtSession:
-    return OrtSession(path, threads)
+def load(path: Path, threads: int | None = None, *, shared_cores: bool = False) -> OrtSession:
+    return OrtSession(path, threads, shared_cores=shared_cores)

@@ -48,7 +48,8 @@ class RuntimePipeline:
         config = json.loads((artifact.resolve_path(root, self.sampler.scheduler) / "scheduler_config.json").read_text())
         self.scheduler = from_config(config, scheduler)
         self.unet_spec = comps["unet"]
-        self.sessions = {n: load_session(artifact.resolve_path(root, c.path), self.runtime, threads=threads) for n, c in comps.items()}
+        self.sessions = {n: load_session(artifact.resolve_path(root, c.path), self.runtime, threads=threads, shared_cores=True)
+                         for n, c in comps.items()}
         self.device = self.sessions["unet"].device
 
     def _encode(self, prompt: str) -> np.ndarray:

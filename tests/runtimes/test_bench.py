@@ -147,3 +147,18 @@ def test_real_adb_without_device_is_one_line_error(tmp_path):
     pte, runner = _files(tmp_path, "unet.pte", "executor_runner")
     with pytest.raises(UserError, match="no Android device attached"):
         adb.bench_on_device(adb.AdbJob(artifact=pte, runner=runner))
+
+
+def test_pipeline_onnxruntime_sessions_do_not_spin_and_leave_other_sessions_alone(tiny_onnx_export):
+    """The runtime pipeline's sessions take turns on the cores: their idle workers must not spin against each
+    other; and nothing process-wide is set, so a plain onnxruntime session (its quantization tools make them)
+    still loads after them."""
+    import onnxruntime as ort
+
+    from pocketfusion.runtimes.pipeline import RuntimePipeline
+
+    pipe = RuntimePipeline(tiny_onnx_export, "onnxruntime")
+    for s in pipe.sessions.values():
+        assert s._s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    plain = ort.InferenceSession(str(next(tiny_onnx_export.rglob("unet.onnx"))), providers=["CPUExecutionProvider"])
+    assert plain.get_inputs()
