@@ -40,6 +40,12 @@ class DecoderConfig:
             (``compress.distill.teacher``, cached in the work directory for ``resume``).
         n_heldout: held-out latents (held-out prompts where the suite has them, other noise) for the PSNR figures.
 
+    Loss (the decoder's, against the original decoder's images in [-1, 1]): pixel MSE, plus
+        l1_weight: times the pixel L1 (sharper than MSE alone, and closer to the per-image PSNR the stage reports);
+        edge_weight: times the L1 of the images' horizontal and vertical differences (an edge loss: MSE alone blurs
+            the shapes' outlines, which the demo metric reads); 0 turns either off.
+        ema_decay: the shipped weights are an EMA of the trained ones with this decay (None: the last weights).
+
     Training (``pocketfusion.training``): iterations, batch_size, lr (AdamW, cosine decay), grad_clip, seed, device,
     checkpoint_every, resume; work_dir (None: ``.<out name>.decoder-work`` beside the output), keep_work.
     """
@@ -55,6 +61,9 @@ class DecoderConfig:
     batch_size: int = 32
     lr: float = 2e-3
     grad_clip: float | None = 1.0
+    l1_weight: float = 1.0
+    edge_weight: float = 0.5
+    ema_decay: float | None = 0.995
     n_pairs: int = 512
     n_heldout: int = 64
     teacher_steps: int = 50
@@ -120,6 +129,10 @@ def _problems(c: DecoderConfig) -> list[str]:
         (is_int(c.batch_size, 1), f"batch_size={c.batch_size!r}: an int >= 1"),
         (is_num(c.lr, 0, open_low=True), f"lr={c.lr!r}: a float > 0"),
         (c.grad_clip is None or is_num(c.grad_clip, 0, open_low=True), f"grad_clip={c.grad_clip!r}: None or > 0"),
+        (is_num(c.l1_weight, 0), f"l1_weight={c.l1_weight!r}: a float >= 0"),
+        (is_num(c.edge_weight, 0), f"edge_weight={c.edge_weight!r}: a float >= 0"),
+        (c.ema_decay is None or is_num(c.ema_decay, 0, 1, open_low=True, open_high=True),
+         f"ema_decay={c.ema_decay!r}: None or in (0, 1)"),
         (is_int(c.n_pairs, 1), f"n_pairs={c.n_pairs!r}: an int >= 1"),
         (is_int(c.n_heldout, 1), f"n_heldout={c.n_heldout!r}: an int >= 1"),
         (is_int(c.teacher_steps, 2, 1000), f"teacher_steps={c.teacher_steps!r}: an int in 2..1000"),

@@ -116,6 +116,8 @@ def _compress(model, cfg: DecoderConfig, out: Path, progress: bool) -> artifact.
     if not cfg.train_encoder:
         student.encoder.requires_grad_(False)
     result = _train(student, pairs.latents, images, enc, cfg, work, progress)
+    if cfg.ema_decay is not None:  # ship the averaged weights
+        student = result.ema_module("vae")
     student = student.cpu().eval()
     train_s_this_run = time.perf_counter() - t0 - sampling_s
 
@@ -221,21 +223,37 @@ def _cost(vae, z) -> dict:
     return {"class": type(vae).__name__, "macs": int(count_macs(vae.decode, (z.to(vae.device),), {})["total"]), "params": params}
 
 
+def decoder_loss(y, x, cfg: DecoderConfig):
+    """The decoder's loss of images ``y`` against the original decoder's ``x`` (both [N, C, H, W] in [-1, 1]): pixel MSE
+    + ``cfg.l1_weight`` x pixel L1 + ``cfg.edge_weight`` x the L1 of their horizontal and vertical differences."""
+    import torch.nn.functional as F
+
+    loss = F.mse_loss(y, x)
+    if cfg.l1_weight > 0:
+        loss = loss + cfg.l1_weight * F.l1_loss(y, x)
+    if cfg.edge_weight > 0:
+        d = y - x
+        edges = (d[..., :, 1:] - d[..., :, :-1]).abs().mean() + (d[..., 1:, :] - d[..., :-1, :]).abs().mean()
+        loss = loss + cfg.edge_weight * edges
+    return loss
+
+
 def _train(student, latents, images, enc, cfg: DecoderConfig, work: Path, progress: bool):
-    """Pixel MSE of the compact decoder against the original decoder's images (+ the encoder's latent MSE)."""
+    """``decoder_loss`` of the compact decoder against the original decoder's images (+ the encoder's latent MSE)."""
     import torch
 
     from pocketfusion.training import TrainConfig, train
 
     tcfg = TrainConfig(iterations=cfg.iterations, lr=cfg.lr, grad_clip=cfg.grad_clip, device=cfg.device, seed=cfg.seed,
-                       schedule="cosine", warmup=min(50, cfg.iterations // 10), checkpoint_every=cfg.checkpoint_every,
-                       resume=cfg.resume, log_every=max(1, cfg.iterations // 50))
+                       schedule="cosine", warmup=min(50, cfg.iterations // 10), ema_decay=cfg.ema_decay,
+                       ema_warmup=cfg.ema_decay is not None, checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
+                       log_every=max(1, cfg.iterations // 50))
     n = len(latents)
 
     def loss_fn(batch, ctx):
         idx = torch.randint(n, (min(cfg.batch_size, n),), generator=ctx.rng)
         x = images[idx].to(ctx.device)
-        loss = torch.nn.functional.mse_loss(student.decoder(latents[idx].to(ctx.device)), x)
+        loss = decoder_loss(student.decoder(latents[idx].to(ctx.device)), x, cfg)
         if cfg.train_encoder and cfg.encoder_weight > 0:
             loss = loss + cfg.encoder_weight * torch.nn.functional.mse_loss(student.encoder(x), enc[idx].to(ctx.device))
         return loss

@@ -46,11 +46,35 @@ def test_config_validates_and_round_trips():
                        ({"decoder_blocks": (1,)}, "decoder_blocks"), ({"decoder_blocks": (1, -1, 1, 1)}, "decoder_blocks"),
                        ({"lr": -1.0}, "lr=-1.0"), ({"device": "tpu"}, "device='tpu'"), ({"guidance_range": (5, 2)}, "guidance_range"),
                        ({"train_encoder": 1}, "train_encoder"), ({"batch_size": True}, "batch_size=True"), ({"version": 2}, "version=2"),
-                       ({"decoder_blocks": 3}, "sequences of ints")]:
+                       ({"decoder_blocks": 3}, "sequences of ints"), ({"l1_weight": -0.1}, "l1_weight=-0.1"),
+                       ({"edge_weight": float("nan")}, "edge_weight=nan"), ({"ema_decay": 1.0}, "ema_decay=1.0"),
+                       ({"ema_decay": 0}, "ema_decay=0")]:
         with pytest.raises(UserError, match=match):
             DecoderConfig(**bad)
     with pytest.raises(UserError, match="unknown keys"):
         DecoderConfig.from_dict({"width": 3})
+
+
+def test_decoder_loss_terms():
+    """MSE alone with both weights 0; the L1 and edge terms add what they say; a blurred edge costs more with the edge term."""
+    import torch
+
+    from pocketfusion.compress.decoder.stage import decoder_loss
+
+    x = -torch.ones(2, 3, 8, 8)
+    x[..., :, 4:] = 1.0  # a sharp vertical edge
+    blurred = x.clone()
+    blurred[..., :, 3:5] = 0.0
+    off = DecoderConfig(l1_weight=0.0, edge_weight=0.0)
+    mse, l1 = torch.nn.functional.mse_loss(blurred, x), torch.nn.functional.l1_loss(blurred, x)
+    assert torch.allclose(decoder_loss(blurred, x, off), mse)
+    assert torch.allclose(decoder_loss(blurred, x, DecoderConfig(l1_weight=2.0, edge_weight=0.0)), mse + 2 * l1)
+    assert decoder_loss(x, x, DecoderConfig(l1_weight=1.0, edge_weight=1.0)) == 0
+    edged = decoder_loss(blurred, x, DecoderConfig(l1_weight=0.0, edge_weight=1.0))
+    assert edged > mse
+    shifted = x + 0.5  # the same error everywhere: no edge error
+    assert torch.allclose(decoder_loss(shifted, x, DecoderConfig(l1_weight=0.0, edge_weight=1.0)),
+                          torch.nn.functional.mse_loss(shifted, x))
 
 
 def test_stage_writes_a_pipeline_plain_diffusers_samples(compact, tiny_sd):
