@@ -101,3 +101,24 @@ def test_eval_cli_json(tmp_path):
     assert main(["eval", "--prompts", "4", "--steps", "5", "-o", str(out)]) == 0
     rep = json.loads(out.read_text())
     assert rep["n"] == 4 and rep["settings"]["steps"] == 5
+
+
+@pytest.mark.parametrize("name", ["demo-pruned", "demo-tiny-decoder"])
+def test_shipped_compressed_models_load_verify_and_carry_their_figures(name):
+    """The shipped pruned U-Net and compact-decoder models: verified files, the command that made them, their
+    measured evaluation, and what each removed or replaced against the teacher."""
+    from pocketfusion import pruning
+    from pocketfusion.checkpoint import BUNDLED
+
+    if not (BUNDLED[name] / "manifest.json").is_file():
+        pytest.skip(f"{name} not shipped")
+    m = artifact.load_manifest(BUNDLED[name])
+    assert "make " + name in m.settings["command"] and m.metrics["evaluation"]["prompts"] == 240
+    model, teacher = load_model(name), load_model("demo")
+    if name == "demo-pruned":
+        removed = m.metrics["pruning"]["removed"]
+        assert removed and pruning.read(BUNDLED[name] / "unet")["removed"]
+        assert sum(p.numel() for p in model.unet.parameters()) < 0.8 * sum(p.numel() for p in teacher.unet.parameters())
+        assert m.metrics["pruning"]["latency"]["speedup"] > 1.0 and m.metrics["latency_table"]["runtime"] == "onnxruntime"
+    else:
+        assert type(model.components["vae"]).__name__ == "AutoencoderTiny" and m.sampler.scaling_factor == 1.0
