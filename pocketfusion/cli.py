@@ -390,13 +390,13 @@ def cmd_models(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'name':<12} {'steps':>5}  {'guidance':<9} {'all five':>8}  {'worst attribute':<18} {'Frechet':>8} {'diversity':>9}  path")
+    print(f"{'name':<18} {'steps':>5}  {'guidance':<9} {'all five':>8}  {'worst attribute':<18} {'Frechet':>8} {'diversity':>9}  path")
     for r in rows:
         ev = r.get("evaluation") or {}
         acc = ev.get("per_attribute") or {}
         worst = min(acc.items(), key=lambda kv: kv[1]) if acc else None
         fd, div = ev.get("frechet"), ev.get("diversity")
-        print(f"{r['name']:<12} {r['steps']:>5}  {r['guidance']:<9} "
+        print(f"{r['name']:<18} {r['steps']:>5}  {r['guidance']:<9} "
               f"{format(ev['all_correct'], '8.1%') if 'all_correct' in ev else '       –'}  "
               f"{f'{worst[0]} {worst[1]:.1%}' if worst else '–':<18} {format(fd, '8.2f') if fd is not None else '       –'} "
               f"{format(div, '9.2f') if div is not None else '        –'}  {r['path']}")
