@@ -103,7 +103,7 @@ def test_eval_cli_json(tmp_path):
     assert rep["n"] == 4 and rep["settings"]["steps"] == 5
 
 
-@pytest.mark.parametrize("name", ["demo-pruned", "demo-tiny-decoder"])
+@pytest.mark.parametrize("name", ["demo-pruned", "demo-tiny-decoder", "demo-mobile"])
 def test_shipped_compressed_models_load_verify_and_carry_their_figures(name):
     """The shipped pruned U-Net and compact-decoder models: verified files, the command that made them, their
     measured evaluation, and what each removed or replaced against the teacher."""
@@ -122,3 +122,8 @@ def test_shipped_compressed_models_load_verify_and_carry_their_figures(name):
         assert m.metrics["pruning"]["latency"]["speedup"] > 1.0 and m.metrics["latency_table"]["runtime"] == "onnxruntime"
     else:
         assert type(model.components["vae"]).__name__ == "AutoencoderTiny" and m.sampler.scaling_factor == 1.0
+    if name == "demo-mobile":  # pruned, 4 steps with the guidance input, distilled from the unpruned teacher
+        from pocketfusion.checkpoint import find_teacher
+
+        assert m.sampler.guidance == "embedded" and m.sampler.default_steps == 4 and model.unet.mid_block is None
+        assert find_teacher(model).resolve() == BUNDLED["demo"].resolve()
