@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from pocketfusion.errors import UserError
-from pocketfusion.validate import is_int, is_num
+from pocketfusion.validate import config_from_dict, is_int, is_num
 
 KINDS = ("tiny",)
 DEVICES = ("cpu", "cuda")
@@ -101,10 +101,7 @@ class DecoderConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DecoderConfig:
         """Inverse of ``to_dict``; raises UserError on an unknown key or ``version`` or a bad value."""
-        names = [f.name for f in fields(cls)]
-        if unknown := sorted(set(d) - set(names)):
-            raise UserError(f"DecoderConfig: unknown keys {unknown}; known: {names}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
     def check_prompt_file(self) -> None:
         """Fail early (before loading a model) on a prompts file that does not exist."""

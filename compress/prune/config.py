@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from pocketfusion.errors import UserError
-from pocketfusion.validate import is_int, is_num
+from pocketfusion.validate import config_from_dict, is_int, is_num
 
 PRESETS = ("bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny")
 RUNTIMES = ("onnxruntime", "executorch", "litert")
@@ -85,15 +85,7 @@ class PruneConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PruneConfig:
-        names = [f.name for f in fields(cls)]
-        if unknown := sorted(set(d) - set(names)):
-            raise UserError(f"PruneConfig: unknown keys {unknown}; known: {names}")
-        return cls(**d)
-
-    # the fields distill's teacher sampling reads (compress.distill.teacher)
-    @property
-    def steps(self) -> int:
-        return 1
+        return config_from_dict(cls, d)
 
 
 def _problems(c: PruneConfig) -> list[str]:
