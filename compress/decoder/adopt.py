@@ -67,9 +67,11 @@ def adopt_decoder(model, donor, out: str | Path) -> artifact.Manifest:
         metrics = {"decoder": {**dm.metrics.get("decoder", {}), "measured_on": f"the donor's source latents ({src_path})"},
                    "adopted_from": {"path": str(donor.path), "sha256": donor_ref.sha256}}
         notes = [f"compact VAE adopted from {donor.path} (distilled from the same original VAE; no training here)"]
-        # the input's own training record (a distilled student's teacher, a pruned model's figures) stays readable
+        # the input's own record (its settings and seed; a distilled student's teacher, a pruned model's figures) stays readable
+        settings: dict = {}
         if (src / artifact.MANIFEST).is_file():
-            own = artifact.load_manifest(src).metrics
-            metrics.update({k: v for k, v in own.items() if k in ("training", "pruning")})
-        return artifact.write_manifest(tmp, stage=STAGE, settings={"adopt_from": str(donor.path)}, source=source,
+            own = artifact.load_manifest(src)
+            metrics.update({k: v for k, v in own.metrics.items() if k in ("training", "pruning")})
+            settings = dict(own.settings)
+        return artifact.write_manifest(tmp, stage=STAGE, settings={**settings, "adopt_from": str(donor.path)}, source=source,
                                        components=comps, sampler=sampler, metrics=metrics, notes=notes)
