@@ -1,4 +1,5 @@
-"""The work directory of a training stage (checkpoints, cached teacher samples) and its settings record."""
+"""What the training stages (distill, prune, decoder) share: their work directory (checkpoints, cached teacher
+samples) and its settings record, the frozen float teacher, the training device's name."""
 
 from __future__ import annotations
 
@@ -27,3 +28,25 @@ def claim(work: Path, settings: dict, *, resume: bool, record: str, fresh: tuple
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     artifact.atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+
+
+def frozen(module, device):
+    """``module`` as a frozen float32 teacher on ``device`` (a float copy when it is not float32; else itself, in eval
+    mode without gradients)."""
+    import copy
+
+    import torch
+
+    m = copy.deepcopy(module).float() if next(module.parameters()).dtype != torch.float32 else module
+    m = m.to(device).eval()
+    m.requires_grad_(False)
+    return m
+
+
+def device_name(device) -> str:
+    """The GPU's name, or the CPU's (for the training record)."""
+    import platform
+
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())

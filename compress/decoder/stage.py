@@ -28,6 +28,7 @@ from typing import Any
 
 from pocketfusion import artifact
 from pocketfusion.compress.decoder.config import DecoderConfig
+from pocketfusion.compress.workdir import claim, device_name, frozen
 from pocketfusion.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -102,8 +103,8 @@ def _compress(model, cfg: DecoderConfig, out: Path, progress: bool) -> artifact.
     device = torch.device(cfg.device)
     prompts = TE.select_prompts(model, cfg)
     source = artifact.source_ref(model.path)
-    unet = _frozen(model.unet, device)
-    vae = _frozen(model.components["vae"], device)
+    unet = frozen(model.unet, device)
+    vae = frozen(model.components["vae"], device)
     sf = float(vae.config.scaling_factor)
     cond, uncond = TE.encode(model, prompts, device).cpu(), TE.encode(model, [""], device, negative=True).cpu()
     _claim_work_dir(work, cfg)
@@ -137,7 +138,7 @@ def _compress(model, cfg: DecoderConfig, out: Path, progress: bool) -> artifact.
         "encoder": {"trained": cfg.train_encoder, "heldout_images": len(heldout),
                     **{k: round(float(v), 5) for k, v in output_error([ref_enc], [got_enc]).items()}},
         "training": {
-            "device": cfg.device, "device_name": _device_name(device), "iterations": result.iterations,
+            "device": cfg.device, "device_name": device_name(device), "iterations": result.iterations,
             "resumed_from": result.resumed_from, "batch_size": cfg.batch_size, "teacher_pairs": len(pairs),
             "teacher_pairs_cached": pairs.cached, "prompts": len(prompts), "first_loss": losses[0], "final_loss": losses[-1],
             "loss_last_10pct": sum(tail) / len(tail), "teacher_sampling_s": round(pairs.seconds, 2),
@@ -152,17 +153,6 @@ def _compress(model, cfg: DecoderConfig, out: Path, progress: bool) -> artifact.
     if not cfg.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return manifest
-
-
-def _frozen(module, device):
-    import copy
-
-    import torch
-
-    m = copy.deepcopy(module).float() if next(module.parameters()).dtype != torch.float32 else module
-    m = m.to(device).eval()
-    m.requires_grad_(False)
-    return m
 
 
 def _heldout_latents(model, unet, uncond, train_prompts: list[str], cfg: DecoderConfig, device, progress: bool):
@@ -262,18 +252,8 @@ def _train(student, latents, images, enc, cfg: DecoderConfig, work: Path, progre
 
 
 def _claim_work_dir(work: Path, cfg: DecoderConfig) -> None:
-    """A fresh run clears old checkpoints and records its settings; ``resume`` checks them."""
-    path, now = work / _SETTINGS, {k: v for k, v in cfg.to_dict().items() if k not in _RESUME_FREE}
-    if cfg.resume and path.is_file():
-        then = json.loads(path.read_text())
-        if changed := [f"{k}: {then.get(k)!r} -> {v!r}" for k, v in now.items() if then.get(k) != v]:
-            raise UserError(f"cannot resume from {work}: settings changed ({'; '.join(changed)}); "
-                            "use the same settings, or drop --resume to start over")
-        return
-    if not cfg.resume:
-        shutil.rmtree(work / "checkpoints", ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    artifact.atomic_write_text(path, json.dumps(now, indent=2) + "\n")
+    claim(work, {k: v for k, v in cfg.to_dict().items() if k not in _RESUME_FREE}, resume=cfg.resume, record=_SETTINGS,
+          fresh=("checkpoints",))
 
 
 def _check_input(model, out, cfg: DecoderConfig) -> None:
@@ -308,14 +288,6 @@ def _check_input(model, out, cfg: DecoderConfig) -> None:
 
         if not torch.cuda.is_available():
             raise UserError(f"--device cuda but torch {torch.__version__} sees no CUDA device; use --device cpu")
-
-
-def _device_name(device) -> str:
-    import platform
-
-    import torch
-
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
 
 
 def _write(model, vae, cfg: DecoderConfig, out: Path, *, source: artifact.SourceRef, metrics: dict) -> artifact.Manifest:

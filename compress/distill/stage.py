@@ -26,6 +26,7 @@ from typing import Any
 
 from pocketfusion import artifact, pruning
 from pocketfusion.compress.distill.config import DistillConfig
+from pocketfusion.compress.workdir import device_name, frozen
 from pocketfusion.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def _distill(model, cfg: DistillConfig, out: Path, progress: bool) -> artifact.M
     source = artifact.source_ref(model.path)
     tmodel = _teacher_model(model, cfg)
     tsource = artifact.source_ref(tmodel.path) if tmodel is not model else source
-    teacher = _frozen_teacher(tmodel.unet, device)
+    teacher = frozen(tmodel.unet, device)
     schedule = Schedule(dict(model.components["scheduler"].config), cfg.timestep_scaling)
     cond, uncond = TE.encode(model, prompts, device).cpu(), TE.encode(model, [""], device, negative=True).cpu()
     _claim_work_dir(work, cfg)
@@ -95,7 +96,7 @@ def _distill(model, cfg: DistillConfig, out: Path, progress: bool) -> artifact.M
     losses = result.losses
     tail = losses[-max(1, len(losses) // 10):]
     metrics: dict[str, Any] = {"training": {
-        "method": cfg.method, "steps": cfg.steps, "device": cfg.device, "device_name": _device_name(device),
+        "method": cfg.method, "steps": cfg.steps, "device": cfg.device, "device_name": device_name(device),
         "iterations": result.iterations, "resumed_from": result.resumed_from, "batch_size": cfg.batch_size, "processes": world,
         "teacher_pairs": len(pairs), "teacher_pairs_cached": pairs.cached, "prompts": len(prompts),
         "final_loss": losses[-1], "loss_last_10pct": sum(tail) / len(tail), "first_loss": losses[0],
@@ -184,25 +185,6 @@ def _teacher_model(model, cfg: DistillConfig):
         raise UserError(f"--teacher {cfg.teacher}: its text encoder differs from {model.path}'s (the student is conditioned "
                         "on the input's text encoder)")
     return teacher
-
-
-def _frozen_teacher(unet, device):
-    import copy
-
-    import torch
-
-    teacher = copy.deepcopy(unet).float() if next(unet.parameters()).dtype != torch.float32 else unet
-    teacher = teacher.to(device).eval()
-    teacher.requires_grad_(False)
-    return teacher
-
-
-def _device_name(device) -> str:
-    import platform
-
-    import torch
-
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
 
 
 def _train(student, teacher, schedule, pairs, cond, uncond, cfg: DistillConfig, work: Path, progress: bool):

@@ -34,6 +34,7 @@ import torch
 
 from pocketfusion import artifact, pruning
 from pocketfusion.compress.prune.config import PruneConfig
+from pocketfusion.compress.workdir import frozen
 from pocketfusion.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -419,7 +420,7 @@ def _prune(model, cfg: PruneConfig, out: Path, table: dict | None, measure: Meas
     _claim_work_dir(work, cfg)
     device = torch.device(cfg.device)
     source = artifact.source_ref(model.path)
-    teacher = copy.deepcopy(model.unet).float().to(device).eval().requires_grad_(False)
+    teacher = frozen(model.unet, device)
     data = _Data(model, cfg, work, device, source.sha256, progress)
     sampling_s = time.perf_counter() - t0
     student = copy.deepcopy(teacher).requires_grad_(True).train()
