@@ -424,6 +424,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def copy_components(src: str | Path, dest: str | Path, *, skip: tuple[str, ...] = ()) -> None:
+    """Copy every component folder a pipeline's ``model_index.json`` names from ``src`` to ``dest``, but ``skip``
+    (the components a stage writes anew)."""
+    src, dest = Path(src), Path(dest)
+    for name in json.loads((src / "model_index.json").read_text()):
+        if not name.startswith("_") and name not in skip and (src / name).is_dir():
+            shutil.copytree(src / name, dest / name)
+
+
 @contextlib.contextmanager
 def staged_dir(dest: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory next to ``dest``; rename it to ``dest`` only on success.

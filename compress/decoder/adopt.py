@@ -55,9 +55,7 @@ def adopt_decoder(model, donor, out: str | Path) -> artifact.Manifest:
     vae = donor.components["vae"]
     source = artifact.source_ref(src)
     with artifact.staged_dir(out) as tmp:
-        for name in index:
-            if not name.startswith("_") and name != "vae" and (src / name).is_dir():
-                shutil.copytree(src / name, tmp / name)
+        artifact.copy_components(src, tmp, skip=("vae",))
         shutil.copytree(Path(donor.path) / "vae", tmp / "vae")
         index["vae"] = ["diffusers", type(vae).__name__]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -296,9 +296,7 @@ def _write(model, vae, cfg: DecoderConfig, out: Path, *, source: artifact.Source
     src = Path(model.path)
     index = json.loads((src / "model_index.json").read_text())
     with artifact.staged_dir(out) as tmp:
-        for name in index:
-            if not name.startswith("_") and name != "vae" and (src / name).is_dir():
-                shutil.copytree(src / name, tmp / name)
+        artifact.copy_components(src, tmp, skip=("vae",))
         index["vae"] = ["diffusers", type(vae).__name__]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         vae.save_pretrained(str(tmp / "vae"), safe_serialization=True)

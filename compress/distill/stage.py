@@ -233,9 +233,7 @@ def _write(model, unet, cfg: DistillConfig, out: Path, *, source: artifact.Sourc
     src = Path(model.path)
     index = json.loads((src / "model_index.json").read_text())
     with artifact.staged_dir(out) as tmp:
-        for name in index:
-            if not name.startswith("_") and name not in ("unet", "scheduler") and (src / name).is_dir():
-                shutil.copytree(src / name, tmp / name)
+        artifact.copy_components(src, tmp, skip=("unet", "scheduler"))
         index["scheduler"] = ["diffusers", "LCMScheduler"]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         LCMScheduler.from_config(lcm_scheduler_config(model, cfg)).save_pretrained(str(tmp / "scheduler"))

@@ -534,9 +534,7 @@ def _write(model, unet, cfg: PruneConfig, out: Path, *, source, metrics: dict, r
     src = Path(model.path)
     index = json.loads((src / "model_index.json").read_text())
     with artifact.staged_dir(out) as tmp:
-        for name in index:
-            if not name.startswith("_") and name != "unet" and (src / name).is_dir():
-                shutil.copytree(src / name, tmp / name)
+        artifact.copy_components(src, tmp, skip=("unet",))
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         record = pruning.save(unet, tmp / "unet", removed=removed, source_config=dict(model.unet.config))
         metrics["pruning"]["plain_diffusers"] = record["plain_diffusers"]

@@ -216,14 +216,8 @@ def _image_metrics(model, unet, variants, grid: G.QuantGrid, cfg: QuantConfig, c
 
 def _copy_pipeline(src: Path, dst: Path) -> None:
     """The source's ``model_index.json`` and every component folder but the U-Net, as they are."""
-    import json
-
-    index = json.loads((src / "model_index.json").read_text())
     shutil.copy2(src / "model_index.json", dst / "model_index.json")
-    for name in index:
-        if name.startswith("_") or name == "unet" or not (src / name).is_dir():
-            continue
-        shutil.copytree(src / name, dst / name)
+    artifact.copy_components(src, dst, skip=("unet",))
 
 
 def _components(model, grid: G.QuantGrid) -> list[artifact.Component]:
