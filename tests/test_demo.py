@@ -126,4 +126,5 @@ def test_shipped_compressed_models_load_verify_and_carry_their_figures(name):
         from pocketfusion.checkpoint import find_teacher
 
         assert m.sampler.guidance == "embedded" and m.sampler.default_steps == 4 and model.unet.mid_block is None
-        assert find_teacher(model).resolve() == BUNDLED["demo"].resolve()
+        # the recorded teacher's files, wherever they are found (another checkout may hold the recorded path)
+        assert artifact.content_hash(find_teacher(model)) == artifact.content_hash(BUNDLED["demo"])
