@@ -113,7 +113,7 @@ def lower(module, example_args, *, rewrite: bool = True, grid=None, calibration=
     rewrites: list[str] = []
     if rewrite:
         module = _structural_copy(module)
-        rewrites = apply_xnnpack_rewrites_(module)
+        rewrites = apply_xnnpack_rewrites_(module, fuse_upsample_conv=grid is None)
     module = module.eval()
     qinfo = None
     target = module

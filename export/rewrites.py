@@ -10,11 +10,12 @@ the same functions with ops that XNNPACK does accept (see ``shared/STACK.md``):
 =====================  =========================================================================
 module                 rewritten as
 =====================  =========================================================================
-``nn.GroupNorm``       reshape to 4-D ``(N*G, 1, 1, C/G*HW)``, ``mean.dim([2, 3])`` twice, rsqrt,
-                       reshape back, per-channel affine
-``nn.LayerNorm``       the same on a ``(-1, 1, 1, C)`` view
-``Upsample2D``         nearest 2x as a depthwise ``conv_transpose2d`` (stride 2, 2x2 kernel of
-                       ones held in a registered buffer)
+``nn.GroupNorm``       per-channel ``mean.dim([2, 3])``, group average as ``(N, C) @ (C, C)``, centred
+                       square likewise, rsqrt, per-channel affine (channels-last friendly)
+``nn.LayerNorm``       reshape to ``(-1, 1, 1, C)``, ``mean.dim([2, 3])`` twice, rsqrt, affine
+``Upsample2D``         nearest 2x + 3x3 conv as one stride-2 ``conv_transpose2d`` (kernel derived
+                       from the conv); without a 3x3 conv (or quantized), nearest 2x as a
+                       depthwise ``conv_transpose2d`` with a 2x2 ones kernel
 ``Attention``          a processor with 3-D ``torch.bmm``: q pre-scaled, softmax on the last dim,
                        no mask (falls back to the stock processor when a mask is given)
 ``GEGLU``              ``chunk`` replaced by two slices
@@ -46,11 +47,15 @@ logger = logging.getLogger(__name__)
 
 
 class GroupNorm4D(nn.Module):
-    """``nn.GroupNorm`` computed with a 4-D ``mean.dim`` over dims [2, 3] (global average pooling).
+    """``nn.GroupNorm`` in a form XNNPACK runs in its own channels-last layout.
 
-    The group statistics are taken on a ``(N*G, 1, 1, C/G * spatial)`` view, so both means are
-    XNNPACK global average pools; the variance is the mean of the centred square (as
-    ``native_group_norm``, biased), followed by ``rsqrt`` and the per-channel affine.
+    XNNPACK keeps 4-D activations in NHWC. A group norm written on a ``(N*G, 1, 1, C/G * spatial)`` view
+    makes the delegate transpose the whole activation twice per norm; here every op on the full tensor is
+    channels-last friendly: per-channel spatial means (``mean.dim([2, 3])``, a global average pool), the
+    group average of those means as an ``(N, C) @ (C, C)`` product with a constant block matrix (``1/(C/G)``
+    within a group), the centred square's per-channel means averaged the same way (the biased variance,
+    as ``native_group_norm``), ``rsqrt``, and one per-channel scale and shift. Inputs of another rank are
+    viewed as ``(N, C, L, 1)``.
     """
 
     def __init__(self, gn: nn.GroupNorm):
@@ -61,23 +66,23 @@ class GroupNorm4D(nn.Module):
         self.affine = gn.affine
         self.weight = gn.weight
         self.bias = gn.bias
+        group = torch.arange(gn.num_channels) // (gn.num_channels // gn.num_groups)
+        ref = gn.weight if gn.weight is not None else torch.zeros(())
+        average = (group[:, None] == group[None, :]).to(ref.dtype) / (gn.num_channels // gn.num_groups)
+        self.register_buffer("group_average", average, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        n, c = shape[0], shape[1]
-        g = self.num_groups
-        spatial = 1
-        for s in shape[2:]:
-            spatial *= s
-        h = x.reshape(n * g, 1, 1, (c // g) * spatial)
-        mean = h.mean(dim=(2, 3), keepdim=True)
-        d = h - mean
-        var = (d * d).mean(dim=(2, 3), keepdim=True)
-        y = (d * torch.rsqrt(var + self.eps)).reshape(shape)
-        if self.affine:
-            bshape = (1, c) + (1,) * (len(shape) - 2)
-            y = y * self.weight.reshape(bshape) + self.bias.reshape(bshape)
-        return y
+        n, c = x.shape[0], x.shape[1]
+        if x.dim() != 4:
+            return self.forward(x.reshape(n, c, -1, 1)).reshape(x.shape)
+        avg = self.group_average.to(x.dtype)
+        mean = x.mean(dim=(2, 3), keepdim=True).reshape(n, c) @ avg
+        d = x - mean.reshape(n, c, 1, 1)
+        var = (d * d).mean(dim=(2, 3), keepdim=True).reshape(n, c) @ avg
+        scale = torch.rsqrt(var + self.eps)
+        if not self.affine:
+            return d * scale.reshape(n, c, 1, 1)
+        return d * (scale * self.weight).reshape(n, c, 1, 1) + self.bias.reshape(1, c, 1, 1)
 
 
 class LayerNorm4D(nn.Module):
@@ -139,6 +144,49 @@ class NearestUpsample2D(nn.Module):
         if self.use_conv:
             hidden_states = self.conv(hidden_states) if self.name == "conv" else self.Conv2d_0(hidden_states)
         return hidden_states
+
+
+def upsample_conv_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """The stride-2 transposed-conv kernel ``(C_in, C_out, 4, 4)`` equal to a 3x3 conv ``weight`` (``(C_out, C_in,
+    3, 3)``, padding 1) applied after nearest 2x upsampling. Along each axis the input pixel ``i`` covers
+    outputs ``2i-1 .. 2i+2``, which see it through the taps ``w2``, ``w1+w2``, ``w0+w1``, ``w0``."""
+    def axis(t: torch.Tensor, dim: int) -> torch.Tensor:
+        w0, w1, w2 = t.unbind(dim)
+        return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
+
+    return axis(axis(weight, 2), 3).transpose(0, 1).contiguous()
+
+
+class UpsampleConv2D(nn.Module):
+    """diffusers ``Upsample2D`` (nearest 2x, then a 3x3 conv) as one stride-2 ``conv_transpose2d``.
+
+    The same function with 16 instead of 36 multiply-adds per input pixel and channel pair, and no
+    upsampled intermediate; XNNPACK runs it as one dense deconvolution (its depthwise deconvolution, which
+    ``NearestUpsample2D`` lowers to, was a quarter of the demo VAE decoder's time). The kernel is derived
+    from ``conv.weight`` once, when the rewrite is applied (a non-persistent buffer, so ``state_dict`` keys
+    stay those of the original); the conv stays registered for them. A forced ``output_size`` other than 2x
+    falls back to interpolation and the conv.
+    """
+
+    def __init__(self, up: nn.Module):
+        super().__init__()
+        self.channels = up.channels
+        self.out_channels = up.out_channels
+        self.conv = up.conv
+        self.register_buffer("kernel", upsample_conv_kernel(up.conv.weight.detach()), persistent=False)
+
+    @staticmethod
+    def applies(up: nn.Module) -> bool:
+        conv = getattr(up, "conv", None)
+        return (up.interpolate and up.use_conv and not up.use_conv_transpose and up.norm is None and up.name == "conv"
+                and isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+                and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1)
+
+    def forward(self, hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
+        h, w = hidden_states.shape[-2:]
+        if output_size is None or tuple(output_size) == (2 * h, 2 * w):
+            return F.conv_transpose2d(hidden_states, self.kernel.to(hidden_states.dtype), self.conv.bias, stride=2, padding=1)
+        return self.conv(F.interpolate(hidden_states, size=output_size, mode="nearest"))
 
 
 class SlicedGEGLU(nn.Module):
@@ -259,8 +307,11 @@ def _classes():
                 Upsample2D=Upsample2D)
 
 
-def apply_xnnpack_rewrites_(module: nn.Module) -> list[str]:
+def apply_xnnpack_rewrites_(module: nn.Module, *, fuse_upsample_conv: bool = True) -> list[str]:
     """Rewrite ``module`` in place into XNNPACK-delegable, mathematically equivalent form.
+
+    ``fuse_upsample_conv`` turns nearest-upsample + 3x3 conv into one transposed conv (``UpsampleConv2D``);
+    a quantized lowering turns it off, since its grid quantizes the conv itself.
 
     Returns one human-readable line per kind of rewrite applied (with counts and the reason), for
     the export manifest. Modules whose configuration a rewrite does not cover are left alone and
@@ -279,7 +330,10 @@ def apply_xnnpack_rewrites_(module: nn.Module) -> list[str]:
                 _swap(module, name, LayerNorm4D(sub))
                 counts["layernorm"] += 1
         elif cls and type(sub) is cls["Upsample2D"]:
-            if sub.interpolate and not sub.use_conv_transpose and sub.norm is None:
+            if fuse_upsample_conv and UpsampleConv2D.applies(sub):
+                _swap(module, name, UpsampleConv2D(sub))
+                counts["upsample_conv"] += 1
+            elif sub.interpolate and not sub.use_conv_transpose and sub.norm is None:
                 _swap(module, name, NearestUpsample2D(sub))
                 counts["upsample"] += 1
             else:
@@ -303,9 +357,11 @@ def apply_xnnpack_rewrites_(module: nn.Module) -> list[str]:
                 setattr(sub, attr, float(v))
                 counts["int_scalar"] += 1
     text = {
-        "groupnorm": "GroupNorm x{n} -> 4-D reshape + mean.dim([2,3]) + rsqrt + affine (no native_group_norm on XNNPACK)",
+        "groupnorm": "GroupNorm x{n} -> per-channel mean.dim([2,3]) + group average as a matmul + rsqrt + affine "
+                     "(no native_group_norm on XNNPACK; channels-last friendly)",
         "layernorm": "LayerNorm x{n} -> (-1,1,1,C) view + mean.dim([2,3]) + rsqrt + affine (no native_layer_norm on XNNPACK)",
         "upsample": "Upsample2D nearest 2x x{n} -> depthwise conv_transpose2d with a ones buffer (no upsample_nearest2d)",
+        "upsample_conv": "Upsample2D nearest 2x + 3x3 conv x{n} -> one stride-2 conv_transpose2d (4x4 kernel derived from the conv)",
         "attention": "Attention x{n} -> 3-D bmm processor, q pre-scaled, softmax(-1), no mask "
                      "(SDPA decomposes to expand_copy + masked softmax)",
         "geglu": "GEGLU x{n} -> slices instead of chunk (no split_with_sizes_copy)",
