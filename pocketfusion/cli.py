@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from pocketfusion.cli_common import _load, _model_arg
+from pocketfusion.cli_common import _load, _model_arg, _no_lora_with_runtime, _record_loras
 from pocketfusion.cli_training import _add_decoder, _add_distill, _add_prune, _decoder_config
 from pocketfusion.errors import Terminated, UserError  # stdlib-only module
 
@@ -67,6 +67,7 @@ def _check_output(path: Path, suffixes: tuple[str, ...]) -> None:
 def cmd_generate(args) -> int:
     from pocketfusion.generate import generate_images, grid, save_png
 
+    _no_lora_with_runtime(args)
     out = Path(args.output)
     _check_output(out, (".png",))
     if args.runtime:
@@ -138,6 +139,7 @@ def cmd_eval(args) -> int:
     from pocketfusion.artifact import atomic_write_text
     from pocketfusion.generate import evaluate
 
+    _no_lora_with_runtime(args)
     out = Path(args.output) if args.output else None
     if out is not None:
         _check_output(out, (".json",))
@@ -161,6 +163,8 @@ def cmd_eval(args) -> int:
         result = evaluate(model, cfg, args.prompts, progress=True)
         report = _eval_json(result)
         report["model"] = str(model.path)
+        if getattr(args, "lora_records", None):
+            report["loras"] = args.lora_records  # merged in memory (--lora)
     for attr, acc in report["per_attribute"].items():
         print(f"{attr:<11} {acc:7.1%}")
     print(f"{'all five':<11} {report['all_correct']:7.1%}   ({report['n']} held-out prompts)")
@@ -332,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_report(sub)
     _add_info(sub)
+    _add_lora(sub)
     _add_models(sub)
     return ap
 
@@ -470,6 +475,29 @@ def _add_info(sub) -> None:
     p.set_defaults(func=cmd_info)
 
 
+def cmd_lora(args) -> int:
+    from pocketfusion.compress.lora import LoraConfig, merge_lora, summary
+
+    if not args.lora:
+        raise UserError("pocketfusion lora needs at least one --lora FILE[:SCALE]")
+    cfg = LoraConfig(loras=args.lora, allow_unmatched=args.allow_unmatched)
+    manifest = merge_lora(_load(args, loras=False), cfg, Path(args.output))
+    print(f"wrote {args.output}/ (a diffusers folder: {', '.join(manifest.metrics['lora']['components'])} with the LoRAs merged)")
+    print(summary(manifest))
+    return 0
+
+
+def _add_lora(sub) -> None:
+    p = sub.add_parser("lora", help="merge LoRA files (diffusers/PEFT or kohya .safetensors) into the U-Net and text encoder; "
+                                    "writes a diffusers folder")
+    _model_arg(p, lora_help="LoRA file (.safetensors: diffusers/PEFT or kohya format) and its scale (default 1.0); "
+                            "repeatable, merged in order")
+    p.add_argument("--allow-unmatched", action="store_true",
+                   help="skip LoRA keys that name no layer of MODEL (counted in the manifest) instead of failing")
+    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    p.set_defaults(func=cmd_lora)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -481,7 +509,10 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_third_party()
     previous = signal.signal(signal.SIGTERM, _terminate)  # a kill cleans up like Ctrl-C (staged outputs removed)
     try:
-        return args.func(args)
+        rc = args.func(args)
+        if rc == 0:
+            _record_loras(args)  # --lora merged in memory: say so in the manifests the command wrote
+        return rc
     except UserError as e:
         if args.verbose:
             raise
