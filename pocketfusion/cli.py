@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from pocketfusion.cli_common import _load, _model_arg, _no_lora_with_runtime, _record_loras
+from pocketfusion.cli_common import _load, _model_arg, _no_lora_with_runtime, _record_loras, _scheduler_arg
 from pocketfusion.cli_training import _add_decoder, _add_distill, _add_prune, _decoder_config
 from pocketfusion.errors import Terminated, UserError  # stdlib-only module
 
@@ -54,7 +54,8 @@ def _gen_config(args, model=None, batch_size: int = 16):
     from pocketfusion.generate import GenerateConfig, default_steps
 
     steps = args.steps if args.steps is not None else default_steps(model if model is not None else args.model)
-    return GenerateConfig(steps=steps, guidance=args.guidance, seed=args.seed, batch_size=batch_size)
+    return GenerateConfig(steps=steps, guidance=args.guidance, seed=args.seed, batch_size=batch_size,
+                          scheduler=getattr(args, "scheduler", None))
 
 
 def _check_output(path: Path, suffixes: tuple[str, ...]) -> None:
@@ -76,7 +77,7 @@ def cmd_generate(args) -> int:
         if args.model is None:
             raise UserError("--runtime needs an export directory (pocketfusion export ... -o DIR)")
         cfg = _gen_config(args)
-        pipe = RuntimePipeline(args.model, args.runtime)
+        pipe = RuntimePipeline(args.model, args.runtime, scheduler=cfg.scheduler)
         images, sec = pipe.generate(args.prompt, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed)
         where = f" on {pipe.device}"
     else:
@@ -223,7 +224,9 @@ def cmd_calibrate(args) -> int:
     cfg = CalibrationConfig(prompts=args.prompts, n_prompts=args.num_prompts, steps=args.steps, n_timesteps=args.timesteps,
                             guidance=args.guidance, seed=args.seed)
     cfg.check_prompt_file()  # bad file: fail before loading the model
-    model = _load(args)
+    from pocketfusion.generate import with_scheduler
+
+    model = with_scheduler(_load(args), args.scheduler)  # capture samples with the model's scheduler component
     cset = calibrate(model, cfg, Path(args.output), progress=True)
     n, k = len(cset.prompts), cset.settings["n_timesteps"]
     print(f"wrote {args.output}/ ({n} prompts x {k} timesteps = {n * k} U-Net CFG pairs; last {heldout_count(n)} prompts held out)")
@@ -361,6 +364,7 @@ def _add_generate(sub) -> None:
     _model_arg(p)
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
     _gen_args(p)
+    _scheduler_arg(p)
     p.add_argument("--runtime", choices=_RUNTIME_CHOICES, default=None,
                    help="run an export directory's components in this runtime instead of PyTorch")
     p.add_argument("-o", "--output", required=True, help="output PNG")
@@ -371,6 +375,7 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="prompt accuracy per attribute on the demo grammar's held-out prompts")
     _model_arg(p)
     _gen_args(p)
+    _scheduler_arg(p)
     p.add_argument("--prompts", type=int, default=None, help="use the first N held-out prompts (default: all 240)")
     p.add_argument("--runtime", choices=_RUNTIME_CHOICES, default=None,
                    help="evaluate an export directory through this runtime (adds PSNR vs the PyTorch pipeline)")
@@ -429,6 +434,7 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--num-prompts", type=int, default=None, metavar="N",
                    help="use the first N prompts (default: 32 built-in prompts, or every line of FILE)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20; a distilled student's own step count)")
+    _scheduler_arg(p)
     p.add_argument("--timesteps", type=int, default=10, metavar="K",
                    help="steps recorded per prompt, spread over the trajectory (default 10)")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")

@@ -23,8 +23,13 @@ class GenerateConfig:
     guidance: float = DEFAULT_GUIDANCE
     seed: int = 0
     batch_size: int = 16
+    scheduler: str | None = None  # a ``scheduler_names.NAMES`` entry built from the model's scheduler config; None: its own
 
     def __post_init__(self) -> None:
+        if self.scheduler is not None:
+            from pocketfusion.scheduler_names import check_name
+
+            check_name(self.scheduler)
         if not 1 <= self.steps <= 1000:
             raise UserError(f"--steps must be in 1..1000, got {self.steps}")
         if not 0.0 <= self.guidance <= 50.0:
@@ -61,11 +66,30 @@ def default_steps(model_or_dir) -> int:
     return sampler_of(model_or_dir).default_steps
 
 
+def with_scheduler(model, name: str | None):
+    """``model`` with its scheduler replaced by the diffusers scheduler ``name`` built from the model's own
+    scheduler config (``scheduler_names``); ``model`` itself when ``name`` is None. The model is not changed.
+
+    Raises:
+        UserError: an unknown name, or a bare component (no scheduler).
+    """
+    import dataclasses
+
+    from pocketfusion.scheduler_names import check_name, diffusers_scheduler
+
+    if name is None:
+        return model
+    check_name(name)
+    model.require_pipeline()
+    sched = diffusers_scheduler(model.components["scheduler"].config, name)
+    return dataclasses.replace(model, components={**model.components, "scheduler": sched})
+
+
 def generate_images(model, prompts: Sequence[str], cfg: GenerateConfig, *, progress: bool = False) -> tuple[list[np.ndarray], float]:
     """Generate one image per prompt; returns (uint8 HWC images, seconds per image).
 
     Image ``i`` uses seed ``cfg.seed + i`` whatever the batching, so a prompt's image does not
-    depend on which other prompts share its batch.
+    depend on which other prompts share its batch. ``cfg.scheduler`` replaces the model's scheduler.
     """
     import torch
     from tqdm import tqdm
@@ -74,7 +98,7 @@ def generate_images(model, prompts: Sequence[str], cfg: GenerateConfig, *, progr
 
     if not prompts:
         raise UserError("no prompts given")
-    pipe = build_pipeline(model)
+    pipe = build_pipeline(with_scheduler(model, cfg.scheduler))
     images: list[np.ndarray] = []
     t0 = time.perf_counter()
     batches = range(0, len(prompts), cfg.batch_size)

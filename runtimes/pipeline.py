@@ -21,7 +21,11 @@ NETWORKS = ("text_encoder", "unet", "vae_decoder")
 
 
 class RuntimePipeline:
-    """Run an export artifact directory's text encoder, U-Net and VAE decoder in one runtime."""
+    """Run an export artifact directory's text encoder, U-Net and VAE decoder in one runtime.
+
+    ``scheduler`` names a ``runtimes.schedulers`` entry built from the export's scheduler config (None: the
+    config's own class). Stochastic schedulers' step noise comes from the image's ``torch.Generator``.
+    """
 
     def __init__(self, export_dir: str | Path, runtime: str, *, threads: int | None = None, scheduler: str | None = None):
         from pocketfusion import artifact, backends
@@ -57,7 +61,7 @@ class RuntimePipeline:
                              return_tensors="np").input_ids
         return self.sessions["text_encoder"].run({"input_ids": ids.astype(np.int32)})["last_hidden_state"]
 
-    def _guided(self, x: np.ndarray, t: int, cond: np.ndarray, uncond: np.ndarray | None, guidance: float) -> np.ndarray:
+    def _guided(self, x: np.ndarray, t: float, cond: np.ndarray, uncond: np.ndarray | None, guidance: float) -> np.ndarray:
         """The U-Net's guided output at one step: a CFG pair, or one call with the scale as an input."""
         unet = self.sessions["unet"]
         if self.sampler.guidance == "cfg":
@@ -79,16 +83,15 @@ class RuntimePipeline:
         cond = self._encode(prompt)
         uncond = self._encode("") if self.sampler.guidance == "cfg" else None
         gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(tuple(self.sampler.latent_shape), generator=gen).numpy()
-        timesteps = self.scheduler.timesteps(steps)
-        stochastic = getattr(self.scheduler, "stochastic", False)
+        sched = self.scheduler
+        sched.reset()
+        x = torch.randn(tuple(self.sampler.latent_shape), generator=gen).numpy() * sched.init_noise_sigma(steps)
+        timesteps = sched.timesteps(steps)
         for i, t in enumerate(timesteps):
-            out = self._guided(x, int(t), cond, uncond, guidance)
-            if stochastic:  # noise between steps from the initial latents' generator, as diffusers draws it
-                noise = torch.randn(x.shape, generator=gen).numpy() if i < len(timesteps) - 1 else None
-                x = self.scheduler.step(out, int(t), x, steps, noise=noise)
-            else:
-                x = self.scheduler.step(out, int(t), x, steps)
+            out = self._guided(sched.scale_model_input(x, t, steps), float(t), cond, uncond, guidance)
+            # a stochastic scheduler's noise comes from the initial latents' generator, as diffusers draws it
+            noise = torch.randn(x.shape, generator=gen).numpy() if sched.stochastic and i < len(timesteps) - 1 else None
+            x = sched.step(out, t, x, steps, noise=noise)
         img = self.sessions["vae_decoder"].run({"latent": (x / self.sampler.scaling_factor).astype(np.float32)})["image"]
         img = np.clip(img[0].transpose(1, 2, 0) / 2 + 0.5, 0.0, 1.0)
         return (img * 255.0 + 0.5).astype(np.uint8)
@@ -104,7 +107,7 @@ def evaluate_runtime(export_dir, runtime: str, cfg, n_prompts: int | None = None
     PyTorch pipeline of the export's source model at the same seed.
 
     Args:
-        cfg: a ``generate.GenerateConfig`` (steps, guidance, seed).
+        cfg: a ``generate.GenerateConfig`` (steps, guidance, seed, scheduler: both pipelines sample with it).
     """
     from tqdm import tqdm
 
@@ -119,7 +122,7 @@ def evaluate_runtime(export_dir, runtime: str, cfg, n_prompts: int | None = None
     # Without its source on disk, an export is scored with the demo suite (no PSNR reference).
     suite = require_suite(source_model, "eval --runtime") if source_model is not None else builtin("demo")
     prompts = suite.heldout(n_prompts)
-    pipe = RuntimePipeline(export_dir, runtime)
+    pipe = RuntimePipeline(export_dir, runtime, scheduler=getattr(cfg, "scheduler", None))
     t0 = time.perf_counter()
     images = [pipe(p, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed + i)
               for i, p in enumerate(tqdm(prompts, desc=f"generate ({runtime})", disable=not progress))]
