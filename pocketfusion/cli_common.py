@@ -36,27 +36,52 @@ def _lora_spec(text: str) -> tuple[str, float]:
     return path, scale
 
 
+# Commands whose --lora is merged in memory: they write no stage artifact (an image, a report JSON, a table).
+_IN_MEMORY = ("generate", "eval", "info")
+
+
+def _lora_dir(output) -> Path:
+    """Where a stage command's ``--lora`` merge goes: ``<OUT>-lora/`` beside its output."""
+    out = Path(output)
+    return out.parent / f"{out.name}-lora"
+
+
 def _load(args, *, loras: bool = True):
-    """Load MODEL; with ``--lora``, merge the LoRAs into it in memory and keep their records in ``args.lora_records``
-    (``cli.main`` writes them into the manifests of what the command wrote)."""
+    """Load MODEL, with ``--lora`` merged (records in ``args.lora_records``; ``cli.main`` writes them into the manifests
+    of what the command wrote).
+
+    ``generate``, ``eval`` and ``info`` merge in memory. A command that writes a stage artifact (``export``, ``compress``,
+    ``calibrate``, ``run``, ``distill``, ``prune``, ``decoder``) runs the LoRA stage first into ``<OUT>-lora/`` and
+    reads the model from there: the stages copy untouched components from their source folder and record it as the
+    source (teacher lookups, eval --runtime's PyTorch reference), so the source must be a folder that holds the LoRA.
+    """
     from pocketfusion.checkpoint import load_model
 
     model = load_model(args.model, allow_pickle=args.allow_pickle)
-    if loras and getattr(args, "lora", None):
-        from pocketfusion.compress.lora import LoraConfig, merge_in_memory
+    if not (loras and getattr(args, "lora", None)):
+        return model
+    from pocketfusion.compress.lora import LoraConfig, merge_in_memory, merge_lora
 
-        args.lora_records = merge_in_memory(model, LoraConfig(loras=args.lora))
-    return model
+    cfg = LoraConfig(loras=args.lora)
+    if getattr(args, "command", None) in _IN_MEMORY or not getattr(args, "output", None):
+        args.lora_records = merge_in_memory(model, cfg)
+        return model
+    out = _lora_dir(args.output)
+    print(f"merging {len(cfg.loras)} LoRA file{'s' * (len(cfg.loras) > 1)} into {model.path} -> {out}/ (this command's source)",
+          flush=True)
+    args.lora_records = merge_lora(model, cfg, out).metrics["lora"]["loras"]
+    args.lora_dir = out
+    return load_model(out)
 
 
 def _record_loras(args) -> None:
-    """After a command that merged ``--lora`` in memory: record the LoRAs in every manifest of its output directory."""
+    """After a command that merged ``--lora``: record the LoRAs in every manifest of its output directory."""
     records = getattr(args, "lora_records", None)
     out = getattr(args, "output", None)
     if records and out and Path(out).is_dir():
         from pocketfusion.compress.lora import annotate
 
-        annotate(out, records)
+        annotate(out, records, merged_into=getattr(args, "lora_dir", None))
 
 
 def _no_lora_with_runtime(args) -> None:

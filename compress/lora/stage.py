@@ -7,8 +7,7 @@
                                                metrics["lora"]["loras"]: per LoRA its file's sha256, format, scale,
                                                matched and unmatched key counts, adapted layers per component
 
-``annotate(dir, records)`` records LoRAs that a command merged in memory (``--lora`` of ``generate``, ``export``, ...)
-in the manifests of what that command wrote.
+``annotate(dir, records)`` records the LoRAs a command merged first (``--lora``) in the manifests of what it wrote.
 """
 
 from __future__ import annotations
@@ -96,21 +95,24 @@ def _save(name: str, comp, folder: Path, pruning) -> None:
         comp.save_pretrained(str(folder), safe_serialization=True)
 
 
-def annotate(directory: str | Path, records: list[dict]) -> list[Path]:
-    """Record LoRAs merged in memory before a command ran (``--lora``) in every manifest under ``directory``.
+def annotate(directory: str | Path, records: list[dict], *, merged_into: str | Path | None = None) -> list[Path]:
+    """Record LoRAs merged before a command ran (``--lora``) in every manifest under ``directory``.
 
-    Each manifest gets ``metrics["lora"] = {"merged_in_memory": True, "loras": records}`` and a note; its ``source``
-    still names the folder that was read, whose weights do not include the LoRAs. Returns the manifests changed.
+    Each manifest gets ``metrics["lora"] = {"merged_into": ..., "loras": records}`` and a note. ``merged_into`` is the
+    LoRA stage's folder the command read its model from (its ``source``), or None when the LoRAs were merged in memory
+    (then ``source`` names a folder whose weights do not include them). Returns the manifests changed.
     """
     changed = []
     root = Path(directory)
-    paths = sorted(root.rglob(artifact.MANIFEST)) if root.is_dir() else []
-    for path in paths:
+    names = ", ".join(f"{Path(r['path']).name} (scale {r['scale']:g})" for r in records)
+    where = (f"merged into {merged_into} (stage lora) before this command read it" if merged_into is not None else
+             "merged in memory into the model read from the source before this stage; the source folder's own weights do not "
+             "include them")
+    for path in sorted(root.rglob(artifact.MANIFEST)) if root.is_dir() else []:
         data = json.loads(path.read_text())
-        data.setdefault("metrics", {})["lora"] = {"merged_in_memory": True, "loras": records}
-        names = ", ".join(f"{Path(r['path']).name} (scale {r['scale']:g})" for r in records)
-        data["notes"] = [*data.get("notes", []), f"LoRAs merged in memory into the model read from the source before this stage: "
-                         f"{names}; the source folder's own weights do not include them"]
+        data.setdefault("metrics", {})["lora"] = {"merged_into": str(merged_into) if merged_into is not None else None,
+                                                  "loras": records}
+        data["notes"] = [*data.get("notes", []), f"LoRAs {names}: {where}"]
         artifact.atomic_write_text(path, json.dumps(data, indent=2) + "\n")
         changed.append(path)
     return changed

@@ -186,6 +186,16 @@ def test_merge_equals_diffusers_fuse_lora(tiny_sd, loras, base, name, scale, fmt
     assert r["layers"]["text_encoder"] == 6 and r["layers"]["unet"] > 40
 
 
+def test_demo_model_kohya_lora_equals_diffusers(tmp_path):
+    """The bundled demo teacher (wider than the fixture, 8x8 latents): a kohya LoRA with alpha != rank."""
+    from pocketfusion.checkpoint import DEMO_MODEL
+
+    f = write_kohya(tmp_path / "demo.safetensors", _random_lora(DEMO_MODEL, 3, r=8, alpha=4.0), alpha=4.0)
+    m, records = _ours(DEMO_MODEL, [(f, 0.8)])
+    assert_same(m.components, diffusers_fused(DEMO_MODEL, [(f, 0.8)]))
+    assert records[0]["unmatched_keys"] == 0 and records[0]["layers"]["text_encoder"] > 0
+
+
 def test_kohya_conv_lora_is_3x3_down_1x1_up(loras):
     w = read_lora(loras["kohya"])
     conv = next(x for x in w.layers if x.name == "down_blocks_0_resnets_0_conv2")
@@ -312,7 +322,7 @@ def test_annotate_records_in_memory_loras(tmp_path):
             "unmatched_keys": 0, "layers": {"unet": 1}, "unmatched": []}]
     assert len(annotate(tmp_path / "a", rec)) == 2
     m = artifact.load_manifest(tmp_path / "a")  # still verifies
-    assert m.metrics["lora"] == {"merged_in_memory": True, "loras": rec} and "style.safetensors" in m.notes[-1]
+    assert m.metrics["lora"] == {"merged_into": None, "loras": rec} and "style.safetensors (scale 0.5): merged in memory" in m.notes[-1]
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------------
@@ -367,6 +377,25 @@ def test_cli_generate_and_eval_merge_in_memory(tiny_sd, loras, tmp_path, capsys)
     assert rc == 0, cap.err
     report = json.loads((tmp_path / "e.json").read_text())
     assert [(r["format"], r["scale"]) for r in report["loras"]] == [("kohya", 0.8)]
+
+
+def test_cli_a_stage_command_reads_a_merged_folder_and_records_the_loras(tiny_sd, loras, tmp_path, capsys):
+    """A command that writes a stage artifact merges into ``<OUT>-lora/`` first and reads the model from there (the stages
+    copy untouched components from, and name as their source, the folder they read)."""
+    from pocketfusion import artifact
+
+    (tmp_path / "p.txt").write_text("a large red circle on a blue background, center\n")
+    rc, cap = _cli(["calibrate", tiny_sd, "--prompts", tmp_path / "p.txt", "--num-prompts", 1, "--steps", 2, "--timesteps", 1,
+                    "--lora", f"{loras['kohya']}:0.5", "-o", tmp_path / "cal"], capsys)
+    assert rc == 0, cap.err
+    merged = artifact.load_manifest(tmp_path / "cal-lora")
+    assert merged.stage == "lora" and merged.source.sha256 == artifact.content_hash(tiny_sd)
+    m = artifact.load_manifest(tmp_path / "cal")  # checksums still hold
+    assert Path(m.source.path) == (tmp_path / "cal-lora").resolve()
+    lora = m.metrics["lora"]
+    assert lora["merged_into"] == str(tmp_path / "cal-lora") and [(r["sha256"], r["scale"]) for r in lora["loras"]] == [
+        (artifact.sha256_file(loras["kohya"]), 0.5)]
+    assert "style.safetensors (scale 0.5)" in m.notes[-1]
 
 
 def test_cli_commands_that_load_model_take_lora():
