@@ -73,12 +73,13 @@ def _plan(model, weights: LoraWeights, spec: LoraFile, allow_unmatched: bool) ->
     import torch
 
     unmatched = list(weights.unparsed)
-    planned = []
+    planned, absent = [], set()
     index: dict[str, dict[str, str]] = {}
     for layer in weights.layers:
         comp = model.components.get(layer.component)
         if not isinstance(comp, torch.nn.Module):
             unmatched.extend(layer.keys)
+            absent.add(layer.component)
             continue
         if layer.keys[0].startswith("lora_"):  # kohya: the module path with "_" for "."
             names = index.setdefault(layer.component, _underscored(comp))
@@ -100,8 +101,9 @@ def _plan(model, weights: LoraWeights, spec: LoraFile, allow_unmatched: bool) ->
         shown = ", ".join(unmatched[:SHOWN]) + (f" and {len(unmatched) - SHOWN} more" if len(unmatched) > SHOWN else "")
         hint = ("" if not planned else "; pass --allow-unmatched (LoraConfig.allow_unmatched) to merge the "
                 f"{sum(len(p.layer.keys) for p in planned)} keys that match")
+        why = f"it has no {' or '.join(sorted(absent))}" if absent else "a LoRA for another architecture?"
         raise UserError(f"LoRA {weights.path}: {len(unmatched)} of {weights.n_keys} keys name no layer of {where}: {shown}"
-                        f" (a LoRA for another architecture?){hint}")
+                        f" ({why}){hint}")
     return planned, unmatched
 
 

@@ -78,7 +78,9 @@ def _write(model, touched: list[str], cfg: LoraConfig, out: Path, *, source, met
         if model.kind == "component":  # a bare U-Net or text encoder: the folder is the component
             (name, comp), = model.components.items()
             _save(name, comp, tmp, pruning)
-            return artifact.write_manifest(tmp, stage=STAGE, settings=cfg.to_dict(), source=source, metrics=metrics, notes=notes)
+            comps = [artifact.Component(name, ".", _FORMATS.get(name) or _FORMATS[name.rstrip("_0123456789")])]
+            return artifact.write_manifest(tmp, stage=STAGE, settings=cfg.to_dict(), source=source, components=comps,
+                                           metrics=metrics, notes=notes)
         artifact.copy_components(src, tmp, skip=tuple(touched))
         (tmp / "model_index.json").write_text((src / "model_index.json").read_text())
         for name in touched:

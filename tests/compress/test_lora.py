@@ -338,6 +338,22 @@ def test_stage_writes_a_folder_plain_diffusers_loads(tiny_sd, loras, base, tmp_p
     assert (out / "vae").is_dir() and manifest.stage == "lora"
 
 
+def test_stage_on_a_bare_unet_folder(tiny_sd, loras, base, tmp_path):
+    """A bare U-Net folder: the LoRA's text-encoder keys name nothing there (an error, or skipped when allowed)."""
+    from diffusers import UNet2DConditionModel
+
+    from pocketfusion import artifact
+    from pocketfusion.checkpoint import load_model
+
+    with pytest.raises(UserError, match="18 of .* keys name no layer .*UNet2DConditionModel.*it has no text_encoder.*--allow-unmatched"):
+        merge_lora(load_model(tiny_sd / "unet"), LoraConfig(loras=[loras["kohya"]]), tmp_path / "u")
+    merge_lora(load_model(tiny_sd / "unet"), LoraConfig(loras=[loras["kohya"]], allow_unmatched=True), tmp_path / "u")
+    ref = diffusers_fused(tiny_sd, [(loras["kohya"], 1.0)])["unet"]
+    assert_same({"unet": UNet2DConditionModel.from_pretrained(str(tmp_path / "u"))}, {"unet": ref}, {"unet": base["unet"]})
+    m = artifact.load_manifest(tmp_path / "u")
+    assert m.metrics["lora"]["loras"][0]["unmatched_keys"] == 18 and "unmatched keys skipped" in m.notes[0]
+
+
 def test_annotate_records_in_memory_loras(tmp_path):
     from pocketfusion import artifact
 
