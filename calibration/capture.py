@@ -259,7 +259,7 @@ def capture(model, prompts: Sequence[str], *, steps: int | None = None, n_timest
                 lat = sched.step(eps, t, lat, generator=g).prev_sample  # LCM re-noises from the image's generator
             else:
                 e_c, e_u = eps.chunk(2)
-                lat = sched.step(e_u + guidance * (e_c - e_u), t, lat).prev_sample
+                lat = sched.step(e_u + guidance * (e_c - e_u), t, lat, generator=g).prev_sample  # ancestral schedulers draw from it
         latents.append((lat / vae.config.scaling_factor).float().numpy())
     tensors = {f"unet.{k}": np.stack(v).astype(np.int32 if k.endswith("_index") else np.float32, copy=False) for k, v in rec.items()}
     tensors["text_encoder.input_ids"] = np.stack(input_ids)
