@@ -4,7 +4,8 @@ Accepted inputs:
 
 * a diffusers pipeline folder (``model_index.json`` + ``unet/``, ``vae/``, ``text_encoder/``,
   ``tokenizer/``, ``scheduler/``; SDXL's ``text_encoder_2/`` and ``tokenizer_2/`` too);
-* a bare component folder (``config.json`` + weights), e.g. a U-Net on its own.
+* a bare component folder (``config.json`` + weights), e.g. a U-Net on its own;
+* a single-file SD 1.x / SD 2.x / SDXL base checkpoint in the original layout (``pocketfusion.single_file``).
 
 Weights are read from safetensors. Pickled ``.bin`` / ``.ckpt`` files are refused unless the caller
 passes ``allow_pickle=True``, and even then are read with ``torch.load(weights_only=True)``, so no
@@ -121,6 +122,7 @@ class Model:
     class_name: str  # pipeline class, or the component's class for a bare folder
     components: dict[str, Any] = field(default_factory=dict)
     manifest: Any = None  # artifact.Manifest when the folder carries one
+    origin: dict | None = None  # a single-file checkpoint: family, prediction type (and why), config used
 
     def ref(self, name: str):
         """The manifest's typed entry (``artifact.Component``) for component ``name``, or None."""
@@ -328,26 +330,31 @@ _SLOT_CLASSES = {
 }
 
 
-def load_model(path: str | Path | None = None, *, allow_pickle: bool = False, verify: bool = True) -> Model:
-    """Load a pipeline folder or a bare component folder (default: the bundled demo model).
+def load_model(path: str | Path | None = None, *, allow_pickle: bool = False, verify: bool = True,
+               config: str | Path | None = None, prediction_type: str | None = None) -> Model:
+    """Load a pipeline folder, a bare component folder or a single-file checkpoint (default: the bundled demo model).
 
     When the folder carries a pocketfusion ``manifest.json`` its checksums are verified first
-    (``verify=False`` skips that).
+    (``verify=False`` skips that). A single file (``.safetensors``; ``.ckpt``/``.pt``/``.pth``/``.bin`` only with
+    ``allow_pickle``) is read by ``single_file.load_single_file`` with ``config`` (a diffusers config folder; default: the
+    bundled full-size configs of the detected family) and ``prediction_type``; both are refused for a folder.
 
     Example:
         >>> m = load_model()             # the demo model
         >>> m.components["unet"].config.sample_size
         8
     """
-    from pocketfusion import artifact
+    from pocketfusion import artifact, single_file
 
     root = resolve_model_path(path)
-    if root.suffix in (".ckpt", ".bin", ".pt", ".pth") and root.is_file():
-        if not allow_pickle:
-            raise CheckpointError(
-                f"{root}: pickled checkpoint refused (pickle can run code); convert it to a diffusers folder with safetensors"
-            )
-        raise CheckpointError(f"{root}: single-file checkpoints are not supported; give a diffusers folder")
+    if root.is_file() or (single_file.is_single_file(root) and not root.exists()):
+        if not single_file.is_single_file(root):
+            raise CheckpointError(f"{root} is a file but not a checkpoint ({', '.join(single_file.SUFFIXES)}); "
+                                  "give a diffusers folder or a single-file checkpoint")
+        return single_file.load_single_file(root, allow_pickle=allow_pickle, config=config, prediction_type=prediction_type)
+    if config is not None or prediction_type is not None:
+        raise CheckpointError(f"{root}: --config and --prediction-type apply to single-file checkpoints; a folder carries "
+                              "its own configs")
     if not root.exists():
         raise CheckpointError(f"model folder {root} does not exist")
     if not root.is_dir():

@@ -14,8 +14,16 @@ _LORA_HELP = ("LoRA file (.safetensors: diffusers/PEFT or kohya format) merged i
 
 
 def _model_arg(p: argparse.ArgumentParser, *, lora_help: str = _LORA_HELP) -> None:
-    p.add_argument("model", nargs="?", default=None, help="diffusers folder (default: the bundled demo model)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="diffusers folder, or a single-file SD 1.x / 2.x / SDXL checkpoint (.safetensors; .ckpt with "
+                        "--allow-pickle) (default: the bundled demo model)")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin/.ckpt weights (read with weights_only=True)")
+    p.add_argument("--config", default=None, metavar="DIR",
+                   help="single-file MODEL: a diffusers folder whose config files describe its architecture (default: the "
+                        "bundled full-size SD 1.x / 2.x / SDXL configs of the detected family)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                   help="single-file MODEL: what the U-Net predicts (default: a hint in the file, else epsilon; SD 2.x: "
+                        "v_prediction, the 768-px model)")
     p.add_argument("--lora", action="append", type=_lora_spec, default=None, metavar="FILE[:SCALE]", help=lora_help)
 
 
@@ -50,6 +58,9 @@ def _load(args, *, loras: bool = True):
     """Load MODEL, with ``--lora`` merged (records in ``args.lora_records``; ``cli.main`` writes them into the manifests
     of what the command wrote).
 
+    A single-file MODEL is loaded in memory by ``generate``, ``eval`` and ``info``; the other commands first write it as
+    a diffusers folder ``<OUT>-diffusers/`` (``_convert``) and read that.
+
     ``generate``, ``eval`` and ``info`` merge in memory. A command that writes a stage artifact (``export``, ``compress``,
     ``calibrate``, ``run``, ``distill``, ``prune``, ``decoder``) runs the LoRA stage first into ``<OUT>-lora/`` and
     reads the model from there: the stages copy untouched components from their source folder and record it as the
@@ -57,7 +68,10 @@ def _load(args, *, loras: bool = True):
     """
     from pocketfusion.checkpoint import load_model
 
-    model = load_model(args.model, allow_pickle=args.allow_pickle)
+    model = load_model(args.model, allow_pickle=args.allow_pickle, config=getattr(args, "config", None),
+                       prediction_type=getattr(args, "prediction_type", None))
+    if model.origin is not None and getattr(args, "command", None) not in _IN_MEMORY and getattr(args, "output", None):
+        model = _convert(model, args)
     if not (loras and getattr(args, "lora", None)):
         return model
     from pocketfusion.compress.lora import LoraConfig, merge_in_memory, merge_lora
@@ -71,6 +85,20 @@ def _load(args, *, loras: bool = True):
           flush=True)
     args.lora_records = merge_lora(model, cfg, out).metrics["lora"]["loras"]
     args.lora_dir = out
+    return load_model(out)
+
+
+def _convert(model, args):
+    """A single-file MODEL for a command that writes a stage artifact: written as a diffusers folder ``<OUT>-diffusers/``
+    first, and read from there (the stages copy components from, and record as their source, the folder they read)."""
+    from pocketfusion.checkpoint import load_model
+    from pocketfusion.single_file import write_diffusers
+
+    out = Path(args.output)
+    out = out.parent / f"{out.name}-diffusers"
+    print(f"converting {model.path} ({model.origin['family']}, {model.origin['prediction_type']}) -> {out}/ "
+          "(a diffusers folder: this command's source)", flush=True)
+    write_diffusers(model, out)
     return load_model(out)
 
 

@@ -18,6 +18,8 @@ def describe(model) -> dict:
     out = {"path": str(model.path), "kind": model.kind, "class": model.class_name, "components": {}}
     if "scheduler" in comps:
         out["scheduler"] = type(comps["scheduler"]).__name__
+    if getattr(model, "origin", None):  # a single-file checkpoint: what it was read as
+        out["single_file"] = dict(model.origin)
     for name in names:
         module = comps["vae"] if name == "vae_decoder" else comps[name]
         params = sum(p.numel() for p in (module.decoder.parameters() if name == "vae_decoder" else module.parameters()))
@@ -45,6 +47,9 @@ def _human(n: float) -> str:
 
 def format_table(info: dict) -> str:
     lines = [f"{info['path']}  ({info['class']}{', ' + info['scheduler'] if 'scheduler' in info else ''})", ""]
+    if "single_file" in info:
+        o = info["single_file"]
+        lines[1:1] = [f"single file: {o['family']}, {o['prediction_type']} ({o['prediction_type_from']}), config {o['config']}"]
     head = f"{'component':<15} {'class':<28} {'params':>10} {'dtype':>8} {'MACs/call':>11} {'attn MACs':>11}  input"
     lines += [head, "-" * len(head)]
     for name, c in info["components"].items():
