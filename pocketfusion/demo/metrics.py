@@ -7,7 +7,8 @@ cannot share a bias with the model it scores.
 * shape mask — how far each pixel is from the background colour, relative to the shape colour
   (a soft 0..1 coverage, so anti-aliased and blurred edges count fractionally);
 * colour — median of the pixels the shape covers fully, snapped to the palette (not the background);
-* position — coverage-weighted centroid, nearest canonical centre;
+* position — coverage-weighted centroid, nearest canonical centre (with ``lora=True`` also the demo LoRA's
+  ``LORA_CENTRES``: the default reading, and every recorded base-model figure, knows only the five base positions);
 * size — side of the shape's bounding box (``small`` ≈ 18 px, ``large`` ≈ 32 px at 64 px);
 * shape — nearest template: each shape rendered at the measured bounding box, compared with the
   observed coverage (sum of squared differences).
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pocketfusion.demo.scenes import _CENTRES, _SIZE_PX, ATTRIBUTES, COLORS, SHAPES, Scene, shape_mask
+from pocketfusion.demo.scenes import _CENTRES, _SIZE_PX, ATTRIBUTES, COLORS, LORA_CENTRES, SHAPES, Scene, shape_mask
 
 _NAMES = tuple(COLORS)
 _PALETTE = np.array([COLORS[n] for n in _NAMES], dtype=np.float32)
@@ -32,8 +33,12 @@ def _nearest_colour(rgb: np.ndarray, exclude: str | None = None) -> str:
     return _NAMES[int(np.argmin(d))]
 
 
-def read_attributes(image: np.ndarray) -> dict[str, str]:
-    """Recover (shape, color, background, size, position) from an (H, W, 3) uint8 image."""
+def read_attributes(image: np.ndarray, *, lora: bool = False) -> dict[str, str]:
+    """Recover (shape, color, background, size, position) from an (H, W, 3) uint8 image.
+
+    ``lora``: positions are read among the base ones and the demo LoRA's (``scenes.LORA_POSITIONS``).
+    """
+    centres = {**_CENTRES, **LORA_CENTRES} if lora else _CENTRES
     img = np.asarray(image, dtype=np.float32)
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) image, got shape {img.shape}")
@@ -70,7 +75,7 @@ def read_attributes(image: np.ndarray) -> dict[str, str]:
     ys, xs = np.mgrid[0:h, 0:w]
     cy = float((coverage * (ys + 0.5)).sum() / total) / h
     cx = float((coverage * (xs + 0.5)).sum() / total) / w
-    position = min(_CENTRES, key=lambda p: (_CENTRES[p][0] - cx) ** 2 + (_CENTRES[p][1] - cy) ** 2)
+    position = min(centres, key=lambda p: (centres[p][0] - cx) ** 2 + (centres[p][1] - cy) ** 2)
 
     # Shape: nearest template. Render each shape at the measured box (and ±10 % in size) and keep
     # the one closest to the observed coverage; robust to the rounded corners of a blurry decoder.
@@ -90,8 +95,10 @@ def read_attributes(image: np.ndarray) -> dict[str, str]:
     return {"shape": shape, "color": color, "background": background, "size": size, "position": position}
 
 
-def prompt_accuracy(images: Sequence[np.ndarray], scenes: Sequence[Scene]) -> dict:
+def prompt_accuracy(images: Sequence[np.ndarray], scenes: Sequence[Scene], *, lora: bool = False) -> dict:
     """Per-attribute accuracy of ``images`` against the ``scenes`` they were prompted with.
+
+    ``lora``: read positions with the demo LoRA's too (``read_attributes(lora=True)``), for its prompts.
 
     Returns ``{"per_attribute": {attr: acc}, "all_correct": acc, "n": N, "predictions": [...]}``.
     """
@@ -103,7 +110,7 @@ def prompt_accuracy(images: Sequence[np.ndarray], scenes: Sequence[Scene]) -> di
     exact = 0
     preds = []
     for img, scene in zip(images, scenes):
-        got = read_attributes(img)
+        got = read_attributes(img, lora=lora)
         want = scene.as_dict()
         ok = {a: got[a] == want[a] for a in ATTRIBUTES}
         for a in ATTRIBUTES:

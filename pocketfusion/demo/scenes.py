@@ -42,6 +42,15 @@ _CENTRES = {
 _JITTER = 0.05  # of the image side, uniform, per axis
 _SIZE_JITTER = 0.1  # relative
 
+# The demo LoRA's concept (issue 14): a position word the base model never saw. ``north`` is the top centre.
+# It is outside the base vocabulary: ``all_scenes``, ``split_scenes``, the tokenizer's corpus and the metric's default
+# reading never use it, so the base prompt sets, renders and recorded accuracies are unchanged. Why a position: the
+# demo VAE decodes only its six colours and three shapes (a new colour or shape comes back as an old one), but it is
+# convolutional, so a shape anywhere decodes. The word tokenizes into byte pieces the text encoder never trained on.
+LORA_POSITIONS = ("north",)
+LORA_CENTRES = {"north": (0.5, 0.27)}
+_ALL_CENTRES = {**_CENTRES, **LORA_CENTRES}
+
 
 @dataclass(frozen=True)
 class Scene:
@@ -57,7 +66,7 @@ class Scene:
             ("color", self.color, tuple(COLORS)),
             ("background", self.background, tuple(COLORS)),
             ("size", self.size, SIZES),
-            ("position", self.position, POSITIONS),
+            ("position", self.position, POSITIONS + LORA_POSITIONS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} {value!r} is not one of {allowed}")
@@ -105,6 +114,32 @@ def split_scenes(n_heldout: int = 240, seed: int = 0) -> tuple[list[Scene], list
     return train_scenes, [scenes[i] for i in held]
 
 
+def lora_scenes() -> list[Scene]:
+    """Every combination with a ``LORA_POSITIONS`` position (the demo LoRA's concept), in a fixed order."""
+    return [
+        Scene(s, c, b, z, p)
+        for s, c, b, z, p in itertools.product(SHAPES, COLORS, COLORS, SIZES, LORA_POSITIONS)
+        if c != b
+    ]
+
+
+def split_lora_scenes(n_heldout: int = 36, seed: int = 0) -> tuple[list[Scene], list[Scene]]:
+    """Split ``lora_scenes()`` into (train, held-out), deterministic for a seed; separate from ``split_scenes``.
+
+    Every shape, colour, background and size still occurs in the training half (checked), so held-out prompts
+    are new combinations of the new position with known words.
+    """
+    scenes = lora_scenes()
+    order = list(range(len(scenes)))
+    random.Random(seed).shuffle(order)
+    held, train = sorted(order[:n_heldout]), sorted(order[n_heldout:])
+    train_scenes = [scenes[i] for i in train]
+    for attr, values in (("shape", SHAPES), ("color", COLORS), ("background", COLORS), ("size", SIZES)):
+        if missing := set(values) - {getattr(s, attr) for s in train_scenes}:
+            raise RuntimeError(f"LoRA split leaves {attr} values {sorted(missing)} out of training")
+    return train_scenes, [scenes[i] for i in held]
+
+
 def parse_prompt(prompt: str) -> Scene:
     """Inverse of ``Scene.prompt``; raises ValueError for a prompt outside the grammar."""
     text = prompt.strip().lower()
@@ -129,7 +164,7 @@ def render(scene: Scene, resolution: int = 64, rng: random.Random | None = None)
     is drawn at its canonical geometry.
     """
     scale = resolution / 64.0
-    cx, cy = _CENTRES[scene.position]
+    cx, cy = _ALL_CENTRES[scene.position]
     side = _SIZE_PX[scene.size] * scale
     if rng is not None:
         cx += rng.uniform(-_JITTER, _JITTER)
