@@ -8,5 +8,7 @@
   PyTorch eager (``benchmarks/peers.py``);
 * ``pocketfusion.benchmarks.scale`` — exports of the full-size SD-1.5 U-Net: wall time, peak RAM,
   sizes (``benchmarks/scale.py``);
-* ``pocketfusion.benchmarks.latency`` — interleaved latency rounds, shared by the first two.
+* ``pocketfusion.benchmarks.latency`` — interleaved latency rounds, shared by the first two;
+* ``pocketfusion.benchmarks.single_file`` — a full-size SD-1.5 single-file checkpoint against the same model as a
+  diffusers folder: load time and peak RAM (``benchmarks/single_file.py``).
 """
