@@ -53,7 +53,8 @@ def torch_reference(spec: ComponentSpec) -> list[dict[str, np.ndarray]]:
         args = tuple(torch.from_numpy(feed[s.name]) for s in spec.inputs)
         with torch.no_grad():
             out = spec.module(*args)
-        refs.append({spec.outputs[0].name: out.numpy()})
+        outs = out if isinstance(out, (tuple, list)) else (out,)  # SDXL's text_encoder_2 gives two
+        refs.append({s.name: o.numpy() for s, o in zip(spec.outputs, outs)})
     return refs
 
 
@@ -162,14 +163,18 @@ def _export_one(model, target: str, spec: ComponentSpec, tmp: Path, cfg: ExportC
 
 
 def _copy_sampler(model, tmp: Path) -> tuple[artifact.Sampler, list[artifact.Component]]:
-    """The pipeline's sampler, with its tokenizer and scheduler folders copied into the artifact."""
+    """The pipeline's sampler, with its tokenizer (SDXL: both) and scheduler folders copied into the artifact."""
     from pocketfusion.checkpoint import sampler_of
 
     sampler = sampler_of(model)
-    for name, rel in (("tokenizer", sampler.tokenizer), ("scheduler", sampler.scheduler)):
+    folders = [("tokenizer", sampler.tokenizer), ("scheduler", sampler.scheduler)]
+    if sampler.tokenizer_2 is not None:
+        folders.append(("tokenizer_2", sampler.tokenizer_2))
+    for name, rel in folders:
         shutil.copytree(artifact.resolve_path(model.path, rel), tmp / name)
-    sampler = dataclasses.replace(sampler, tokenizer="tokenizer", scheduler="scheduler")
-    return sampler, [artifact.Component("tokenizer", "tokenizer", "tokenizer"), artifact.Component("scheduler", "scheduler", "scheduler")]
+    sampler = dataclasses.replace(sampler, tokenizer="tokenizer", scheduler="scheduler",
+                                  tokenizer_2="tokenizer_2" if sampler.tokenizer_2 is not None else None)
+    return sampler, [artifact.Component(name, name, name.removesuffix("_2")) for name, _ in folders]
 
 
 def export(model, cfg: ExportConfig, out: str | Path, *, progress: bool = True) -> artifact.Manifest:

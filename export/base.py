@@ -20,9 +20,10 @@ from typing import Any
 from pocketfusion import backends
 from pocketfusion.errors import UserError
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+# text_encoder_2: SDXL's second text encoder (exported only for a pipeline that has one)
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 # the model component (``checkpoint.Model.components`` key) each exported component wraps
-SOURCES = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae"}
+SOURCES = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet", "vae_decoder": "vae"}
 
 # Parity tolerance per target, as ``rel_max`` (``metrics.parity_error``: max |out - ref| / max |ref|
 # over the golden inputs).

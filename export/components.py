@@ -3,21 +3,30 @@
 Every exporter sees the same three wrappers, so input/output names and dtypes agree across
 targets and with the runtime pipeline (``pocketfusion.runtimes.pipeline``):
 
-=============  ===========================================================  ===================
-component      inputs (static shapes, batch B)                              output
-=============  ===========================================================  ===================
-text_encoder   input_ids int32 (B, L)                                       last_hidden_state
-unet           sample (B, C, h, w), timestep float32 (B,),                  noise_pred
+==============  ==========================================================  ===================
+component       inputs (static shapes, batch B)                             output
+==============  ==========================================================  ===================
+text_encoder    input_ids int32 (B, L)                                      last_hidden_state
+                                                                            (SDXL: penultimate_hidden_state)
+text_encoder_2  input_ids int32 (B, L) — SDXL's CLIPTextModelWithProjection  penultimate_hidden_state,
+                                                                            text_embeds (pooled)
+unet            sample (B, C, h, w), timestep float32 (B,),                 noise_pred
                encoder_hidden_states (B, L, D)
                [+ text_embeds (B, T), time_ids (B, 6) for SDXL]
                [+ guidance float32 (B,) for a guidance-embedded U-Net]
-vae_decoder    latent (B, C, h, w) — already divided by the scaling factor  image in [-1, 1]
-=============  ===========================================================  ===================
+vae_decoder     latent (B, C, h, w) — already divided by the scaling factor image in [-1, 1]
+==============  ==========================================================  ===================
+
+SDXL conditions its U-Net on the penultimate hidden states of both text encoders, concatenated on the
+last axis (``encoder_hidden_states``), and on the second encoder's projected pooled output
+(``text_embeds``), as diffusers' ``StableDiffusionXLPipeline.encode_prompt`` makes them; so an SDXL
+pipeline's text encoders output ``penultimate_hidden_state`` (``hidden_states[-2]``: the last layer
+and final norm of the first encoder are unused).
 
 The U-Net's batch comes from the model: 2 for classifier-free guidance (the two halves of a CFG
 step), 1 for a U-Net that takes the guidance scale as an input (``time_cond_proj_dim``: its
 embedding of ``guidance - 1`` is its ``timestep_cond``, as diffusers' pipelines compute it).
-The text encoder and decoder are exported at batch 1.
+The text encoders and decoder are exported at batch 1.
 
 Each spec names its ``source``: the model component its wrapper holds (``unet``, ``vae``,
 ``text_encoder``, an attribute of the wrapper of that name), whose module names are the keys of
@@ -78,6 +87,29 @@ def _wrappers():
 
         def forward(self, input_ids):
             return self.text_encoder(input_ids.to(torch.long), return_dict=False)[0]
+
+    class PenultimateTextEncoder(torch.nn.Module):
+        """SDXL's first text encoder: its penultimate hidden states."""
+
+        def __init__(self, text_encoder):
+            super().__init__()
+            self.text_encoder = text_encoder
+
+        def forward(self, input_ids):
+            return self.text_encoder(input_ids.to(torch.long), output_hidden_states=True).hidden_states[-2]
+
+    class TextEncoder2(torch.nn.Module):
+        """SDXL's second text encoder (with projection): penultimate hidden states and pooled ``text_embeds``."""
+
+        def __init__(self, text_encoder_2):
+            super().__init__()
+            self.text_encoder_2 = text_encoder_2
+
+        def forward(self, input_ids):
+            out = self.text_encoder_2(input_ids.to(torch.long), output_hidden_states=True)
+            return out.hidden_states[-2], out.text_embeds
+
+    TextEncoder.penultimate, TextEncoder.second = PenultimateTextEncoder, TextEncoder2
 
     class UNet(torch.nn.Module):
         def __init__(self, unet):
@@ -174,18 +206,41 @@ def unet_spec(unet, *, batch: int | None = None, seq_len: int, golden: list[dict
     return ComponentSpec("unet", wrapper(unet).eval(), inputs, out, golden, source="unet")
 
 
-def text_encoder_spec(text_encoder, tokenizer, prompts: list[str]) -> ComponentSpec:
+def _token_feeds(tokenizer, prompts: list[str]) -> list[dict[str, np.ndarray]]:
+    L = tokenizer.model_max_length
+    return [{"input_ids": tokenizer([p], padding="max_length", max_length=L, truncation=True,
+                                    return_tensors="np").input_ids.astype(np.int32)} for p in prompts]
+
+
+def text_encoder_spec(text_encoder, tokenizer, prompts: list[str], *, penultimate: bool = False) -> ComponentSpec:
+    """The (first) text encoder: ``last_hidden_state``, or with ``penultimate`` (SDXL) ``penultimate_hidden_state``."""
     TextEncoder, _, _ = _wrappers()
     L = tokenizer.model_max_length
-    golden = []
-    for p in prompts:
-        ids = tokenizer([p], padding="max_length", max_length=L, truncation=True, return_tensors="np").input_ids
-        golden.append({"input_ids": ids.astype(np.int32)})
     hidden = text_encoder.config.hidden_size
+    wrapper, out = (TextEncoder.penultimate, "penultimate_hidden_state") if penultimate else (TextEncoder, "last_hidden_state")
     return ComponentSpec(
-        "text_encoder", TextEncoder(text_encoder).eval(), (TensorSpec("input_ids", (1, L), "int32"),),
-        (TensorSpec("last_hidden_state", (1, L, hidden), "float32"),), golden, source="text_encoder",
+        "text_encoder", wrapper(text_encoder).eval(), (TensorSpec("input_ids", (1, L), "int32"),),
+        (TensorSpec(out, (1, L, hidden), "float32"),), _token_feeds(tokenizer, prompts), source="text_encoder",
     )
+
+
+def text_encoder_2_spec(text_encoder_2, tokenizer_2, prompts: list[str]) -> ComponentSpec:
+    """SDXL's second text encoder (a ``CLIPTextModelWithProjection``): ``penultimate_hidden_state`` (1, L, D) and the
+    pooled, projected ``text_embeds`` (1, P).
+
+    Raises:
+        UserError: the encoder has no projection (a plain ``CLIPTextModel`` gives no ``text_embeds``).
+    """
+    TextEncoder, _, _ = _wrappers()
+    cfg = text_encoder_2.config
+    if not hasattr(text_encoder_2, "text_projection"):
+        raise UserError(f"text_encoder_2 is a {type(text_encoder_2).__name__}; SDXL's second encoder must be a "
+                        "CLIPTextModelWithProjection (its projected pooled output is the U-Net's text_embeds)")
+    L = tokenizer_2.model_max_length
+    outputs = (TensorSpec("penultimate_hidden_state", (1, L, cfg.hidden_size), "float32"),
+               TensorSpec("text_embeds", (1, cfg.projection_dim), "float32"))
+    return ComponentSpec("text_encoder_2", TextEncoder.second(text_encoder_2).eval(), (TensorSpec("input_ids", (1, L), "int32"),),
+                         outputs, _token_feeds(tokenizer_2, prompts), source="text_encoder_2")
 
 
 def vae_decoder_spec(vae, latents: list[np.ndarray]) -> ComponentSpec:
@@ -247,8 +302,8 @@ def _attach_quant(spec: ComponentSpec, model, cset) -> None:
     spec.grid = load_grid(model, spec.source)
     if spec.grid is None or cset is None:
         return
-    feeds = {"unet": cset.unet_feeds, "text_encoder": cset.text_encoder_feeds, "vae_decoder": cset.vae_decoder_feeds}[spec.name]
-    if spec.grid.activations:
+    feeds = {"unet": cset.unet_feeds, "text_encoder": cset.text_encoder_feeds, "vae_decoder": cset.vae_decoder_feeds}.get(spec.name)
+    if spec.grid.activations and feeds is not None:  # a calibration set records no text_encoder_2 feeds
         spec.calibration = [fit_feed(f, spec.inputs) for f in feeds("calib")]
     if spec.name == "unet":
         spec.heldout = [(fit_feed(f, spec.inputs), fit_feed(o, spec.outputs))
@@ -282,10 +337,12 @@ def pipeline_specs(model, prompts: list[str], *, seed: int = 0, names=None) -> l
     else:
         golden = capture_golden(model, prompts, seed=seed)
         comps = model.components
-        batch = sampler_of(model).unet_batch
-        specs = [
-            text_encoder_spec(comps["text_encoder"], comps["tokenizer"], prompts),
-            unet_spec(comps["unet"], batch=batch, seq_len=comps["tokenizer"].model_max_length, golden=golden["unet"]),
+        sampler = sampler_of(model)
+        specs = [text_encoder_spec(comps["text_encoder"], comps["tokenizer"], prompts, penultimate=sampler.sdxl)]
+        if sampler.sdxl:
+            specs.append(text_encoder_2_spec(comps["text_encoder_2"], comps[sampler.tokenizer_2], prompts))
+        specs += [
+            unet_spec(comps["unet"], batch=sampler.unet_batch, seq_len=comps["tokenizer"].model_max_length, golden=golden["unet"]),
             vae_decoder_spec(comps["vae"], golden["vae_decoder"]),
         ]
     if names is not None:

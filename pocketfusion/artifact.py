@@ -14,7 +14,9 @@ Every stage writes a directory holding its files and a ``manifest.json``::
          "layer_map": {"down_blocks.0.resnets.0.conv1": "<name in the file>", ...} | absent}, ...],
       "calibration": {"path": "calibration", "sha256": "..."} | null,
       "sampler": {"scheduler": "scheduler", "latent_shape": [1, 4, 8, 8], "scaling_factor": ...,
-                  "max_length": 16, "guidance": "cfg", "default_steps": 50, "tokenizer": "tokenizer"} | null,
+                  "max_length": 16, "guidance": "cfg", "default_steps": 50, "tokenizer": "tokenizer",
+                  SDXL only: "tokenizer_2": "tokenizer_2", "time_ids": [64, 64, 0, 0, 64, 64],
+                  "zero_negative": true} | null,
       "files": {"unet/model.pte": {"size": 123, "sha256": "..."}, ...},
       "metrics": {...},                        # everything measured on the result (per component: by key)
       "notes": [...],
@@ -207,6 +209,13 @@ class Sampler:
     conditional halves), ``"embedded"`` (a batch-1 call with the guidance scale as an input, a
     distilled student) or ``"none"``. ``scheduler`` is the scheduler config folder, relative to
     the manifest; ``default_steps`` the step count the model was made for.
+
+    SDXL (optional fields, absent for SD 1.x/2.x): ``tokenizer_2`` is the second tokenizer's folder
+    (the context is both encoders' penultimate hidden states, concatenated; the pooled embedding the
+    second encoder's ``text_embeds``); ``time_ids`` the U-Net's added time ids (original height and width,
+    crop top and left, target height and width, as diffusers' ``_get_add_time_ids`` makes them at the
+    native size); ``zero_negative`` says that the unconditional half of a CFG pair is all zeros
+    (diffusers' ``force_zeros_for_empty_prompt``) rather than the empty prompt's encoding.
     """
 
     scheduler: str
@@ -216,23 +225,45 @@ class Sampler:
     guidance: str = "cfg"
     default_steps: int = 50
     tokenizer: str = "tokenizer"
+    tokenizer_2: str | None = None
+    time_ids: tuple[float, ...] | None = None
+    zero_negative: bool = False
 
     def __post_init__(self) -> None:
         if self.guidance not in ("cfg", "embedded", "none"):
             raise ManifestError(f"sampler guidance {self.guidance!r} is not one of cfg, embedded, none")
+        if self.time_ids is not None:
+            object.__setattr__(self, "time_ids", tuple(float(v) for v in self.time_ids))
+            if len(self.time_ids) != 6:
+                raise ManifestError(f"sampler time_ids must hold 6 numbers (original size, crop top-left, target size), "
+                                    f"got {len(self.time_ids)}")
 
     @property
     def unet_batch(self) -> int:
         return 2 if self.guidance == "cfg" else 1
 
+    @property
+    def sdxl(self) -> bool:
+        """Whether the U-Net takes SDXL's added conditions (pooled text embedding, time ids)."""
+        return self.time_ids is not None
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["latent_shape"] = list(self.latent_shape)
+        # the SDXL fields are written only when set: an SD 1.x/2.x sampler reads as before
+        for k, default in (("tokenizer_2", None), ("time_ids", None), ("zero_negative", False)):
+            if d[k] == default:
+                del d[k]
+        if self.time_ids is not None:
+            d["time_ids"] = list(self.time_ids)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Sampler:
-        kw = {k: d[k] for k in ("scheduler", "scaling_factor", "max_length", "guidance", "default_steps", "tokenizer") if k in d}
+        kw = {k: d[k] for k in ("scheduler", "scaling_factor", "max_length", "guidance", "default_steps", "tokenizer",
+                                "tokenizer_2", "zero_negative") if k in d}
+        if d.get("time_ids") is not None:
+            kw["time_ids"] = tuple(float(v) for v in d["time_ids"])
         return cls(latent_shape=tuple(int(s) for s in d["latent_shape"]), **kw)
 
 

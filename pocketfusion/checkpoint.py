@@ -426,6 +426,8 @@ def build_pipeline(model: Model):
     kwargs = dict(model.components)
     if model.class_name == "StableDiffusionPipeline":
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if model.class_name == "StableDiffusionXLPipeline":
+        kwargs.update(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt(model))
     pipe = cls(**kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -435,17 +437,38 @@ def sampler_of(model: Model, *, default_steps: int | None = None):
     """How a pipeline samples (``artifact.Sampler``): from its manifest when a stage recorded it,
     else from its components (a U-Net with ``time_cond_proj_dim`` takes the guidance scale as an
     input: ``guidance="embedded"``, batch 1; otherwise classifier-free guidance, batch 2)."""
+    import dataclasses
+
     from pocketfusion import artifact
 
     model.require_pipeline()
-    if model.manifest is not None and model.manifest.sampler is not None:
-        return model.manifest.sampler
     unet, vae = model.components["unet"], model.components["vae"]
     size = unet.config.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     embedded = getattr(unet.config, "time_cond_proj_dim", None) is not None
+    sdxl = {}
+    if unet.config.addition_embed_type == "text_time" and "text_encoder_2" in model.components:
+        # SDXL at its native size: diffusers' _get_add_time_ids(original=(H, W), crop=(0, 0), target=(H, W))
+        f = vae_scale_factor(vae)
+        sdxl = dict(tokenizer_2="tokenizer_2" if "tokenizer_2" in model.components else "tokenizer",
+                    time_ids=(h * f, w * f, 0, 0, h * f, w * f), zero_negative=force_zeros_for_empty_prompt(model))
+    if model.manifest is not None and model.manifest.sampler is not None:
+        recorded = model.manifest.sampler
+        # a sampler recorded before the SDXL fields existed gets them from the components
+        return dataclasses.replace(recorded, **sdxl) if sdxl and recorded.time_ids is None else recorded
     return artifact.Sampler(
         scheduler="scheduler", tokenizer="tokenizer", latent_shape=(1, unet.config.in_channels, h, w),
         scaling_factor=float(vae.config.scaling_factor), max_length=int(model.components["tokenizer"].model_max_length),
-        guidance="embedded" if embedded else "cfg", default_steps=default_steps or 50,
+        guidance="embedded" if embedded else "cfg", default_steps=default_steps or 50, **sdxl,
     )
+
+
+def force_zeros_for_empty_prompt(model: Model) -> bool:
+    """SDXL's ``force_zeros_for_empty_prompt`` (``model_index.json``; diffusers' default, True, when not recorded):
+    without a negative prompt the unconditional embeddings are zeros."""
+    index = Path(model.path) / "model_index.json"
+    if model.class_name != "StableDiffusionXLPipeline":
+        return False
+    if index.is_file():
+        return bool(_read_json(index, "pipeline index").get("force_zeros_for_empty_prompt", True))
+    return True

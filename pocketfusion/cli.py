@@ -92,10 +92,10 @@ def cmd_generate(args) -> int:
 
 def cmd_export(args) -> int:
     from pocketfusion.export.api import export
-    from pocketfusion.export.base import ExportConfig
+    from pocketfusion.export.base import COMPONENTS, ExportConfig
 
     targets = tuple(t.strip() for t in args.target.split(",") if t.strip())
-    components = tuple(c.strip() for c in args.components.split(",") if c.strip())
+    components = tuple(c.strip() for c in args.components.split(",") if c.strip()) if args.components else COMPONENTS
     cfg = ExportConfig(
         targets=targets, components=components, onnx_opset=args.opset, coreml_deployment_target=args.coreml_target,
         coreml_precision=args.coreml_precision, max_delegates=args.max_delegates, rewrite=not args.no_rewrite,
@@ -387,7 +387,9 @@ def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export text encoder, U-Net and VAE decoder to ONNX / ExecuTorch / TFLite / Core ML")
     _model_arg(p)
     p.add_argument("--target", default="onnx,executorch,tflite,coreml", help="comma-separated targets (default: all)")
-    p.add_argument("--components", default="text_encoder,unet,vae_decoder", help="comma-separated components")
+    p.add_argument("--components", default=None,
+                   help="comma-separated components (default: all the model has: text_encoder, text_encoder_2 (SDXL), unet, "
+                        "vae_decoder)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--coreml-target", default="iOS17", choices=["iOS17", "iOS18"], help="Core ML deployment target")
     p.add_argument("--coreml-precision", default="fp16", choices=["fp16", "fp32"], help="Core ML compute precision")

@@ -135,8 +135,11 @@ def _jobs(root: Path, cfg: BenchConfig) -> list[dict]:
                      "size_bytes": sizes.get(c.key, {}).get("size_bytes")})
         by_runtime.setdefault(b.runtime, []).append(c.name)
     if cfg.end_to_end and m.sampler is not None:
+        from pocketfusion.runtimes.pipeline import NETWORKS, SDXL_NETWORKS
+
+        needed = set(SDXL_NETWORKS if m.sampler.sdxl else NETWORKS)
         for runtime, comps in by_runtime.items():
-            if {"text_encoder", "unet", "vae_decoder"} <= set(comps):
+            if needed <= set(comps):
                 jobs.append({"root": str(root), "runtime": runtime, "component": "end_to_end", "path": None, "size_bytes": None,
                              "steps": cfg.steps or m.sampler.default_steps, "guidance_mode": m.sampler.guidance})
     if not jobs:

@@ -5,6 +5,12 @@ plain array code. Everything it needs comes from the export artifact's typed man
 components of the runtime's target, the ``Sampler`` (latent shape, scaling factor, tokenizer length,
 guidance mode, scheduler and tokenizer folders). Initial noise comes from ``torch.Generator(seed)``
 so that images match the diffusers pipeline's for the same seed.
+
+SDXL (a sampler with ``time_ids``) adds ``text_encoder_2`` and its tokenizer, and conditions the U-Net
+as ``StableDiffusionXLPipeline`` does: the context is both encoders' penultimate hidden states
+concatenated, ``text_embeds`` the second encoder's pooled output, ``time_ids`` the sampler's; the
+unconditional half of a CFG pair is zeros when the sampler says ``zero_negative``
+(``force_zeros_for_empty_prompt``), else the empty prompt's encoding.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import numpy as np
 from pocketfusion.errors import UserError
 
 NETWORKS = ("text_encoder", "unet", "vae_decoder")
+SDXL_NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 
 
 class RuntimePipeline:
@@ -38,7 +45,8 @@ class RuntimePipeline:
             raise UserError(f"{root} is a {manifest.stage!r} artifact; --runtime needs an export directory")
         self.runtime = backends.canonical_runtime(runtime)
         target = backends.for_runtime(self.runtime).target
-        comps = {n: manifest.find(n, target) for n in NETWORKS}
+        sdxl = manifest.sampler is not None and manifest.sampler.sdxl
+        comps = {n: manifest.find(n, target) for n in (SDXL_NETWORKS if sdxl else NETWORKS)}
         missing = [n for n, c in comps.items() if c is None]
         if missing:
             raise UserError(f"{root} has no {self.runtime} export of {', '.join(missing)} "
@@ -49,6 +57,11 @@ class RuntimePipeline:
         from transformers import CLIPTokenizer
 
         self.tokenizer = CLIPTokenizer.from_pretrained(str(artifact.resolve_path(root, self.sampler.tokenizer)), local_files_only=True)
+        self.tokenizer_2 = None
+        if sdxl:
+            self.tokenizer_2 = CLIPTokenizer.from_pretrained(str(artifact.resolve_path(root, self.sampler.tokenizer_2 or "tokenizer")),
+                                                             local_files_only=True)
+            self.max_length_2 = int(comps["text_encoder_2"].inputs[0].shape[1])
         config = json.loads((artifact.resolve_path(root, self.sampler.scheduler) / "scheduler_config.json").read_text())
         self.scheduler = from_config(config, scheduler)
         self.unet_spec = comps["unet"]
@@ -56,21 +69,40 @@ class RuntimePipeline:
                          for n, c in comps.items()}
         self.device = self.sessions["unet"].device
 
-    def _encode(self, prompt: str) -> np.ndarray:
-        ids = self.tokenizer([prompt], padding="max_length", max_length=self.sampler.max_length, truncation=True,
-                             return_tensors="np").input_ids
-        return self.sessions["text_encoder"].run({"input_ids": ids.astype(np.int32)})["last_hidden_state"]
+    @staticmethod
+    def _ids(tokenizer, prompt: str, length: int) -> np.ndarray:
+        return tokenizer([prompt], padding="max_length", max_length=length, truncation=True, return_tensors="np").input_ids.astype(np.int32)
 
-    def _guided(self, x: np.ndarray, t: float, cond: np.ndarray, uncond: np.ndarray | None, guidance: float) -> np.ndarray:
+    def _encode(self, prompt: str) -> dict[str, np.ndarray]:
+        """The U-Net's text conditions for one prompt: ``encoder_hidden_states`` (SDXL: and ``text_embeds``)."""
+        ids = self._ids(self.tokenizer, prompt, self.sampler.max_length)
+        if self.tokenizer_2 is None:
+            return {"encoder_hidden_states": self.sessions["text_encoder"].run({"input_ids": ids})["last_hidden_state"]}
+        h1 = self.sessions["text_encoder"].run({"input_ids": ids})["penultimate_hidden_state"]
+        out2 = self.sessions["text_encoder_2"].run({"input_ids": self._ids(self.tokenizer_2, prompt, self.max_length_2)})
+        return {"encoder_hidden_states": np.concatenate([h1, out2["penultimate_hidden_state"]], axis=-1),
+                "text_embeds": np.asarray(out2["text_embeds"])}
+
+    def _negative(self) -> dict[str, np.ndarray]:
+        """The unconditional half of a CFG pair: the empty prompt's conditions, or zeros (SDXL's ``force_zeros_for_empty_prompt``)."""
+        if self.sampler.zero_negative:
+            return {k: np.zeros_like(v) for k, v in self._encode("").items()}
+        return self._encode("")
+
+    def _guided(self, x: np.ndarray, t: float, cond: dict, uncond: dict | None, guidance: float) -> np.ndarray:
         """The U-Net's guided output at one step: a CFG pair, or one call with the scale as an input."""
         unet = self.sessions["unet"]
-        if self.sampler.guidance == "cfg":
-            feeds = {"sample": np.concatenate([x, x]), "timestep": np.full((2,), t, dtype=np.float32),
-                     "encoder_hidden_states": np.concatenate([uncond, cond]).astype(np.float32)}
+        pair = self.sampler.guidance == "cfg"
+        b = 2 if pair else 1
+        feeds = {"sample": np.concatenate([x, x]) if pair else x, "timestep": np.full((b,), t, dtype=np.float32)}
+        for k, v in cond.items():
+            feeds[k] = (np.concatenate([uncond[k], v]) if pair else v).astype(np.float32)
+        if self.sampler.time_ids is not None:
+            feeds["time_ids"] = np.tile(np.asarray(self.sampler.time_ids, dtype=np.float32), (b, 1))
+        if pair:
             out = unet.run(feeds)["noise_pred"]
             e_u, e_c = out[:1], out[1:]
             return e_u + guidance * (e_c - e_u)
-        feeds = {"sample": x, "timestep": np.full((1,), t, dtype=np.float32), "encoder_hidden_states": cond.astype(np.float32)}
         if self.unet_spec.input("guidance") is not None:
             feeds["guidance"] = np.full((1,), guidance, dtype=np.float32)
         return unet.run(feeds)["noise_pred"]
@@ -81,7 +113,7 @@ class RuntimePipeline:
 
         steps = steps or self.sampler.default_steps
         cond = self._encode(prompt)
-        uncond = self._encode("") if self.sampler.guidance == "cfg" else None
+        uncond = self._negative() if self.sampler.guidance == "cfg" else None
         gen = torch.Generator().manual_seed(seed)
         sched = self.scheduler
         sched.reset()

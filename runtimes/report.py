@@ -41,7 +41,8 @@ def _png(fig) -> str:
 
 def _latency_plot(rows: list[dict]) -> str:
     plt = require("matplotlib.pyplot", "report")
-    comps = sorted({r["component"] for r in rows}, key=["text_encoder", "unet", "vae_decoder", "end_to_end"].index)
+    order = ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "end_to_end"]
+    comps = sorted({r["component"] for r in rows}, key=lambda c: (order.index(c) if c in order else len(order), c))
     series = sorted({(r["artifact"], r["runtime"]) for r in rows})
     fig, axes = plt.subplots(1, len(comps), figsize=(3.2 * len(comps), 3.2), squeeze=False)
     for ax, comp in zip(axes[0], comps):

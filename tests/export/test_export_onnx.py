@@ -124,7 +124,7 @@ def test_every_family_exports_with_parity(family, tmp_path):
 def test_config_names_every_option():
     with pytest.raises(UserError, match="unknown target tensorrt; available: onnx, executorch, tflite, coreml"):
         ExportConfig(targets=("tensorrt",))
-    with pytest.raises(UserError, match="unknown component vae; available: text_encoder, unet, vae_decoder"):
+    with pytest.raises(UserError, match="unknown component vae; available: text_encoder, text_encoder_2, unet, vae_decoder"):
         ExportConfig(components=("vae",))
     with pytest.raises(UserError, match="executorch_activations must be one of grid, dynamic"):
         ExportConfig(executorch_activations="static")
