@@ -24,7 +24,9 @@ def merged_model(lora: str | Path, *, model: str | Path | None = None, scale: fl
     require("peft", "dev")
     m = load_model(model if model is not None else DEMO_MODEL)
     pipe = build_pipeline(m)  # shares m's component objects: fusing changes them in place
-    pipe.load_lora_weights(str(lora), adapter_name="demo")
+    lora = Path(lora)
+    folder, name = (lora, "pytorch_lora_weights.safetensors") if lora.is_dir() else (lora.parent, lora.name)
+    pipe.load_lora_weights(str(folder), weight_name=name, adapter_name="demo")  # weight_name: works offline too
     pipe.fuse_lora(lora_scale=scale, adapter_names=["demo"])
     pipe.unload_lora_weights()  # drops the LoRA layers, keeps the fused weights
     return m
