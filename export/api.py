@@ -60,14 +60,19 @@ def torch_reference(spec: ComponentSpec) -> list[dict[str, np.ndarray]]:
 
 def parity(session, spec: ComponentSpec, refs: list[dict[str, np.ndarray]]) -> dict:
     """``metrics.parity_error`` of ``session`` against PyTorch over the golden feeds (``rel_max``: max-abs
-    error / max |ref|), and the number of feeds."""
+    error / max |ref|), and the number of feeds; a component with several outputs (SDXL's
+    ``text_encoder_2``) adds ``outputs``: each output's own ``parity_error``."""
     from pocketfusion.metrics import parity_error
 
-    pairs = []
+    pairs: dict[str, list] = {}
     for feed, ref in zip(spec.golden, refs):
         got = session.run(feed)
-        pairs += [(got[name], r) for name, r in ref.items()]
-    return {**parity_error(pairs), "feeds": len(spec.golden)}
+        for name, r in ref.items():
+            pairs.setdefault(name, []).append((got[name], r))
+    res = {**parity_error([pr for prs in pairs.values() for pr in prs]), "feeds": len(spec.golden)}
+    if len(pairs) > 1:
+        res["outputs"] = {name: parity_error(prs) for name, prs in pairs.items()}
+    return res
 
 
 def size_versus_fp32(spec: ComponentSpec, size_bytes: int) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -131,7 +132,11 @@ def test_parity_is_recorded_per_component(exports, target):
     for name in ("text_encoder", "text_encoder_2", "unet", "vae_decoder"):
         p = figures[f"{target}/{name}"]["parity"]
         assert p["status"] == "pass" and p["rel_max"] < p["tolerance"], (name, p)
+        print(f"{target}/{name}: rel_max {p['rel_max']:.2e} ({p['feeds']} feeds), export {figures[f'{target}/{name}']['export_seconds']} s")
     assert figures[f"{target}/unet"]["parity"]["feeds"] == 4  # real CFG inputs (with text_embeds, time_ids) of a sampling run
+    outputs = figures[f"{target}/text_encoder_2"]["parity"]["outputs"]  # each of its two outputs on its own
+    assert set(outputs) == {"penultimate_hidden_state", "text_embeds"}
+    assert all(o["rel_max"] < 1e-4 for o in outputs.values()), outputs
 
 
 def test_text_encoders_give_diffusers_prompt_embeddings(exports, sdxl):
@@ -159,6 +164,7 @@ def test_runtime_image_matches_diffusers(exports, target, reference):
 
     img = RuntimePipeline(exports(target), RUNTIME[target])(PROMPT, steps=STEPS, guidance=GUIDANCE, seed=SEED)
     assert img.shape == reference.shape == (64, 64, 3)
+    print(f"{target}: image PSNR vs diffusers {psnr(img, reference):.2f} dB")
     assert psnr(img, reference) >= PSNR_MIN, psnr(img, reference)
 
 
@@ -173,6 +179,23 @@ def test_empty_prompt_negative_when_not_forced_to_zeros(exports, sdxl):
     ref = _diffusers_image(sdxl, PROMPT, force_zeros=False)
     assert psnr(img, ref) >= PSNR_MIN
     assert psnr(img, _diffusers_image(sdxl, PROMPT)) < psnr(img, ref)  # the negative mode changes the image
+
+
+@pytest.mark.slow
+def test_coreml_converts_every_sdxl_component(sdxl, tmp_path):
+    """Core ML (about 80 s here): all four components convert and validate statically; parity needs macOS."""
+    pytest.importorskip("coremltools")
+    from pocketfusion.checkpoint import load_model
+    from pocketfusion.export.api import export
+    from pocketfusion.export.base import ExportConfig
+
+    m = export(load_model(sdxl), ExportConfig(targets=("coreml",)), tmp_path / "exp", progress=False)
+    figures = m.metrics["components"]
+    for name in ("text_encoder", "text_encoder_2", "unet", "vae_decoder"):
+        e = figures[f"coreml/{name}"]
+        assert e["io_check"] == "ok", (name, e)
+        assert e["parity"]["status"] == ("pass" if sys.platform == "darwin" else "not run"), (name, e["parity"])
+    assert [o.name for o in m.component("text_encoder_2", "coreml").outputs] == ["penultimate_hidden_state", "text_embeds"]
 
 
 def test_cli_export_generate_bench(sdxl, tmp_path, capsys):
