@@ -17,15 +17,7 @@ FAST = dict(channels=8, encoder_channels=8, n_pairs=16, n_heldout=4, teacher_ste
             checkpoint_every=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, two spinning OpenMP threads make tiny calls 100x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

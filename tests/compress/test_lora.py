@@ -24,15 +24,7 @@ UNET_BLOCKS = r"^(down_blocks\.1|mid_block|up_blocks\.1)\..*\.(" + "|".join(t.re
 TOL = 1e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, two spinning OpenMP threads make tiny calls much slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _pipe(path):
