@@ -10,5 +10,7 @@
   sizes (``benchmarks/scale.py``);
 * ``pocketfusion.benchmarks.latency`` — interleaved latency rounds, shared by the first two;
 * ``pocketfusion.benchmarks.single_file`` — a full-size SD-1.5 single-file checkpoint against the same model as a
-  diffusers folder: load time and peak RAM (``benchmarks/single_file.py``).
+  diffusers folder: load time and peak RAM (``benchmarks/single_file.py``);
+* ``pocketfusion.benchmarks.lora_quant`` — the demo LoRA merged, then W8 / W4: its concept accuracy after each
+  (``benchmarks/lora_quant.py``).
 """
