@@ -178,10 +178,12 @@ def unit_inputs(unet, *, seq_len: int, batch: int | None = None) -> dict[str, tu
     return {n: tuple(t.detach().clone() for t in v) for n, v in seen.items()}
 
 
-def unit_table_alone(unet, runtime: str, *, seq_len: int, runs: int = 10, rounds: int = 3, threads: int | None = None,
-                     progress: bool = False) -> dict:
+def unit_table_alone(unet, runtime: str, *, seq_len: int, units: list[str] | None = None, runs: int = 10, rounds: int = 3,
+                     threads: int | None = None, progress: bool = False) -> dict:
     """The latency table with each unit exported and timed alone at its real input shapes (cheap at full size,
-    where exporting the whole U-Net once per unit is not); ``saving_ms`` is the unit's own time."""
+    where exporting the whole U-Net once per unit is not); ``saving_ms`` is the unit's own time (always > 0, so
+    unlike a removal's saving it is not lost in noise on a U-Net too small to time). ``base_ms`` is left None:
+    the caller times the whole U-Net (``measure_variants``)."""
     import numpy as np
     from tqdm import tqdm
 
@@ -194,6 +196,8 @@ def unit_table_alone(unet, runtime: str, *, seq_len: int, runs: int = 10, rounds
     runtime = backends.canonical_runtime(runtime)
     target = backends.for_runtime(runtime).target
     inputs = unit_inputs(unet, seq_len=seq_len)
+    if units is not None:
+        inputs = {n: inputs[n] for n in units}
     kinds = {u.name: u for u in pruning.units(unet)}
     tmp = Path(tempfile.mkdtemp(prefix=".pocketfusion-latency-"))
     cfg = ExportConfig(targets=(target,), components=("unet",), check_parity=False, executorch_profile_runs=0)
