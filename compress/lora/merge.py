@@ -55,6 +55,28 @@ def merge_in_memory(model, cfg: LoraConfig) -> list[dict]:
     """
     if model.quantized:
         raise UserError(f"{model.path} is quantized: merge LoRAs into its float source, then quantize")
+    return _merge(model, cfg)
+
+
+def merge_into_quantized(model, cfg: LoraConfig) -> tuple[list[dict], Any]:
+    """What stable-diffusion.cpp does with a LoRA on a quantized model, for comparison only (``pocketfusion lora``
+    refuses a quantized model): each adapted U-Net layer's delta is added to its dequantized weight and the sum is
+    re-quantized by round-to-nearest onto fresh abs-max scales of the layer's own bits and groups (ggml's add on a
+    quantized tensor). A delta smaller than half a quantization step is rounded away: the LoRA fades at 4 bits.
+
+    Returns the records of ``merge_in_memory`` and the U-Net's new ``QuantGrid`` (in place: ``model`` holds it).
+    """
+    from pocketfusion.compress.quant import grid as G
+    from pocketfusion.compress.quant.unet import rtn_like
+
+    qgrid = G.load_grid(model, "unet")
+    if qgrid is None:
+        raise UserError(f"{model.path}: no quantized U-Net to apply the LoRA to")
+    records = _merge(model, cfg)
+    return records, rtn_like(model.unet, qgrid)
+
+
+def _merge(model, cfg: LoraConfig) -> list[dict]:
     plans = []
     for spec in cfg.loras:
         weights = read_lora(spec.path)

@@ -1,8 +1,20 @@
-"""The demo LoRA through quantization: its concept accuracy and the base prompt accuracy for the fp32 merged model,
-then W8 and W4 (GPTQ, calibrated on the merged model), each through the real stages (``pocketfusion lora``, then
-``pocketfusion compress --quant``), scored by ``pocketfusion.demo.lora.measure.score``.
+"""The demo LoRA through compression, side by side: its concept accuracy and the base prompt accuracy for
 
-    OMP_NUM_THREADS=1 python benchmarks/lora_quant.py [--lora FILE] [--work DIR] [--json OUT]
+* ``merged``            the fp32 model with the LoRA merged (``pocketfusion lora``);
+* ``merge-gptq-w8/w4``  pocketfusion's order: merge, then quantize (``pocketfusion compress --quant``, GPTQ calibrated on
+                        the merged model's own inputs: the LoRA's training prompts, half base prompts, ``--calib``);
+* ``merge-rtn-w8/w4``   merge, then round-to-nearest at the same bits and groups (``--method rtn``);
+* ``quant-lora-w8/w4``  what stable-diffusion.cpp does: the base model quantized first (GPTQ on base prompts), the
+                        LoRA then added to its dequantized weights and re-quantized per layer
+                        (``compress.lora.merge_into_quantized``);
+* ``student-4step``     the 4-step student (``demo-4step``) with the LoRA merged (``pocketfusion lora demo-4step``);
+* ``export-<runtime>``  ``merge-gptq-w8`` exported (``pocketfusion export``) and sampled in each runtime
+                        (``--runtimes``; the runtime pipeline, same prompts and seeds).
+
+Each is scored by ``pocketfusion.demo.lora.measure.score`` (36 held-out LoRA prompts, 60 held-out base prompts, at
+the model's own step count). Stages whose output exists are reused (rerun after an interruption).
+
+    OMP_NUM_THREADS=1 python benchmarks/lora_quant.py [--lora FILE] [--work DIR] [--runtimes onnxruntime,...] [--json OUT]
 """
 
 from __future__ import annotations
@@ -17,34 +29,80 @@ from pathlib import Path
 from pocketfusion.demo.lora import measure
 
 DEFAULT_LORA = Path(measure.__file__).parent / "north.safetensors"
+RUNTIMES = ("onnxruntime", "executorch", "litert")
+_TARGET = {"onnxruntime": "onnx", "executorch": "executorch", "litert": "tflite"}
 
 
-def _stage(args: list[str]) -> float:
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pocketfusion", *args], check=True)
-    return round(time.perf_counter() - t, 1)
+def _stage(args: list[str], out: Path, seconds: dict, key: str) -> Path:
+    """Run ``pocketfusion ARGS`` unless ``out`` holds a finished artifact; record its wall time."""
+    if not (out / "manifest.json").is_file():
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pocketfusion", *args], check=True)
+        seconds[key] = round(time.perf_counter() - t, 1)
+    return out
+
+
+def calibration_prompts(path: Path, n: int = 64) -> Path:
+    """The merged model's own inputs: the LoRA's training prompts interleaved with base training prompts (``n`` lines)."""
+    from pocketfusion.demo.scenes import split_lora_scenes, split_scenes
+
+    lora_train, base_train = split_lora_scenes()[0], split_scenes()[0]
+    lines = []
+    for i in range(n // 2):
+        lines += [lora_train[i * len(lora_train) // (n // 2)].prompt, base_train[i * len(base_train) // (n // 2)].prompt]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lora", type=Path, default=DEFAULT_LORA)
     ap.add_argument("--work", type=Path, default=Path("runs/lora-quant"))
+    ap.add_argument("--runtimes", default=",".join(RUNTIMES), help="runtimes whose export of merge-gptq-w8 is scored ('' for none)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     from pocketfusion.checkpoint import load_model
+    from pocketfusion.compress.lora import LoraConfig, merge_into_quantized
 
-    merged, seconds = a.work / "merged", {}
-    seconds["lora"] = _stage(["lora", "demo", "--lora", str(a.lora), "-o", str(merged)])
+    w, lora, seconds, models = a.work, str(a.lora), {}, {}
+    calib = calibration_prompts(w / "calib-prompts.txt")
+    models["merged"] = _stage(["lora", "demo", "--lora", lora, "-o", str(w / "merged")], w / "merged", seconds, "lora")
     for q in ("w8", "w4"):
-        seconds[q] = _stage(["compress", str(merged), "--quant", q, "-o", str(a.work / q)])
-    rows = {}
-    for name in ("merged", "w8", "w4"):
-        rows[name] = measure.score(load_model(a.work / name))
-        print(f"{name:7s} concept {rows[name]['concept']['accuracy']:.3f}  base all-correct "
-              f"{rows[name]['base']['all_correct']:.3f}", flush=True)
+        models[f"merge-gptq-{q}"] = _stage(["compress", str(w / "merged"), "--quant", q, "--calib", str(calib), "--num-prompts", "64",
+                                            "-o", str(w / f"merge-gptq-{q}")], w / f"merge-gptq-{q}", seconds, f"merge-gptq-{q}")
+        models[f"merge-rtn-{q}"] = _stage(["compress", str(w / "merged"), "--quant", q, "--method", "rtn", "-o", str(w / f"merge-rtn-{q}")],
+                                          w / f"merge-rtn-{q}", seconds, f"merge-rtn-{q}")
+        _stage(["compress", "demo", "--quant", q, "-o", str(w / f"base-{q}")], w / f"base-{q}", seconds, f"base-{q}")
+    models["student-4step"] = _stage(["lora", "demo-4step", "--lora", lora, "-o", str(w / "student-4step")], w / "student-4step",
+                                     seconds, "student-4step")
+    runtimes = [r for r in a.runtimes.split(",") if r]
+    for r in runtimes:
+        out = w / f"export-{_TARGET[r]}"
+        _stage(["export", str(w / "merge-gptq-w8"), "--target", _TARGET[r], "-o", str(out)], out, seconds, f"export-{r}")
+
+    rows: dict[str, dict] = {}
+
+    def report(name: str, result: dict) -> None:
+        rows[name] = result
+        print(f"{name:18s} concept {result['concept']['accuracy']:.3f}  base all-correct {result['base']['all_correct']:.3f}"
+              f"  ({result['steps']} steps, {result['seconds']} s)", flush=True)
+
+    for name, path in models.items():
+        report(name, measure.score(load_model(path)))
+    for q in ("w8", "w4"):
+        m = load_model(w / f"base-{q}")
+        merge_into_quantized(m, LoraConfig(loras=[(lora, 1.0)]))
+        report(f"quant-lora-{q}", measure.score(m))
+    for r in runtimes:
+        from pocketfusion.runtimes.pipeline import RuntimePipeline
+
+        report(f"export-{r}", measure.score(RuntimePipeline(w / f"export-{_TARGET[r]}", r)))
     ref = rows["merged"]["concept"]["accuracy"]
-    out = {"lora": str(a.lora), "stage_seconds": seconds, "scores": rows,
-           "concept_kept": {q: (rows[q]["concept"]["accuracy"] / ref if ref else None) for q in ("w8", "w4")}}
+    out = {"lora": lora, "calibration_prompts": str(calib), "stage_seconds": seconds, "scores": rows,
+           "concept_kept": {n: (r["concept"]["accuracy"] / ref if ref else None) for n, r in rows.items() if n != "merged"},
+           "target": "W4 keeps >= 90 % of the fp32-merged concept accuracy (merge-gptq-w4)"}
     if a.json:
-        a.json.write_text(json.dumps(out, indent=1))
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(out, indent=1) + "\n")
     return 0

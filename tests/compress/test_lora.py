@@ -439,3 +439,43 @@ def test_cli_commands_that_load_model_take_lora():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     for name in ("generate", "eval", "export", "compress", "calibrate", "run", "info", "distill", "prune", "decoder", "lora"):
         assert any("--lora" in a.option_strings for a in sub.choices[name]._actions), name
+
+
+def test_merge_into_quantized_requantizes_each_layer_as_stable_diffusion_cpp(tiny_sd, loras, tmp_path):
+    """The comparison path (benchmarks/lora_quant.py): a quantized model refuses a merge, ``merge_into_quantized`` adds
+    the LoRA to the dequantized weights and re-quantizes each layer at its own bits and groups. At W4 a LoRA scaled
+    below half a step is rounded away; the float merge keeps it."""
+    import torch
+
+    from pocketfusion import calibration as C
+    from pocketfusion.checkpoint import load_model
+    from pocketfusion.compress.lora import merge_into_quantized
+    from pocketfusion.compress.quant import QuantConfig, load_grid, quantize
+
+    model = load_model(tiny_sd)
+    C.save(C.capture(model, ["a red circle", "a blue square"], steps=2, n_timesteps=2, progress=False), tmp_path / "cal")
+    cfg = QuantConfig(scheme="w4", method="rtn", calib=str(tmp_path / "cal"), group_size=8, mixed_threshold=None,
+                      image_prompts=1, image_steps=2, sensitivity_feeds=2)
+    quantize(model, cfg, tmp_path / "q", progress=False)
+    q = load_model(tmp_path / "q")
+    before = {k: v.clone() for k, v in q.unet.state_dict().items()}
+    with pytest.raises(UserError, match="quantized"):
+        merge_in_memory(q, LoraConfig(loras=[(loras["peft"], 1.0)]))
+    assert all(torch.equal(v, before[k]) for k, v in q.unet.state_dict().items())
+
+    grid0 = load_grid(q)
+    records, grid = merge_into_quantized(q, LoraConfig(loras=[(loras["peft"], 1.0)]))
+    assert records[0]["matched_keys"] > 0 and set(grid.layers) == set(grid0.layers)
+    assert all(grid.layers[n].bits == g.bits and grid.layers[n].group_size == g.group_size for n, g in grid0.layers.items())
+    grid.integers(q.unet)  # every weight on the new grid (raises otherwise)
+    adapted = [n for n in grid.layers if not torch.equal(q.unet.get_submodule(n).weight, before[n + ".weight"])]
+    assert len(adapted) >= records[0]["layers"]["unet"] // 2  # at full scale most adapted layers move
+
+    faint = load_model(tmp_path / "q")  # a delta far below half a 4-bit step: rounded away, as in stable-diffusion.cpp
+    ints0 = load_grid(faint).integers(faint.unet)
+    _, grid_f = merge_into_quantized(faint, LoraConfig(loras=[(loras["peft"], 1e-4)]))
+    ints_f = grid_f.integers(faint.unet)
+    assert all(torch.equal(ints_f[n], ints0[n]) for n in grid.layers)  # same integers: the LoRA is gone
+    fp = load_model(tiny_sd)
+    merge_in_memory(fp, LoraConfig(loras=[(loras["peft"], 1e-4)]))
+    assert any(not torch.equal(fp.unet.get_submodule(n).weight, model.unet.get_submodule(n).weight) for n in adapted)

@@ -41,12 +41,14 @@ def base_subset(n: int) -> list:
     return [held[round(i * len(held) / n)] for i in range(n)]
 
 
-def score(model, *, n_base: int = 60, steps: int = 50, guidance: float = 4.0, seed: int = 0) -> dict:
+def score(model, *, n_base: int = 60, steps: int | None = None, guidance: float = 4.0, seed: int = 0) -> dict:
     """Concept and base prompt accuracy of a loaded demo-compatible ``model``.
 
     Returns ``{"concept": {...}, "base": {...}, "seconds": s}``: ``concept`` on the held-out LoRA prompts
     (``scenes.split_lora_scenes``; positions read with the LoRA's, ``accuracy`` = the position attribute),
     ``base`` on ``n_base`` held-out base prompts read with the base metric (as every recorded figure).
+    ``model`` may also be a ``runtimes.pipeline.RuntimePipeline`` (an export directory in a runtime): image ``i`` at
+    seed ``seed + i`` either way. ``steps``: default the model's own (50 for the teacher, 4 for the 4-step student).
     """
     from pocketfusion.demo.metrics import prompt_accuracy
     from pocketfusion.demo.scenes import split_lora_scenes
@@ -55,8 +57,15 @@ def score(model, *, n_base: int = 60, steps: int = 50, guidance: float = 4.0, se
     t0 = time.perf_counter()
     _, concept_scenes = split_lora_scenes()
     base_scenes = base_subset(n_base)
-    cfg = GenerateConfig(steps=steps, guidance=guidance, seed=seed, batch_size=32)
-    images, _ = generate_images(model, [s.prompt for s in concept_scenes + base_scenes], cfg)
+    prompts = [s.prompt for s in concept_scenes + base_scenes]
+    if hasattr(model, "sessions"):  # a RuntimePipeline
+        steps = steps or model.sampler.default_steps
+        images = [model(p, steps=steps, guidance=guidance, seed=seed + i) for i, p in enumerate(prompts)]
+    else:
+        from pocketfusion.generate import default_steps
+
+        steps = steps or default_steps(model)
+        images, _ = generate_images(model, prompts, GenerateConfig(steps=steps, guidance=guidance, seed=seed, batch_size=32))
     c = prompt_accuracy(images[: len(concept_scenes)], concept_scenes, lora=True)
     b = prompt_accuracy(images[len(concept_scenes) :], base_scenes)
     positions: dict[str, int] = {}
@@ -66,7 +75,7 @@ def score(model, *, n_base: int = 60, steps: int = 50, guidance: float = 4.0, se
         "concept": {"n": c["n"], "accuracy": c["per_attribute"]["position"], "per_attribute": c["per_attribute"],
                     "all_correct": c["all_correct"], "positions_read": dict(sorted(positions.items()))},
         "base": {"n": b["n"], "per_attribute": b["per_attribute"], "all_correct": b["all_correct"]},
-        "seconds": round(time.perf_counter() - t0, 1),
+        "steps": steps, "seconds": round(time.perf_counter() - t0, 1),
     }
 
 
