@@ -1,0 +1,16 @@
+# Cross-compiling pf-run for 64-bit ARM Linux with Debian's g++-aarch64-linux-gnu; ctest runs the binaries
+# under qemu-aarch64 (qemu-user-static) with the cross toolchain's sysroot.
+set(CMAKE_SYSTEM_NAME Linux)
+set(CMAKE_SYSTEM_PROCESSOR aarch64)
+set(CMAKE_C_COMPILER aarch64-linux-gnu-gcc)
+set(CMAKE_CXX_COMPILER aarch64-linux-gnu-g++)
+set(PF_SYSROOT "/usr/aarch64-linux-gnu" CACHE PATH "the target's libraries (libc, libstdc++) for qemu -L")
+find_program(PF_QEMU NAMES qemu-aarch64-static qemu-aarch64)
+if(PF_QEMU)
+  set(CMAKE_CROSSCOMPILING_EMULATOR "${PF_QEMU};-L;${PF_SYSROOT}")
+endif()
+set(CMAKE_FIND_ROOT_PATH "${PF_SYSROOT}")
+set(CMAKE_FIND_ROOT_PATH_MODE_PROGRAM NEVER)
+set(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)
+set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)
+set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE ONLY)
