@@ -229,7 +229,8 @@ class Base : public Scheduler {
       if (d.has(kv.first)) d.set(kv.first, kv.second);
     o_.o = d;
     Json checks = Json::parse(refused.empty() ? "{}" : refused);
-    for (const auto& kv : Json::parse(ni.forced).as_object()) {
+    const Json forced = Json::parse(ni.forced);  // named: a range-for over a temporary's member would dangle
+    for (const auto& kv : forced.as_object()) {
       Json allowed = Json::array();
       allowed.push(kv.second);
       checks.set(kv.first, allowed);
@@ -756,9 +757,10 @@ std::unique_ptr<Scheduler> make_scheduler(const Json& config, const std::string&
     values = config;
   } else {
     const NameInfo& ni = info(name);
-    for (const auto& kv : Json::parse(ni.assumed).as_object()) values.set(kv.first, kv.second);
+    const Json assumed = Json::parse(ni.assumed), forced = Json::parse(ni.forced);
+    for (const auto& kv : assumed.as_object()) values.set(kv.first, kv.second);
     for (const auto& kv : config.as_object()) values.set(kv.first, kv.second);
-    for (const auto& kv : Json::parse(ni.forced).as_object()) values.set(kv.first, kv.second);
+    for (const auto& kv : forced.as_object()) values.set(kv.first, kv.second);
   }
   if (name == "ddim") return std::make_unique<DDIM>(values);
   if (name == "pndm") return std::make_unique<PNDM>(values);
