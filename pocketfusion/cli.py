@@ -341,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_lora(sub)
     _add_models(sub)
+    _add_app(sub)
     return ap
 
 
@@ -504,6 +505,29 @@ def _add_lora(sub) -> None:
                    help="skip LoRA keys that name no layer of MODEL (counted in the manifest) instead of failing")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     p.set_defaults(func=cmd_lora)
+
+
+def cmd_app(args) -> int:
+    from pocketfusion.app_build import build_native
+
+    info = build_native(args.output, arch=args.arch, executorch=args.executorch, jobs=args.jobs)
+    print(f"wrote {args.output}/ ({info['arch']} bundle: {info['runner']} and {len(info['files']) - 1} libraries, "
+          f"{info['size_bytes'] / 2**20:.1f} MiB; run: {info['run']})")
+    return 0
+
+
+def _add_app(sub) -> None:
+    p = sub.add_parser("app", help="build an on-device app: 'app build native' builds the C++ runner pf-run (apps/native) as a bundle")
+    p.add_argument("action", choices=["build"], help="build")
+    p.add_argument("app", choices=["native"], help="native: pf-run on ExecuTorch's C++ runtime (CMake >= 3.28, a C++17 compiler)")
+    p.add_argument("--arch", choices=["x86_64", "aarch64"], default=None,
+                   help="target (default: this host's); aarch64 cross-compiles with g++-aarch64-linux-gnu")
+    p.add_argument("--executorch", default=None,
+                   help="the executorch wheel's package folder to link (default: the installed wheel; aarch64: the "
+                        "aarch64 wheel of the same version, fetched once with pip into ~/.cache/pocketfusion)")
+    p.add_argument("--jobs", type=int, default=1, help="parallel compile jobs (default 1)")
+    p.add_argument("-o", "--output", required=True, help="bundle directory (written atomically): bin/pf-run, lib/, bundle.json")
+    p.set_defaults(func=cmd_app)
 
 
 def main(argv: list[str] | None = None) -> int:
