@@ -50,6 +50,9 @@ class ParityError(UserError):
     """An exported component's outputs differ from PyTorch's beyond the target's tolerance."""
 
 
+ONNX_WEIGHTS = ("auto", "fold", "qdq")
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """Settings of the ``export`` stage (``export.export(model, ExportConfig, out)``).
@@ -59,6 +62,10 @@ class ExportConfig:
     (measured on the demo U-Net, w8a8: rel_max 0.21 static vs 0.038 dynamic: XNNPACK's static
     kernels also requantize every conv/linear output). ``executorch_profile_runs``: ETDump runs that
     measure the share of ExecuTorch run time outside the XNNPACK delegates (0: not measured).
+    ``onnx_weights``: how onnxruntime runs a weight-only quantized graph (the file holds the grid's integers
+    either way): ``"qdq"`` keeps its QDQ fusions (DequantizeLinear on every call; 4-bit MatMuls fused into
+    MatMulNBits), ``"fold"`` dequantizes the weights once when the session loads (fp32 kernels, fp32 weights in
+    memory); ``"auto"`` times both on the golden inputs at export and keeps the faster (``export.ort_paths``).
     """
 
     targets: tuple[str, ...] = backends.TARGETS
@@ -72,6 +79,7 @@ class ExportConfig:
     seed: int = 0
     executorch_activations: str = "grid"  # or "dynamic"
     executorch_profile_runs: int = 4
+    onnx_weights: str = "auto"  # a weight-only quantized ONNX graph in onnxruntime: "auto" (measured), "fold", "qdq"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -93,6 +101,8 @@ class ExportConfig:
         if self.executorch_activations not in EXECUTORCH_ACTIVATIONS:
             raise UserError(f"executorch_activations must be one of {', '.join(EXECUTORCH_ACTIVATIONS)}, "
                             f"got {self.executorch_activations!r}")
+        if self.onnx_weights not in ONNX_WEIGHTS:
+            raise UserError(f"--onnx-weights must be one of {', '.join(ONNX_WEIGHTS)}, got {self.onnx_weights!r}")
         if self.executorch_profile_runs < 0:
             raise UserError(f"executorch_profile_runs must be >= 0, got {self.executorch_profile_runs}")
 

@@ -38,7 +38,7 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
     import torch
 
     from pocketfusion.compress.quant.grid import quantizable_layers
-    from pocketfusion.export import quant_onnx
+    from pocketfusion.export import ort_paths, quant_onnx
 
     onnx = require("onnx", "onnx")
     grid = spec.grid
@@ -73,6 +73,9 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
             else:
                 onnx.save_model(model, str(tmp))
             del model
+            if not quant["activations"]:  # weight-only: how onnxruntime runs it, measured (export.ort_paths)
+                quant["onnxruntime"] = ort_paths.choose(tmp, spec.golden[0] if spec.golden else None, cfg.onnx_weights)
+                ort_paths.stamp(tmp, quant["onnxruntime"]["session_config"])
         else:
             model = onnx.load(str(tmp))
             layer_map = quant_onnx.weight_map(model, spec.source_module, quantizable_layers(spec.source_module))

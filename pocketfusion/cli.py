@@ -99,6 +99,7 @@ def cmd_export(args) -> int:
     cfg = ExportConfig(
         targets=targets, components=components, onnx_opset=args.opset, coreml_deployment_target=args.coreml_target,
         coreml_precision=args.coreml_precision, max_delegates=args.max_delegates, rewrite=not args.no_rewrite,
+        onnx_weights=args.onnx_weights,
         check_parity=not args.no_parity, executorch_activations=args.executorch_activations,
     )
     model = _load(args)
@@ -395,6 +396,9 @@ def _add_export(sub) -> None:
     p.add_argument("--coreml-target", default="iOS17", choices=["iOS17", "iOS18"], help="Core ML deployment target")
     p.add_argument("--coreml-precision", default="fp16", choices=["fp16", "fp32"], help="Core ML compute precision")
     p.add_argument("--max-delegates", type=int, default=8, help="fail when the ExecuTorch U-Net splits into more XNNPACK blobs")
+    p.add_argument("--onnx-weights", choices=("auto", "fold", "qdq"), default="auto",
+                   help="a weight-only quantized ONNX U-Net in onnxruntime: fold (dequantize once at load), qdq (on every "
+                        "call; 4-bit MatMulNBits), auto (both timed at export, the faster kept; recorded in the manifest)")
     p.add_argument("--no-rewrite", action="store_true", help="skip the delegation rewrites (for comparison)")
     p.add_argument("--no-parity", action="store_true", help="skip running the exports against PyTorch")
     p.add_argument("--executorch-activations", default="grid", choices=["grid", "dynamic"],

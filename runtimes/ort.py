@@ -9,11 +9,14 @@ set every other session of the process, onnxruntime's own quantization tools' in
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 from pocketfusion.runtimes.base import check_feeds, require
+
+SESSION_CONFIG_KEY = "pocketfusion.onnxruntime.session_config"  # = export.ort_paths.METADATA_KEY (runtimes import no export)
 
 
 class OrtSession:
@@ -31,6 +34,15 @@ class OrtSession:
         # activations, i.e. computes what the graph says (quantized U-Nets from pocketfusion.export).
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         self._s = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        # The kernel path the export measured for a weight-only quantized graph (export.ort_paths), in its metadata:
+        # applied by a second session (options must precede loading; a float graph has none and loads once).
+        stamped = self._s.get_modelmeta().custom_metadata_map.get(SESSION_CONFIG_KEY)
+        self.session_config = json.loads(stamped) if stamped else {}
+        if self.session_config:
+            for k, v in self.session_config.items():
+                opts.add_session_config_entry(k, v)
+            del self._s
+            self._s = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         self.input_names = tuple(i.name for i in self._s.get_inputs())
         self.output_names = tuple(o.name for o in self._s.get_outputs())
         self.device = f"onnxruntime {ort.__version__} {self._s.get_providers()[0]}"

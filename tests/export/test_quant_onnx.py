@@ -159,3 +159,30 @@ def test_calibration_set_by_reference_measures_versus_fp32(tiny_sd, tmp_path):
     (src / "calibration" / "extra.txt").write_text("x")
     with pytest.raises(UserError, match="content hash mismatch"):
         export(load_model(src, verify=False), CFG, tmp_path / "e2", progress=False)
+
+
+@pytest.mark.parametrize("scheme", ["w8", "w4"])
+def test_onnxruntime_kernel_path_is_measured_stamped_and_applied(exports, scheme, tmp_path):
+    """A weight-only graph: both onnxruntime paths timed at export, the faster stamped in the graph's metadata and
+    applied by the runtime's session; the two paths compute the same numbers; --onnx-weights forces one."""
+    import json
+
+    from pocketfusion.export import ort_paths
+    from pocketfusion.export.testing import export_entry
+    from pocketfusion.runtimes.ort import SESSION_CONFIG_KEY, OrtSession
+
+    assert SESSION_CONFIG_KEY == ort_paths.METADATA_KEY
+    x = exports[scheme]
+    rec = x.entry["quantization"]["onnxruntime"]
+    ms = rec["measured"]
+    assert set(ms) == {"qdq", "fold"} and all(v["median_ms"] > 0 for v in ms.values())
+    assert rec["chosen"] == min(ms, key=lambda n: ms[n]["median_ms"]) and rec["session_config"] == ort_paths.PATHS[rec["chosen"]]
+    assert ms["fold"]["max_abs_diff_vs_qdq"] < 1e-4  # the same on-grid weights either way
+    meta = {p.key: p.value for p in onnx.load(str(x.path)).metadata_props}
+    assert json.loads(meta[ort_paths.METADATA_KEY]) == rec["session_config"]
+    assert OrtSession(x.path).session_config == rec["session_config"]
+    assert "onnxruntime" not in (exports["fp32"].entry.get("quantization") or {})
+    forced = export_entry(x.model.path, ExportConfig(targets=("onnx",), components=("unet",), onnx_weights="fold"),
+                          tmp_path / "forced", "onnx/unet")
+    assert forced.entry["quantization"]["onnxruntime"]["why"].startswith("forced")
+    assert OrtSession(forced.path).session_config == {"session.disable_quant_qdq": "1"}
