@@ -49,7 +49,8 @@ const char* kUsage =
     "       pf-run bench EXPORT_DIR --json OUT [--runs N] [--warmup N] [--threads N] [--steps N] [--no-end-to-end]\n"
     "       pf-run tokenize EXPORT_DIR --prompt TEXT [--max-length N]\n"
     "       pf-run randn --seed S --numel N\n"
-    "       pf-run version\n";
+    "       pf-run version\n"
+    "--verbose shows ExecuTorch's own log lines.\n";
 
 struct Args {
   std::string command, dir;
@@ -72,7 +73,7 @@ struct Args {
 };
 
 Args parse(int argc, char** argv) {
-  static const std::vector<std::string> kFlags = {"--no-end-to-end", "--no-verify", "--help", "-h"};
+  static const std::vector<std::string> kFlags = {"--no-end-to-end", "--no-verify", "--verbose", "--help", "-h"};
   static const std::vector<std::string> kOpts = {"--prompt", "--steps", "--guidance", "--seed", "--scheduler", "--noise", "--threads",
                                                  "-o", "--output", "--tolerance", "--json", "--runs", "--warmup", "--max-length",
                                                  "--save-latents", "--numel"};
@@ -477,6 +478,7 @@ int cmd_randn(const Args& a) {
 int main(int argc, char** argv) {
   try {
     Args a = parse(argc, argv);
+    Session::set_verbose(a.flag("--verbose"));
     if (a.flag("--help") || a.flag("-h") || a.command == "help" || a.command == "--help" || a.command == "-h") {
       std::fputs(kUsage, stdout);
       return 0;

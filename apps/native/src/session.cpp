@@ -3,7 +3,9 @@
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
 #include <executorch/runtime/backend/interface.h>
+#include <executorch/runtime/platform/platform.h>
 
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <stdexcept>
@@ -119,6 +121,18 @@ std::map<std::string, Array> Session::run(const std::map<std::string, Array>& fe
     out.emplace(outputs_[i], std::move(a));
   }
   return out;
+}
+
+namespace {
+bool g_verbose = false;
+void emit_log(et_timestamp_t, et_pal_log_level_t level, const char* filename, const char*, size_t line, const char* message, size_t) {
+  if (g_verbose || level == kFatal) std::fprintf(stderr, "executorch %c %s:%zu] %s\n", static_cast<char>(level), filename, line, message);
+}
+}  // namespace
+
+void Session::set_verbose(bool verbose) {
+  g_verbose = verbose;
+  executorch::runtime::register_pal(executorch::runtime::PalImpl::create(emit_log, __FILE__));
 }
 
 int Session::threads() {

@@ -26,6 +26,8 @@ class Session {
 
   static void set_threads(int n);        // ExecuTorch's shared thread pool (0: leave as is)
   static int threads();
+  // ExecuTorch's own log lines (cpuinfo probing, load errors): shown with --verbose, else only fatal ones
+  static void set_verbose(bool verbose);
   static std::string device();           // e.g. "executorch 1.5.1 portable+XNNPACK (CPU, C++)"
 
  private:
