@@ -178,6 +178,21 @@ def unit_inputs(unet, *, seq_len: int, batch: int | None = None) -> dict[str, tu
     return {n: tuple(t.detach().clone() for t in v) for n, v in seen.items()}
 
 
+def module_spec(name: str, wrapper, xs: tuple, *, source: str):
+    """A ``ComponentSpec`` of ``wrapper`` (a module of positional float tensors, its submodule ``source`` the layers a
+    grid names) at inputs ``xs``: inputs ``in0, in1, ...``, output ``out``, ``xs`` as its one golden feed."""
+    import torch
+
+    from pocketfusion.artifact import TensorSpec
+    from pocketfusion.export.components import ComponentSpec
+
+    with torch.no_grad():
+        out = wrapper(*xs)
+    specs = tuple(TensorSpec(f"in{i}", tuple(x.shape), "float32") for i, x in enumerate(xs))
+    feed = {s.name: x.float().numpy() for s, x in zip(specs, xs)}
+    return ComponentSpec(name, wrapper, specs, (TensorSpec("out", tuple(out.shape), "float32"),), [feed], source=source)
+
+
 def unit_table_alone(unet, runtime: str, *, seq_len: int, units: list[str] | None = None, runs: int = 10, rounds: int = 3,
                      threads: int | None = None, progress: bool = False) -> dict:
     """The latency table with each unit exported and timed alone at its real input shapes (cheap at full size,
@@ -187,9 +202,7 @@ def unit_table_alone(unet, runtime: str, *, seq_len: int, units: list[str] | Non
     import numpy as np
     from tqdm import tqdm
 
-    from pocketfusion.artifact import TensorSpec
     from pocketfusion.export.base import ExportConfig
-    from pocketfusion.export.components import ComponentSpec
     from pocketfusion.runtimes.base import load_session
 
     t0 = time.perf_counter()
@@ -204,15 +217,8 @@ def unit_table_alone(unet, runtime: str, *, seq_len: int, units: list[str] | Non
     try:
         sessions, feeds = {}, {}
         for name in tqdm(inputs, desc=f"export units ({runtime})", disable=not progress, unit="unit"):
-            import torch
-
-            wrapper = _unit_wrapper(unet.get_submodule(name), kinds[name].kind)
-            xs = inputs[name]
-            with torch.no_grad():
-                out = wrapper(*xs)
-            specs = tuple(TensorSpec(f"in{i}", tuple(x.shape), "float32") for i, x in enumerate(xs))
-            feed = {s.name: x.float().numpy() for s, x in zip(specs, xs)}
-            spec = ComponentSpec("unit", wrapper, specs, (TensorSpec("out", tuple(out.shape), "float32"),), [feed], source="unit")
+            spec = module_spec("unit", _unit_wrapper(unet.get_submodule(name), kinds[name].kind), inputs[name], source="unit")
+            feed = spec.golden[0]
             suffix = {"onnx": ".onnx", "executorch": ".pte", "tflite": ".tflite"}[target]
             path = tmp / f"u{len(sessions)}{suffix}"
             backends.exporter(target).export_component(spec, path, cfg)

@@ -131,3 +131,50 @@ def unet_macs(unet, *, seq_len: int, batch: int = 1) -> int:
     args = (torch.zeros(batch, cfg.in_channels, s, s, dtype=p.dtype, device=p.device), torch.full((batch,), 999, device=p.device),
             torch.zeros(batch, seq_len, ctx_dim, dtype=p.dtype, device=p.device))
     return count_macs(unet, args)["total"]
+
+
+def layer_profile(module, args: tuple = (), kwargs: dict[str, Any] | None = None) -> dict:
+    """The shapes a roofline needs from one call of ``module``: its largest 3x3 convolution and its largest
+    linear layer (by MACs, at the shapes this call gives them) and the activation bytes the call moves.
+
+    Returns ``{"conv": {"batch", "in_channels", "out_channels", "height", "width", "stride", "padding", "macs"}
+    or None, "linear": {"m", "k", "n", "macs"} or None, "activation_bytes": N}``: ``activation_bytes`` sums
+    the inputs and outputs of every convolution and linear layer (what those layers read and write once,
+    at the call's own dtype; norms and element-wise ops on the same tensors are not counted again).
+    """
+    import torch
+
+    best: dict[str, dict | None] = {"conv": None, "linear": None}
+    moved = [0]
+
+    def hook(mod, inputs, output):
+        x = inputs[0]
+        moved[0] += x.numel() * x.element_size() + output.numel() * output.element_size()
+        if isinstance(mod, torch.nn.Conv2d):
+            if tuple(mod.kernel_size) != (3, 3) or mod.groups != 1:
+                return
+            n, _, oh, ow = output.shape
+            macs = n * oh * ow * mod.out_channels * mod.in_channels * 9
+            rec = {"batch": int(x.shape[0]), "in_channels": mod.in_channels, "out_channels": mod.out_channels,
+                   "height": int(x.shape[2]), "width": int(x.shape[3]), "stride": int(mod.stride[0]),
+                   "padding": int(mod.padding[0]) if isinstance(mod.padding, tuple) else 1, "macs": int(macs)}
+            kind = "conv"
+        else:
+            m = x.numel() // x.shape[-1]
+            rec = {"m": int(m), "k": mod.in_features, "n": mod.out_features, "macs": int(m * mod.in_features * mod.out_features)}
+            kind = "linear"
+        if best[kind] is None or rec["macs"] > best[kind]["macs"]:
+            best[kind] = rec
+
+    hooks = []
+    root = getattr(module, "__self__", module)  # a bound method (the VAE's decode): hook its module
+    for mod in root.modules():
+        if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+            hooks.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            module(*args, **(kwargs or {}))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {**best, "activation_bytes": int(moved[0])}

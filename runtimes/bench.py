@@ -4,19 +4,26 @@ Results JSON (schema ``pocketfusion.bench``, version 1)::
 
     {
       "schema": "pocketfusion.bench", "schema_version": 1,
-      "created": ISO-8601, "host": {"machine", "processor", "cpus", "os", "python", "peak_gflops_fp32"},
+      "created": ISO-8601, "host": {"machine", "processor", "cpus", "os", "python", "peak_gflops_fp32",
+                                    "roofline": {"bandwidth": {numpy copy/triad GB/s}, "runtimes": {runtime: probes}}},
       "versions": {"pocketfusion", "onnxruntime", "executorch", "ai-edge-litert", ...},
       "settings": {"threads", "runs", "warmup", "rounds", "steps"},
       "artifacts": [{"path", "manifest_sha256", "label"}],
       "results": [{
           "artifact": label, "runtime", "component", "device", "load_ms",
           "latency_ms": {"median", "p90", "min", "max", "runs"}, "latencies_ms": [...],
-          "peak_rss_mib", "rss_growth_mib", "size_bytes", "macs", "roofline_fraction"
+          "peak_rss_mib", "rss_growth_mib", "size_bytes", "macs", "gflops",
+          "roofline_fraction", "roofline_bound", "roofline": {"precision", "attainable_gflops", "compute_gflops",
+                                                              "bandwidth_gflops", "arithmetic_intensity", "bytes_moved", ...}
       }],
       "ratios": {"<label>": {"<runtime>/<component>": median_first / median_this}},  # compare mode
       "estimates": [{"artifact", "component", "device", "estimate_ms", "compute_ms", "memory_ms", "bound",
                      "efficiency", "label": "estimate", "source"}]   # phone rooflines, not measurements
     }
+
+``peak_gflops_fp32`` is a PyTorch 1024² fp32 matmul, kept for reference; the roofline of each entry is against
+its own runtime's kernels at the component's shapes (``pocketfusion.runtimes.roofline``): ``roofline_fraction``
+(<= 1) and ``roofline_bound`` (``compute`` or ``bandwidth``); the probes' figures are under ``host.roofline``.
 
 Comparison mode (several artifact directories) interleaves the measurements round by round, so
 drift of this machine's speed hits every artifact alike, and reports ratios to the first.
@@ -132,7 +139,7 @@ def _jobs(root: Path, cfg: BenchConfig) -> list[dict]:
         if not b.runs_on_linux and sys.platform != "darwin":
             continue  # reported once in notes
         jobs.append({"root": str(root), "runtime": b.runtime, "component": c.name, "path": c.path, "golden": c.golden,
-                     "size_bytes": sizes.get(c.key, {}).get("size_bytes")})
+                     "size_bytes": sizes.get(c.key, {}).get("size_bytes"), "precision": "int8" if c.grid is not None else "fp32"})
         by_runtime.setdefault(b.runtime, []).append(c.name)
     if cfg.end_to_end and m.sampler is not None:
         from pocketfusion.runtimes.pipeline import NETWORKS, SDXL_NETWORKS
@@ -161,7 +168,8 @@ def _run_child(job: dict, cfg: BenchConfig, runs: int) -> dict:
 
 
 def _macs(root: Path) -> dict:
-    """MACs per call of each component at its exported batch, from the source model when it is still on disk."""
+    """MACs per call of each component at its exported batch, from the source model when it is still on disk:
+    ``{component: {"macs": count_macs(...), "profile": layer_profile(...)}}`` (the shapes its roofline probes)."""
     from pocketfusion import artifact
 
     m = artifact.load_manifest(root, verify=False)
@@ -169,7 +177,7 @@ def _macs(root: Path) -> dict:
         return {}
     try:
         from pocketfusion.checkpoint import load_model
-        from pocketfusion.macs import component_callable, component_inputs, count_macs
+        from pocketfusion.macs import component_callable, component_inputs, count_macs, layer_profile
 
         model = load_model(m.source.path, verify=False)
         out = {}
@@ -177,7 +185,8 @@ def _macs(root: Path) -> dict:
             if c.target is None or c.name in out or not c.inputs:
                 continue
             args, kwargs = component_inputs(model, c.name, batch=c.inputs[0].shape[0])
-            out[c.name] = count_macs(component_callable(model, c.name), args, kwargs)["total"]
+            fn = component_callable(model, c.name)
+            out[c.name] = {"macs": count_macs(fn, args, kwargs), "profile": layer_profile(fn, args, kwargs)}
         return out
     except Exception:  # MACs are an annotation; a source that no longer loads does not stop the bench
         return {}
@@ -205,9 +214,11 @@ def bench(dirs: list[Path], cfg: BenchConfig, *, progress: bool = True) -> dict:
                 bar.update()
     bar.close()
     host = host_info()
+    macs_per_dir = {label: _macs(d) for label, d in zip(labels, dirs)}
+    host["roofline"] = _probe(jobs_per_dir, macs_per_dir, cfg, host)
     results = []
     for label, d in zip(labels, dirs):
-        macs = _macs(d)
+        macs = macs_per_dir[label]
         for job in jobs_per_dir[label]:
             runs = samples[(label, job["runtime"], job["component"])]
             lat = [x for r in runs for x in r["latencies_ms"]]
@@ -223,9 +234,7 @@ def bench(dirs: list[Path], cfg: BenchConfig, *, progress: bool = True) -> dict:
             if job["component"] == "end_to_end":
                 entry.update(steps=job["steps"], guidance_mode=job["guidance_mode"])
             if job["component"] in macs:
-                entry["macs"] = macs[job["component"]]
-                entry["gflops"] = 2 * macs[job["component"]] / (med / 1e3) / 1e9
-                entry["roofline_fraction"] = entry["gflops"] / host["peak_gflops_fp32"]
+                _add_roofline(entry, job, macs[job["component"]], host["roofline"], f"{label}/{job['component']}")
             results.append(entry)
     out = {
         "estimates": phone_estimates(results),
@@ -241,6 +250,42 @@ def bench(dirs: list[Path], cfg: BenchConfig, *, progress: bool = True) -> dict:
     if len(dirs) > 1:
         out["ratios"] = ratios(out)
     return out
+
+
+def _probe(jobs_per_dir: dict, macs_per_dir: dict, cfg: BenchConfig, host: dict) -> dict:
+    """Each measured runtime's kernel probes at its components' shapes, and the host's bandwidth (``host.roofline``)."""
+    from pocketfusion.runtimes import roofline
+
+    shapes: dict[str, dict] = {}
+    for label, jobs in jobs_per_dir.items():
+        for job in jobs:
+            prof = macs_per_dir[label].get(job["component"])
+            if prof is not None:
+                shapes.setdefault(job["runtime"], {})[f"{label}/{job['component']}"] = roofline.probe_shapes(prof["profile"])
+    out = {"bandwidth": roofline.numpy_bandwidth(), "threads": cfg.threads, "runtimes": {}}
+    for runtime, sh in shapes.items():
+        out["runtimes"][runtime] = roofline.probe_runtime(runtime, sh, threads=cfg.threads, processor=host.get("processor", ""))
+    return out
+
+
+def _add_roofline(entry: dict, job: dict, prof: dict, probes: dict, key: str) -> None:
+    """``macs``, ``gflops`` and, where the runtime's probes succeeded, ``roofline_fraction`` / ``roofline_bound`` / ``roofline``."""
+    from pocketfusion.runtimes import roofline
+
+    macs = prof["macs"]
+    entry["macs"] = macs["total"]
+    entry["gflops"] = 2 * macs["total"] / (entry["latency_ms"]["median"] / 1e3) / 1e9
+    rt = probes["runtimes"].get(job["runtime"], {})
+    if "error" in rt:
+        return
+    bw, _ = roofline.runtime_bandwidth(rt, probes["bandwidth"])
+    roof = roofline.entry_roofline(gflops=entry["gflops"], macs=macs, activation_bytes=prof["profile"]["activation_bytes"],
+                                   weight_bytes=job.get("size_bytes"), probes=rt, shapes_key=key, bandwidth_gbs=bw,
+                                   precision=job.get("precision", "fp32"))
+    if roof is not None:
+        entry["roofline_fraction"] = roof.pop("fraction")
+        entry["roofline_bound"] = roof.pop("bound")
+        entry["roofline"] = roof
 
 
 def phone_estimates(results: list[dict]) -> list[dict]:
@@ -286,18 +331,26 @@ def ratios(res: dict) -> dict:
 def format_table(res: dict) -> str:
     head = (
         f"{'artifact':<14} {'runtime':<12} {'component':<13} {'median ms':>10} {'p90 ms':>9} {'min ms':>8} "
-        f"{'load ms':>8} {'peak MiB':>9} {'+MiB':>7} {'roofline':>9}"
+        f"{'load ms':>8} {'peak MiB':>9} {'+MiB':>7} {'GFLOP/s':>8} {'roofline (bound)':>17}"
     )
     lines = [
-        f"{res['host']['processor']} ({res['host']['cpus']} cpus), peak {res['host']['peak_gflops_fp32']:.0f} GFLOP/s fp32 matmul",
+        f"{res['host']['processor']} ({res['host']['cpus']} cpus); PyTorch 1024² fp32 matmul {res['host']['peak_gflops_fp32']:.0f} GFLOP/s "
+        "(reference only: each roofline is against its runtime's own kernels)",
+        *roofline_lines(res),
         head,
         "-" * len(head),
     ]
+    exceeded = []
     for r in res["results"]:
         lat = r["latency_ms"]
-        roof = f"{r['roofline_fraction']:8.1%}" if "roofline_fraction" in r else f"{'-':>8}"
+        roof = f"{r['roofline_fraction']:6.1%} ({r['roofline_bound']})" if "roofline_fraction" in r else "-"
+        if r.get("roofline", {}).get("probe_exceeded"):
+            roof += "*"
+            exceeded.append(f"* {r['artifact']} {r['runtime']}/{r['component']}: {r['roofline']['note']}")
+        gf = f"{r['gflops']:8.1f}" if "gflops" in r else f"{'-':>8}"
         lines.append(f"{r['artifact'][:14]:<14} {r['runtime']:<12} {r['component']:<13} {lat['median']:10.2f} {lat['p90']:9.2f} "
-                     f"{lat['min']:8.2f} {r['load_ms']:8.1f} {r['peak_rss_mib']:9.1f} {r['rss_growth_mib']:7.1f} {roof}")
+                     f"{lat['min']:8.2f} {r['load_ms']:8.1f} {r['peak_rss_mib']:9.1f} {r['rss_growth_mib']:7.1f} {gf} {roof:>17}")
+    lines += exceeded
     for label, rs in res.get("ratios", {}).items():
         lines.append(f"{label} against {res['artifacts'][0]['label']} (x faster): " + ", ".join(f"{k} {v:.2f}x" for k, v in rs.items()))
     for e in res.get("estimates", []):
@@ -309,6 +362,26 @@ def format_table(res: dict) -> str:
     lines += [f"note: {n}" for n in res.get("notes", [])]
     return "\n".join(lines)
 
+
+
+def roofline_lines(res: dict) -> list[str]:
+    """The roofline probes of a results dict, one line for the host's bandwidth and one per runtime."""
+    from pocketfusion.runtimes.roofline import probe_summary, runtime_bandwidth
+
+    roof = res["host"].get("roofline")
+    if not roof:
+        return []
+    bw = roof["bandwidth"]
+    lines = [f"roofline: bandwidth numpy copy {bw['copy_gbs']:.1f} GB/s, triad {bw['triad_gbs']:.1f} GB/s (one thread)"]
+    for runtime, p in roof["runtimes"].items():
+        if "error" in p:
+            lines.append(f"roofline {runtime}: probe failed: {p['error']}")
+            continue
+        gbs, src = runtime_bandwidth(p, bw)
+        own = (p.get("bandwidth") or {}).get("gbs")
+        lines.append(f"roofline {runtime} ({p.get('device', '')}, threads {p.get('threads') or 'default'}): bandwidth {gbs:.1f} GB/s "
+                     f"({src}; own Add {own or 0:.1f} GB/s); {probe_summary(p)}")
+    return lines
 
 
 def device_bench(dirs: list[Path], device: str, cfg: BenchConfig, *, runner: Path | None = None, rootfs: Path | None = None) -> dict:

@@ -96,7 +96,9 @@ def _table(rows: list[dict]) -> str:
     body = []
     for r in rows:
         lat = r["latency_ms"]
-        roof = f"{r['roofline_fraction']:.1%}" if "roofline_fraction" in r else "–"
+        roof = f"{r['roofline_fraction']:.1%} ({r['roofline_bound']})" if "roofline_fraction" in r else "–"
+        if r.get("roofline", {}).get("probe_exceeded"):
+            roof = f"<span title='{html.escape(r['roofline']['note'], quote=True)}'>{roof}*</span>"
         size = f"{r['size_bytes'] / 1e6:.2f}" if r.get("size_bytes") else "–"
         body.append(
             f"<tr><td>{html.escape(r['artifact'])}</td><td>{html.escape(r['runtime'])}</td><td>{html.escape(r['component'])}</td>"
@@ -104,6 +106,20 @@ def _table(rows: list[dict]) -> str:
             f"<td>{r['peak_rss_mib']:.1f}</td><td>{r['rss_growth_mib']:.1f}</td><td>{size}</td><td>{roof}</td></tr>"
         )
     return f"<table>{head}{''.join(body)}</table>"
+
+
+def _roofline(res: dict) -> str:
+    """The roofline's probes: the host's bandwidth, each runtime's GEMM / 3x3 conv GFLOP/s at the components' shapes."""
+    from pocketfusion.runtimes.bench import roofline_lines
+
+    lines = roofline_lines(res)
+    if not lines:
+        return ""
+    notes = [f"{r['artifact']} {r['runtime']}/{r['component']}: {r['roofline']['note']}" for r in res["results"]
+             if r.get("roofline", {}).get("probe_exceeded")]
+    items = "".join(f"<li>{html.escape(x)}</li>" for x in lines + notes)
+    return ("<h3>Roofline (fraction of min(compute ceiling of the runtime's own kernels, bandwidth × arithmetic intensity); "
+            f"bound: the lower ceiling)</h3><ul class='meta'>{items}</ul>")
 
 
 def _grids(res: dict) -> str:
@@ -125,8 +141,8 @@ def render(results: list[dict]) -> str:
     sections = []
     for i, res in enumerate(results, 1):
         host = res["host"]
-        meta = (f"{html.escape(host['processor'])}, {host['cpus']} CPUs, {html.escape(host['os'])}; measured peak "
-                f"{host['peak_gflops_fp32']:.0f} GFLOP/s fp32 matmul; threads {res['settings'].get('threads') or 'default'}, "
+        meta = (f"{html.escape(host['processor'])}, {host['cpus']} CPUs, {html.escape(host['os'])}; PyTorch 1024² fp32 matmul "
+                f"{host['peak_gflops_fp32']:.0f} GFLOP/s (reference only); threads {res['settings'].get('threads') or 'default'}, "
                 f"{res['settings']['runs']} runs after {res['settings']['warmup']} warm-up; {html.escape(res['created'])}")
         vers = ", ".join(f"{k} {v}" for k, v in res.get("versions", {}).items())
         arts = "".join(
@@ -134,6 +150,7 @@ def render(results: list[dict]) -> str:
             for a in res["artifacts"]
         )
         sec = [f"<h2>Run {i}</h2><p class='meta'>{meta}<br>{html.escape(vers)}</p><ul>{arts}</ul>", _table(res["results"])]
+        sec.append(_roofline(res))
         sec.append(f"<h3>Latency</h3><img src='data:image/png;base64,{_latency_plot(res['results'])}'>")
         sec.append(f"<h3>Memory and size</h3><img src='data:image/png;base64,{_memory_size_plot(res['results'])}'>")
         if res.get("ratios"):

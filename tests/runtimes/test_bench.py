@@ -33,13 +33,53 @@ def test_results_schema(results, tiny_onnx_export):
         assert "onnxruntime" in r["device"] and r["load_ms"] > 0
     unet = next(r for r in results["results"] if r["component"] == "unet")
     assert unet["macs"] > 0 and unet["roofline_fraction"] > 0
+    for r in results["results"]:  # every entry with MACs has a roofline: a fraction <= 1 and its bound
+        if r["component"] == "end_to_end":
+            continue
+        assert 0 < r["roofline_fraction"] <= 1 and r["roofline_bound"] in ("compute", "bandwidth")
+        roof = r["roofline"]
+        assert roof["attainable_gflops"] >= r["gflops"] > 0 and roof["precision"] == "fp32"
+        assert roof["attainable_gflops"] == pytest.approx(r["gflops"] / r["roofline_fraction"])
+        if not roof["probe_exceeded"]:
+            assert roof["attainable_gflops"] == pytest.approx(min(roof["compute_gflops"], roof["bandwidth_gflops"]))
     e2e = next(r for r in results["results"] if r["component"] == "end_to_end")
     assert e2e["latency_ms"]["median"] > unet["latency_ms"]["min"] * 3  # >= 3 steps of the U-Net
     est = [e for e in results["estimates"] if e["component"] == "unet"]
     assert len(est) == 4 and all(e["label"] == "estimate" and e["estimate_ms"] > 0 for e in est)
     table = format_table(results)
-    assert "end_to_end" in table and "peak" in table
+    assert "end_to_end" in table and "peak" in table and "roofline onnxruntime" in table and "(compute)" in table + "(bandwidth)"
     json.dumps(results)  # serialisable
+
+
+def test_roofline_probes(results):
+    """The probes of the runtime's own kernels: positive GFLOP/s per kind and precision, positive GB/s."""
+    roof = results["host"]["roofline"]
+    assert roof["bandwidth"]["copy_gbs"] > 0 and roof["bandwidth"]["triad_gbs"] > 0
+    ort = roof["runtimes"]["onnxruntime"]
+    assert "error" not in ort and ort["bandwidth"]["gbs"] > 0 and "onnxruntime" in ort["device"]
+    unet = ort["shapes"][f"{results['artifacts'][0]['label']}/unet"]
+    for kind in ("gemm", "conv"):
+        assert unet[kind]["fp32"]["gflops"] > 0 and unet[kind]["int8"]["gflops"] > 0 and unet[kind]["macs"] > 0
+    assert "MatMulInteger" in unet["gemm"]["int8"]["path"]
+
+
+def test_roofline_never_above_one():
+    from pocketfusion.runtimes.roofline import entry_roofline
+
+    probes = {"shapes": {"a/unet": {"gemm": {"fp32": {"gflops": 10.0}, "int8": {"gflops": 40.0}}, "conv": {"fp32": {"gflops": 20.0}}}}}
+    macs = {"total": 3_000_000, "conv": 2_000_000, "linear": 1_000_000, "attention": 0}
+    kw = dict(macs=macs, activation_bytes=1000, weight_bytes=9000, probes=probes, shapes_key="a/unet")
+    r = entry_roofline(gflops=5.0, bandwidth_gbs=100.0, precision="fp32", **kw)
+    # 2 M conv MACs at 20, 1 M linear MACs at 10 GFLOP/s: 15 GFLOP/s; 100 GB/s x 600 FLOP/byte far above
+    assert r["compute_gflops"] == pytest.approx(6e6 / (4e6 / 20 + 2e6 / 10)) and r["bound"] == "compute"
+    assert r["fraction"] == pytest.approx(5.0 / 15.0) and not r["probe_exceeded"]
+    assert entry_roofline(gflops=5.0, bandwidth_gbs=100.0, precision="int8", **kw)["compute_gflops"] == pytest.approx(
+        6e6 / (4e6 / 20 + 2e6 / 40))  # quantized: the faster of the fp32 and int8 kernels
+    r = entry_roofline(gflops=5.0, bandwidth_gbs=0.01, precision="fp32", **kw)  # 0.01 GB/s x 600 = 6 GFLOP/s
+    assert r["bound"] == "bandwidth" and r["attainable_gflops"] == pytest.approx(6.0) and r["arithmetic_intensity"] == 600
+    r = entry_roofline(gflops=50.0, bandwidth_gbs=100.0, precision="fp32", **kw)  # above its probe: never > 100 %
+    assert r["fraction"] == 1.0 and r["probe_exceeded"] and "not this runtime's peak" in r["note"]
+    assert entry_roofline(gflops=5.0, bandwidth_gbs=1.0, precision="fp32", **{**kw, "probes": {"shapes": {}}}) is None
 
 
 def test_compare_mode_interleaves_and_reports_ratios(tiny_onnx_export, tmp_path):
@@ -64,6 +104,7 @@ def test_report_html(results, tmp_path):
     write_report([res_path], out)
     text = out.read_text()
     assert text.count("data:image/png;base64,") >= 2 and "<table>" in text and "end_to_end" in text
+    assert "Roofline" in text and "roofline onnxruntime" in text and ("(compute)" in text or "(bandwidth)" in text)
     bad = tmp_path / "bad.json"
     bad.write_text('{"schema": "other"}')
     with pytest.raises(UserError, match="not a pocketfusion bench result"):
