@@ -20,6 +20,10 @@ module                 rewritten as
                        no mask (falls back to the stock processor when a mask is given)
 ``GEGLU``              ``chunk`` replaced by two slices
 ``Timesteps``          frequencies precomputed as a buffer (no ``arange``/``exp`` in the graph)
+``CLIPTextTransformer``  its causal mask a constant buffer added in eager attention (transformers builds
+                       it on every call with ``full`` / ``triu`` / ``where`` / ``any``); attention as 3-D
+                       ``bmm`` (7 blobs for the demo's text encoder before); the token embedding lookup
+                       stays outside the delegate, ahead of the one blob
 integer scalars        ``output_scale_factor`` / ``rescale_output_factor`` made floats
 =====================  =========================================================================
 
@@ -288,6 +292,81 @@ class BmmAttnProcessor:
         return out
 
 
+class BmmCLIPAttention(nn.Module):
+    """transformers' ``CLIPAttention`` as 3-D ``bmm``s over (batch x heads): q pre-scaled, the additive mask(s)
+    broadcast over batch and heads, softmax on the last dim. Called and returning as the original (``(out, None)``)."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj
+        self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, float(attn.scale)
+
+    @staticmethod
+    def applies(attn: nn.Module) -> bool:
+        return all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "head_dim", "scale"))
+
+    def forward(self, hidden_states, attention_mask=None, causal_attention_mask=None, output_attentions=False, **kwargs):
+        b, n, _ = hidden_states.shape
+        h, d = self.num_heads, self.head_dim
+
+        def heads(x):
+            return x.reshape(b, n, h, d).transpose(1, 2).reshape(b * h, n, d)
+
+        q = heads(self.q_proj(hidden_states) * self.scale)
+        k, v = heads(self.k_proj(hidden_states)), heads(self.v_proj(hidden_states))
+        scores = torch.bmm(q, k.transpose(1, 2))
+        for mask in (attention_mask, causal_attention_mask):
+            if mask is not None:  # (b or 1, 1, n, n) additive
+                scores = (scores.reshape(b, h, n, n) + mask).reshape(b * h, n, n) if mask.shape[0] != 1 else scores + mask.reshape(1, n, n)
+        out = torch.bmm(scores.softmax(dim=-1), v)
+        return self.out_proj(out.reshape(b, h, n, d).transpose(1, 2).reshape(b, n, h * d)), None
+
+
+class ConstantMaskCLIPText(nn.Module):
+    """transformers' ``CLIPTextTransformer`` with its causal mask precomputed: the same embeddings, encoder layers
+    (attention as ``BmmCLIPAttention``) and final LayerNorm, called as the original is (``input_ids``,
+    ``output_hidden_states``, ``return_dict``). Returns ``BaseModelOutputWithPooling``; the pooled output (the EOS
+    token's state) is computed as transformers does, and pruned from the exported graph when unused."""
+
+    def __init__(self, tm: nn.Module):
+        super().__init__()
+        self.config = tm.config
+        self.embeddings, self.encoder, self.final_layer_norm = tm.embeddings, tm.encoder, tm.final_layer_norm
+        self.eos_token_id = tm.eos_token_id
+        n = tm.config.max_position_embeddings
+        mask = torch.full((n, n), torch.finfo(torch.float32).min).triu(1)
+        self.register_buffer("causal_mask", mask[None, None], persistent=False)
+        for layer in self.encoder.layers:  # 3-D bmm attention (a 4-D matmul decomposes to expand_copy + bmm)
+            layer.self_attn = BmmCLIPAttention(layer.self_attn)
+
+    @staticmethod
+    def applies(sub: nn.Module) -> bool:
+        if type(sub).__name__ != "CLIPTextTransformer":
+            return False
+        layers = getattr(getattr(sub, "encoder", None), "layers", None)
+        return layers is not None and all(BmmCLIPAttention.applies(la.self_attn) for la in layers)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        if attention_mask is not None:
+            raise ValueError("ConstantMaskCLIPText: a padding attention_mask is not supported (the export passes none)")
+        h = self.embeddings(input_ids=input_ids, position_ids=position_ids)
+        n = h.shape[1]
+        mask = self.causal_mask if n == self.causal_mask.shape[-1] else self.causal_mask[:, :, :n, :n]
+        states = (h,)
+        for layer in self.encoder.layers:
+            h = layer(h, None, mask)[0]
+            states += (h,)
+        last = self.final_layer_norm(h)
+        ids = input_ids.to(torch.int)
+        rows = torch.arange(last.shape[0], device=last.device)
+        eos = ids.argmax(dim=-1) if self.eos_token_id == 2 else (ids == self.eos_token_id).int().argmax(dim=-1)
+        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=last[rows, eos],
+                                          hidden_states=states if output_hidden_states else None)
+
+
 def _swap(root: nn.Module, qualname: str, new: nn.Module) -> None:
     parent_name, _, child = qualname.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -344,6 +423,9 @@ def apply_xnnpack_rewrites_(module: nn.Module, *, fuse_upsample_conv: bool = Tru
         elif cls and type(sub) is cls["Timesteps"]:
             _swap(module, name, PrecomputedTimesteps(sub))
             counts["timesteps"] += 1
+        elif ConstantMaskCLIPText.applies(sub):
+            _swap(module, name, ConstantMaskCLIPText(sub))
+            counts["clip_text"] += 1
     for name, sub in module.named_modules():
         if cls and isinstance(sub, cls["Attention"]):
             if isinstance(sub.processor, cls["stock_procs"]):
@@ -367,6 +449,8 @@ def apply_xnnpack_rewrites_(module: nn.Module, *, fuse_upsample_conv: bool = Tru
         "geglu": "GEGLU x{n} -> slices instead of chunk (no split_with_sizes_copy)",
         "timesteps": "Timesteps x{n} -> precomputed frequency buffer (no arange/exp in the graph)",
         "int_scalar": "integer output scale factors x{n} -> floats (no integer scalar tensors)",
+        "clip_text": "CLIP text transformer x{n} -> constant causal-mask buffer + 3-D bmm attention (transformers builds the "
+                     "mask per call with full/triu/where/any, and a 4-D matmul adds expand_copy: those ops split the graph)",
     }
     out = [text[k].format(n=counts[k]) for k in text if counts[k]]
     logger.info("xnnpack rewrites: %s", "; ".join(out) or "none")

@@ -187,3 +187,52 @@ def test_every_family_lowers_to_one_blob_with_parity(family, tmp_path):
     assert d["delegate_blobs"] == 1 and d["n_ops_outside"] == 0, d
     p = parity(load_session(path, "executorch", threads=1), spec, torch_reference(spec))
     assert p["rel_max"] < 1e-4, p
+
+
+def _tiny_clip(projection: bool = False, eos_token_id: int = 3):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         max_position_embeddings=12, bos_token_id=1, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
+                         **({"projection_dim": 8} if projection else {}))
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+@pytest.mark.parametrize("projection,eos", [(False, 3), (True, 3), (False, 2)])
+def test_clip_text_rewrite_is_equivalent(projection, eos):
+    """The constant-mask CLIP text transformer with bmm attention: last and penultimate hidden states and the pooled /
+    projected output as transformers computes them (both EOS conventions: id 2 is the legacy argmax)."""
+    from pocketfusion.export.rewrites import BmmCLIPAttention, ConstantMaskCLIPText
+
+    te = _tiny_clip(projection, eos)
+    rewritten = copy.deepcopy(te)
+    done = apply_xnnpack_rewrites_(rewritten)
+    assert any(d.startswith("CLIP text transformer x1") for d in done), done
+    assert isinstance(rewritten.text_model, ConstantMaskCLIPText)
+    assert all(isinstance(la.self_attn, BmmCLIPAttention) for la in rewritten.text_model.encoder.layers)
+    assert set(rewritten.state_dict()) == set(te.state_dict())
+    ids = torch.tensor([[1, 5, 9, 17, 3, 3, 3, 3, 3, 3, 3, 3], [1, 30, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]])
+    with torch.no_grad():
+        a, b = te(ids, output_hidden_states=True), rewritten(ids, output_hidden_states=True)
+    for x, y in zip(a.hidden_states, b.hidden_states):
+        assert (x - y).abs().max().item() < 1e-5
+    assert (a[0] - b[0]).abs().max().item() < 1e-5 and (a[1] - b[1]).abs().max().item() < 1e-5  # pooled / text_embeds
+
+
+def test_text_encoder_lowers_to_one_blob(tiny_sd, tmp_path):
+    """transformers builds CLIP's causal mask on every call (full / triu / where / any ops outside XNNPACK, 7 blobs
+    for the demo's encoder); rewritten, only the embedding lookups stay outside, ahead of one blob."""
+    pytest.importorskip("executorch")
+    from pocketfusion.checkpoint import load_model
+    from pocketfusion.export.components import text_encoder_spec
+
+    model = load_model(tiny_sd)
+    spec = text_encoder_spec(model.components["text_encoder"], model.components["tokenizer"], ["a red circle", "a blue square"])
+    path = tmp_path / "text_encoder.pte"
+    res = et_exporter.export_component(spec, path, ExportConfig(targets=("executorch",), executorch_profile_runs=0))
+    d = res.info["delegation"]
+    assert d["delegate_blobs"] == 1 and set(d["ops_outside"]) <= {"aten.embedding.default", "aten.alias_copy.default",
+                                                                  "dim_order_ops._to_dim_order_copy.default"}, d
+    p = parity(load_session(path, "executorch", threads=1), spec, torch_reference(spec))
+    assert p["rel_max"] < 1e-4, p
