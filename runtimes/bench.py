@@ -343,7 +343,7 @@ def format_table(res: dict) -> str:
     exceeded = []
     for r in res["results"]:
         lat = r["latency_ms"]
-        roof = f"{r['roofline_fraction']:6.1%} ({r['roofline_bound']})" if "roofline_fraction" in r else "-"
+        roof = f"{r['roofline_fraction']:6.1%} ({r.get('roofline_bound', '?')})" if "roofline_fraction" in r else "-"
         if r.get("roofline", {}).get("probe_exceeded"):
             roof += "*"
             exceeded.append(f"* {r['artifact']} {r['runtime']}/{r['component']}: {r['roofline']['note']}")

@@ -96,7 +96,7 @@ def _table(rows: list[dict]) -> str:
     body = []
     for r in rows:
         lat = r["latency_ms"]
-        roof = f"{r['roofline_fraction']:.1%} ({r['roofline_bound']})" if "roofline_fraction" in r else "–"
+        roof = f"{r['roofline_fraction']:.1%} ({r.get('roofline_bound', 'old 1024² matmul probe')})" if "roofline_fraction" in r else "–"
         if r.get("roofline", {}).get("probe_exceeded"):
             roof = f"<span title='{html.escape(r['roofline']['note'], quote=True)}'>{roof}*</span>"
         size = f"{r['size_bytes'] / 1e6:.2f}" if r.get("size_bytes") else "–"
