@@ -233,6 +233,9 @@ def bench(dirs: list[Path], cfg: BenchConfig, *, progress: bool = True) -> dict:
             }
             if job["component"] == "end_to_end":
                 entry.update(steps=job["steps"], guidance_mode=job["guidance_mode"])
+                split = [r["breakdown"] for r in runs if r.get("breakdown")]
+                if split:  # the median image of the median round: per network, and outside them (per step)
+                    entry["breakdown"] = sorted(split, key=lambda b: b["total_ms"])[len(split) // 2]
             if job["component"] in macs:
                 _add_roofline(entry, job, macs[job["component"]], host["roofline"], f"{label}/{job['component']}")
             results.append(entry)

@@ -70,16 +70,21 @@ def measure(job: dict) -> dict:
     load_ms = (time.perf_counter() - t0) * 1e3
     for _ in range(job.get("warmup", 3)):
         call()
-    lat = []
+    lat, breakdowns = [], []
     for _ in range(job.get("runs", 20)):
         t = time.perf_counter()
         call()
         lat.append((time.perf_counter() - t) * 1e3)
+        if job["component"] == "end_to_end":
+            breakdowns.append(pipe.timings)
     peak = _peak_kib()
-    return {
+    out = {
         "runtime": runtime, "component": job["component"], "device": device, "load_ms": load_ms, "latencies_ms": lat,
         "peak_rss_mib": peak / 1024, "baseline_rss_mib": base_rss / 1024, "rss_growth_mib": (peak - base_rss) / 1024,
     }
+    if breakdowns:  # the runtime pipeline's own split of each image: per network, and outside them (per step)
+        out["breakdown"] = sorted(breakdowns, key=lambda b: b["total_ms"])[len(breakdowns) // 2]  # the median image
+    return out
 
 
 def main() -> int:

@@ -68,65 +68,93 @@ class RuntimePipeline:
         self.sessions = {n: load_session(artifact.resolve_path(root, c.path), self.runtime, threads=threads, shared_cores=True)
                          for n, c in comps.items()}
         self.device = self.sessions["unet"].device
+        self.timings: dict = {}  # the last image's time per network and outside them (``__call__``)
+        self._negative_cache: dict[str, np.ndarray] | None = None
+        self._net_ms: dict[str, float] = {}
+        self._net_calls: dict[str, int] = {}
 
     @staticmethod
     def _ids(tokenizer, prompt: str, length: int) -> np.ndarray:
         return tokenizer([prompt], padding="max_length", max_length=length, truncation=True, return_tensors="np").input_ids.astype(np.int32)
 
+    def _run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``sessions[name].run(feeds)``, its wall time added to this image's per-network totals."""
+        t = time.perf_counter()
+        out = self.sessions[name].run(feeds)
+        self._net_ms[name] = self._net_ms.get(name, 0.0) + (time.perf_counter() - t) * 1e3
+        self._net_calls[name] = self._net_calls.get(name, 0) + 1
+        return out
+
     def _encode(self, prompt: str) -> dict[str, np.ndarray]:
         """The U-Net's text conditions for one prompt: ``encoder_hidden_states`` (SDXL: and ``text_embeds``)."""
         ids = self._ids(self.tokenizer, prompt, self.sampler.max_length)
         if self.tokenizer_2 is None:
-            return {"encoder_hidden_states": self.sessions["text_encoder"].run({"input_ids": ids})["last_hidden_state"]}
-        h1 = self.sessions["text_encoder"].run({"input_ids": ids})["penultimate_hidden_state"]
-        out2 = self.sessions["text_encoder_2"].run({"input_ids": self._ids(self.tokenizer_2, prompt, self.max_length_2)})
+            return {"encoder_hidden_states": self._run("text_encoder", {"input_ids": ids})["last_hidden_state"]}
+        h1 = self._run("text_encoder", {"input_ids": ids})["penultimate_hidden_state"]
+        out2 = self._run("text_encoder_2", {"input_ids": self._ids(self.tokenizer_2, prompt, self.max_length_2)})
         return {"encoder_hidden_states": np.concatenate([h1, out2["penultimate_hidden_state"]], axis=-1),
                 "text_embeds": np.asarray(out2["text_embeds"])}
 
     def _negative(self) -> dict[str, np.ndarray]:
-        """The unconditional half of a CFG pair: the empty prompt's conditions, or zeros (SDXL's ``force_zeros_for_empty_prompt``)."""
-        if self.sampler.zero_negative:
-            return {k: np.zeros_like(v) for k, v in self._encode("").items()}
-        return self._encode("")
+        """The unconditional half of a CFG pair: the empty prompt's conditions, or zeros (SDXL's ``force_zeros_for_empty_prompt``);
+        encoded once per pipeline (the same for every image)."""
+        if self._negative_cache is None:
+            enc = self._encode("")
+            self._negative_cache = {k: np.zeros_like(v) for k, v in enc.items()} if self.sampler.zero_negative else enc
+        return self._negative_cache
 
-    def _guided(self, x: np.ndarray, t: float, cond: dict, uncond: dict | None, guidance: float) -> np.ndarray:
-        """The U-Net's guided output at one step: a CFG pair, or one call with the scale as an input."""
-        unet = self.sessions["unet"]
+    def _step_feeds(self, cond: dict, uncond: dict | None, guidance: float) -> dict[str, np.ndarray]:
+        """The U-Net inputs that stay the same at every step of one image (conditions, time ids, guidance)."""
         pair = self.sampler.guidance == "cfg"
         b = 2 if pair else 1
-        feeds = {"sample": np.concatenate([x, x]) if pair else x, "timestep": np.full((b,), t, dtype=np.float32)}
-        for k, v in cond.items():
-            feeds[k] = (np.concatenate([uncond[k], v]) if pair else v).astype(np.float32)
+        feeds = {k: np.ascontiguousarray(np.concatenate([uncond[k], v]) if pair else v, dtype=np.float32) for k, v in cond.items()}
         if self.sampler.time_ids is not None:
             feeds["time_ids"] = np.tile(np.asarray(self.sampler.time_ids, dtype=np.float32), (b, 1))
+        if not pair and self.unet_spec.input("guidance") is not None:
+            feeds["guidance"] = np.full((1,), guidance, dtype=np.float32)
+        return feeds
+
+    def _guided(self, x: np.ndarray, t: float, fixed: dict[str, np.ndarray], guidance: float) -> np.ndarray:
+        """The U-Net's guided output at one step: a CFG pair, or one call with the scale as an input."""
+        pair = self.sampler.guidance == "cfg"
+        b = 2 if pair else 1
+        x = x.astype(np.float32, copy=False)
+        feeds = dict(fixed, sample=np.concatenate([x, x]) if pair else np.ascontiguousarray(x),
+                     timestep=np.full((b,), t, dtype=np.float32))
+        out = self._run("unet", feeds)["noise_pred"]
         if pair:
-            out = unet.run(feeds)["noise_pred"]
             e_u, e_c = out[:1], out[1:]
             return e_u + guidance * (e_c - e_u)
-        if self.unet_spec.input("guidance") is not None:
-            feeds["guidance"] = np.full((1,), guidance, dtype=np.float32)
-        return unet.run(feeds)["noise_pred"]
+        return out
 
     def __call__(self, prompt: str, *, steps: int | None = None, guidance: float = 4.0, seed: int = 0) -> np.ndarray:
         """One image as (H, W, 3) uint8."""
         import torch
 
+        t_start = time.perf_counter()
+        self._net_ms, self._net_calls = {}, {}
         steps = steps or self.sampler.default_steps
         cond = self._encode(prompt)
         uncond = self._negative() if self.sampler.guidance == "cfg" else None
+        fixed = self._step_feeds(cond, uncond, guidance)
         gen = torch.Generator().manual_seed(seed)
         sched = self.scheduler
         sched.reset()
         x = torch.randn(tuple(self.sampler.latent_shape), generator=gen).numpy() * sched.init_noise_sigma(steps)
         timesteps = sched.timesteps(steps)
         for i, t in enumerate(timesteps):
-            out = self._guided(sched.scale_model_input(x, t, steps), float(t), cond, uncond, guidance)
+            out = self._guided(sched.scale_model_input(x, t, steps), float(t), fixed, guidance)
             # a stochastic scheduler's noise comes from the initial latents' generator, as diffusers draws it
             noise = torch.randn(x.shape, generator=gen).numpy() if sched.stochastic and i < len(timesteps) - 1 else None
             x = sched.step(out, t, x, steps, noise=noise)
-        img = self.sessions["vae_decoder"].run({"latent": (x / self.sampler.scaling_factor).astype(np.float32)})["image"]
+        img = self._run("vae_decoder", {"latent": (x / self.sampler.scaling_factor).astype(np.float32)})["image"]
         img = np.clip(img[0].transpose(1, 2, 0) / 2 + 0.5, 0.0, 1.0)
-        return (img * 255.0 + 0.5).astype(np.uint8)
+        img = (img * 255.0 + 0.5).astype(np.uint8)
+        total = (time.perf_counter() - t_start) * 1e3
+        outside = total - sum(self._net_ms.values())
+        self.timings = {"total_ms": total, "networks_ms": dict(self._net_ms), "calls": dict(self._net_calls),
+                        "outside_ms": outside, "steps": len(timesteps), "outside_per_step_ms": outside / max(1, len(timesteps))}
+        return img
 
     def generate(self, prompts, *, steps: int | None = None, guidance: float = 4.0, seed: int = 0) -> tuple[list[np.ndarray], float]:
         t0 = time.perf_counter()
