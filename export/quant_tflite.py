@@ -235,7 +235,10 @@ def weight_map(model, module, layers) -> dict[str, str]:
 
 def _lower_piece(g: _Graph, t: int, op: str, tag: str, q: np.ndarray, scale: np.ndarray, lg, col) -> list:
     """Write one weight tensor's integers (``tag`` + ``Q_SUFFIX``) and the ops that turn them back into
-    tensor ``t`` (DEQUANTIZE, the group-wise re-layout, a folded per-input-channel MUL); returns the ops."""
+    tensor ``t`` (DEQUANTIZE, the group-wise re-layout); returns the ops. A per-input-channel vector ``col`` the
+    converter had folded into the weight is applied to the op's input instead (``_scale_inputs``), so the weight
+    stays a constant the XNNPACK delegate takes (a MUL-produced weight is dynamic: its op runs outside the delegate,
+    which split the demo U-Net's graph into 10 partitions instead of 3)."""
     s = _schema()
     B = s.BuiltinOperator
     ttype = s.TensorType.INT8 if lg.bits == 8 else s.TensorType.INT4
@@ -254,9 +257,7 @@ def _lower_piece(g: _Graph, t: int, op: str, tag: str, q: np.ndarray, scale: np.
         stored, qp.scale = r.reshape(o * (i // gs), kk * gs), scale.reshape(-1).astype(np.float32)
     qp.zeroPoint = np.zeros(len(qp.scale), dtype=np.int64)  # LiteRT requires one per scale
     qt = g.add_tensor(tag + Q_SUFFIX, stored.shape, ttype, g.add_buffer(_pack(stored, lg.bits)), qp)
-    final, ops = t, []
-    if col is not None:
-        t = g.add_tensor(tag + ".weight.deq", target.shape, s.TensorType.FLOAT32)
+    ops = []
     if lg.group_size is None:
         ops.append(g.make_op(B.DEQUANTIZE, [qt], [t]))
     else:
@@ -273,9 +274,6 @@ def _lower_piece(g: _Graph, t: int, op: str, tag: str, q: np.ndarray, scale: np.
             ops.append(g.make_op(B.TRANSPOSE, [r5, perm], [t5], s.BuiltinOptions.TransposeOptions, s.TransposeOptionsT()))
             src = t5
         ops.append(_reshape(g, src, t, list(target.shape), tag + ".weight.shape"))
-    if col is not None:
-        cv = g.add_tensor(tag + ".weight.colscale", [len(col)], s.TensorType.FLOAT32, g.add_buffer(col.astype(np.float32)))
-        ops.append(g.make_op(B.MUL, [t, cv], [final], s.BuiltinOptions.MulOptions, s.MulOptionsT()))
     old, target.buffer = target.buffer, 0  # now produced by the ops above
     if not any(x.buffer == old for x in g.sg.tensors):
         g.model.buffers[old].data = None  # drop the fp32 copy
@@ -297,7 +295,7 @@ def lower_weights(model, module, grid) -> tuple[object, dict, dict[str, str]]:
     split: dict[str, int] = {}
     layer_map: dict[str, str] = {}
     grouped = 0
-    new_ops = []
+    new_ops, input_muls = [], []
     for layer, lg in grid.layers.items():
         if not pieces[layer]:
             fallbacks[layer] = "weight not found among the model's CONV_2D / FULLY_CONNECTED constants: kept fp32"
@@ -317,13 +315,33 @@ def lower_weights(model, module, grid) -> tuple[object, dict, dict[str, str]]:
             tag = (layer if k == 0 else f"{layer}#{k}") if whole else f"{layer}@{r0}"
             scale = lg.scale.double().numpy()[r0:r1] * c
             new_ops += _lower_piece(g, t, slots[t], tag, q_all[r0:r1], scale, lg, col)
+            if col is not None:
+                input_muls += _scale_inputs(g, t, col, tag)
             tags.append(tag + Q_SUFFIX)
         layer_map[layer] = lm.join(tags if not whole else tags[:1])  # a split weight's pieces; one of several copies
         grouped += lg.group_size is not None
         done[f"int{lg.bits}"].append(layer)
-    g.sg.operators[:0] = new_ops  # they read constants only: first in execution order
+    before = {}  # an input MUL runs right before its op
+    for op, mul in input_muls:
+        before.setdefault(id(op), []).append(mul)
+    g.sg.operators = new_ops + [x for op in g.sg.operators for x in (*before.get(id(op), ()), op)]  # new_ops read constants only
     rep = {**done, "grouped": grouped, "folded": folded, "columns": sorted(columns), "split": split, "fallbacks": fallbacks}
     return model, rep, layer_map
+
+
+def _scale_inputs(g: _Graph, t: int, col: np.ndarray, tag: str) -> list:
+    """For each op that takes weight tensor ``t``: its input activation times ``col`` (one value per input channel,
+    the last axis of a CONV_2D / FULLY_CONNECTED input) by a new MUL. Returns ``[(op, mul)]``."""
+    s = _schema()
+    cv = g.add_tensor(tag + ".input.colscale", [len(col)], s.TensorType.FLOAT32, g.add_buffer(col.astype(np.float32)))
+    out = []
+    for j, _ in g.consumers.get(t, []):
+        op = g.sg.operators[j]
+        x = g.sg.tensors[op.inputs[0]]
+        x2 = g.add_tensor(tag + ".input.scaled", list(x.shape), s.TensorType.FLOAT32)
+        out.append((op, g.make_op(s.BuiltinOperator.MUL, [op.inputs[0], cv], [x2], s.BuiltinOptions.MulOptions, s.MulOptionsT())))
+        op.inputs[0] = x2
+    return out
 
 
 def _column_factor(a: np.ndarray, w: np.ndarray) -> np.ndarray | None:
@@ -474,7 +492,8 @@ def quantize(path: Path, spec) -> tuple[dict, dict[str, str]]:
     if rep["columns"]:
         notes.append(
             f"{len(rep['columns'])} weights had a per-input-channel vector folded in by the converter (the preceding "
-            "LayerNorm weight): same integers and scales, the vector applied by a MUL after DEQUANTIZE"
+            "LayerNorm weight): same integers and scales, the vector applied to the op's input by a MUL (the weight stays "
+            "a constant the XNNPACK delegate takes)"
         )
     if rep["split"]:
         notes.append(f"{len(rep['split'])} weights split by the converter along output rows (GEGLU projections): one int tensor per piece")

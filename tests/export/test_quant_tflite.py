@@ -73,6 +73,14 @@ def test_mixed_grid_is_held_bit_for_bit_and_runs(mixed):
     assert "XNNPACK" in s.device
     ops = entry["ops"]
     assert ops["DEQUANTIZE"] >= len(grid.layers) and ops["TRANSPOSE"] > 0  # 3x3 group-wise layers re-lay their rows
+    # a per-channel weight is DEQUANTIZE of a constant (XNNPACK takes it); a vector the converter had folded into a
+    # weight (LayerNorm's) is applied to the op's input: no weight comes out of a MUL
+    from pocketfusion.export.quant_tflite import _Graph
+
+    g = _Graph.of(read_model(mixed.path))
+    made_by = {t: g.op(i) for i, op in enumerate(g.sg.operators) for t in op.outputs}
+    weight_src = [made_by.get(op.inputs[1], "const") for i, op in enumerate(g.sg.operators) if g.op(i) in ("CONV_2D", "FULLY_CONNECTED")]
+    assert "MUL" not in weight_src and weight_src.count("DEQUANTIZE") > 0
 
 
 def test_integer_storage_widths(mixed):
