@@ -203,3 +203,20 @@ def test_pipeline_onnxruntime_sessions_do_not_spin_and_leave_other_sessions_alon
         assert s._s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     plain = ort.InferenceSession(str(next(tiny_onnx_export.rglob("unet.onnx"))), providers=["CPUExecutionProvider"])
     assert plain.get_inputs()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["executorch", "litert"])
+def test_roofline_probe_xnnpack_runtimes(runtime):
+    """ExecuTorch (qd8 through the exporter's W8 grid) and LiteRT (dynamic-range) probes: slow lowering on 2 cores."""
+    from pocketfusion import backends
+    from pocketfusion.export.roofline import probe
+
+    target = backends.for_runtime(runtime).target
+    if not (backends.installed(target) and backends.installed(target, runtime=True)):
+        pytest.skip(f"{runtime} not installed")
+    res = probe(runtime, {"c": {"gemm": {"m": 32, "k": 32, "n": 64},
+                                "conv": {"batch": 1, "in_channels": 8, "out_channels": 8, "height": 16, "width": 16}}}, threads=1)
+    for kind in ("gemm", "conv"):
+        assert res["shapes"]["c"][kind]["fp32"]["gflops"] > 0 and res["shapes"]["c"][kind]["int8"]["gflops"] > 0, res
+    assert res["bandwidth"]["gbs"] > 0
