@@ -91,7 +91,7 @@ def ship(src: Path, name: str, evaluation: dict) -> Path:
         stage, args = _recipe(name)
         r = RECIPES[name]
         then = f" && pocketfusion decoder OUT --from {r['decoder_from']}" if "decoder_from" in r else ""
-        then += f" && the same with --iterations {r['then_resume_to']} --resume" if "then_resume_to" in r else ""
+        then += "".join(f" && the same with --iterations {n} --resume" for n in r.get("then_resume_to", []))
         settings["command"] = (f"python -m pocketfusion.demo.students make {name}  # = pocketfusion {stage} {r.get('input', 'demo')} "
                                + " ".join(args) + then)
     kw = dict(stage=m.stage, settings=settings, source=m.source, components=m.components, calibration=m.calibration,
@@ -125,7 +125,9 @@ RECIPES: dict[str, dict] = {
 # pruned (ONNX Runtime latency table, search to half the U-Net's per-call latency), KD-recovered; the teacher's sampler
 RECIPES["demo-pruned"] = {"prune": ["--runtime", "onnxruntime", "--latency-budget", "0.55", "--pairs", "512", "--robust-iterations",
                                     "300", "--iterations", "3000", "--batch-size", "32", "--seed", "0", "--keep-work"],
-                          "then_resume_to": 6000,  # the shipped one: 3000 recovery iterations, then resumed to 6000
+                          # the shipped one: 3000 recovery iterations, resumed to 6000, then to 12000 (each resume keeps the
+                          # search and continues the recovery with a cosine schedule over the new total)
+                          "then_resume_to": [6000, 12000],
                           "measure": [50]}
 # the full combination: demo-pruned distilled to 4 steps by the unpruned teacher, then the compact VAE of demo-tiny-decoder
 RECIPES["demo-mobile"] = {"input": "demo-pruned",
@@ -160,9 +162,9 @@ def make(name: str, work: Path, *, progress: bool = True) -> Path:
         print(" ".join(cmd[1:]), flush=True)
         if (rc := subprocess.run(cmd).returncode) != 0:
             raise SystemExit(rc)
-        if "then_resume_to" in recipe:  # more recovery on the same search, from the kept work directory
+        for total in recipe.get("then_resume_to", []):  # more recovery on the same search, from the kept work directory
             i = cmd.index("--iterations")
-            cmd = [*cmd[:i + 1], str(recipe["then_resume_to"]), *[c for c in cmd[i + 2:] if c != "--resume"], "--resume"]
+            cmd = [*cmd[:i + 1], str(total), *[c for c in cmd[i + 2:] if c != "--resume"], "--resume"]
             print(" ".join(cmd[1:]), flush=True)
             if (rc := subprocess.run(cmd).returncode) != 0:
                 raise SystemExit(rc)
