@@ -190,7 +190,7 @@ def cmd_bench(args) -> int:
     if args.json:
         _check_output(Path(args.json), (".json",))
     if args.device == "host":
-        res = bench(dirs, cfg)
+        res = bench(dirs, cfg, probe_cache=Path(args.json).parent / "roofline-probes.json" if args.json else None)
         print(format_table(res))
     else:
         from pocketfusion.runtimes.bench import device_bench

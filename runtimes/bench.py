@@ -192,8 +192,11 @@ def _macs(root: Path) -> dict:
         return {}
 
 
-def bench(dirs: list[Path], cfg: BenchConfig, *, progress: bool = True) -> dict:
-    """Measure every (artifact, runtime, component) in a child process; returns the results dict."""
+def bench(dirs: list[Path], cfg: BenchConfig, *, progress: bool = True, probe_cache: Path | None = None) -> dict:
+    """Measure every (artifact, runtime, component) in a child process; returns the results dict.
+
+    ``probe_cache``: a JSON file of the roofline probes (``runtimes.roofline``), read when it exists and written
+    after probing, so that a later bench on this host, runtime and threads skips the probes it holds."""
     import datetime as dt
 
     from tqdm import tqdm
@@ -215,7 +218,13 @@ def bench(dirs: list[Path], cfg: BenchConfig, *, progress: bool = True) -> dict:
     bar.close()
     host = host_info()
     macs_per_dir = {label: _macs(d) for label, d in zip(labels, dirs)}
+    if probe_cache is not None:
+        from pocketfusion.runtimes import roofline
+
+        roofline.load_cache(probe_cache)
     host["roofline"] = _probe(jobs_per_dir, macs_per_dir, cfg, host)
+    if probe_cache is not None:
+        roofline.save_cache(probe_cache)
     results = []
     for label, d in zip(labels, dirs):
         macs = macs_per_dir[label]

@@ -17,7 +17,9 @@ inputs and outputs of every conv / linear layer.
 ``roofline_fraction = achieved / attainable`` is never above 1: a measurement above its ceiling means the
 probe missed the peak (a layer mix faster than the probed one, a cache-resident working set beating DRAM
 bandwidth); the ceiling is then raised to the measurement and the entry says so (``roofline.probe_exceeded``).
-Probe results are cached per (host, runtime, threads, kind and shape) for the process.
+Probe results are cached per (host, runtime, threads, kind and shape) for the process, and in a small JSON file
+when the bench writes its results (``roofline-probes.json`` beside them: ``load_cache`` / ``save_cache``; the
+numpy bandwidth is measured again each process).
 """
 
 from __future__ import annotations
@@ -91,6 +93,27 @@ def probe_runtime(runtime: str, shapes: dict, *, threads: int | None = None, pro
     for key, kinds in shapes.items():
         out["shapes"][key] = {kind: _CACHE[sig(kind, shape)] for kind, shape in kinds.items() if shape}
     return out
+
+
+def load_cache(path) -> int:
+    """Merge the probe results of a ``save_cache`` file into the process cache (a missing or unreadable file is none)."""
+    from pathlib import Path
+
+    try:
+        rows = json.loads(Path(path).read_text())["probes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    for key, value in rows:
+        _CACHE.setdefault(tuple(key), value)
+    return len(rows)
+
+
+def save_cache(path) -> None:
+    """Write the process's runtime probe results (not the numpy bandwidth) to ``path``, atomically."""
+    from pocketfusion.artifact import atomic_write_text
+
+    rows = [[list(k), v] for k, v in _CACHE.items() if k[0] != "numpy_bandwidth" and v is not None]
+    atomic_write_text(path, json.dumps({"schema": "pocketfusion.roofline-probes", "probes": rows}) + "\n")
 
 
 def probe_shapes(profile: dict) -> dict:

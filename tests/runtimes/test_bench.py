@@ -63,6 +63,20 @@ def test_roofline_probes(results):
     assert "MatMulInteger" in unet["gemm"]["int8"]["path"]
 
 
+def test_probe_cache_round_trip(results, tmp_path):
+    from pocketfusion.runtimes import roofline
+
+    path = tmp_path / "roofline-probes.json"
+    roofline.save_cache(path)
+    saved = dict(roofline._CACHE)
+    roofline._CACHE.clear()
+    try:
+        assert roofline.load_cache(path) > 0 and roofline.load_cache(tmp_path / "missing.json") == 0
+        assert set(roofline._CACHE) == {k for k in saved if k[0] != "numpy_bandwidth"}
+    finally:
+        roofline._CACHE.update(saved)
+
+
 def test_roofline_never_above_one():
     from pocketfusion.runtimes.roofline import entry_roofline
 
