@@ -216,3 +216,26 @@ def test_aarch64_demo_export_under_qemu(aarch64_bundle, tmp_path_factory):
     ref = pipe(PROMPT, steps=8, seed=0)
     got = generate(prefix, out, tmp_path_factory.mktemp("demo-img") / "d.png", "--steps", 8, "--seed", 0)
     assert psnr(got, ref) >= 35
+
+
+def test_generate_pndm_with_runge_kutta_start(native_bundle, mini_et_export, tmp_path):
+    """A PNDMScheduler config without skip_prk_steps (the Runge-Kutta warm-up, reachable only from a model's own
+    config): the export's scheduler replaced, its manifest entry re-hashed."""
+    import shutil
+
+    from pocketfusion import artifact
+    from pocketfusion.metrics import psnr
+    from pocketfusion.runtimes.pipeline import RuntimePipeline
+
+    export = tmp_path / "prk"
+    shutil.copytree(mini_et_export, export)
+    cfg = export / "scheduler" / "scheduler_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "_class_name": "PNDMScheduler", "skip_prk_steps": False}))
+    manifest = json.loads((export / "manifest.json").read_text())
+    manifest["files"]["scheduler/scheduler_config.json"] = {"size": cfg.stat().st_size, "sha256": artifact.sha256_file(cfg)}
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    pipe = RuntimePipeline(export, "executorch", threads=1)
+    assert pipe.scheduler.name == "pndm" and not pipe.scheduler.skip_prk
+    ref = pipe(PROMPT, steps=5, seed=4)
+    got = generate(pf(native_bundle), export, tmp_path / "p.png", "--steps", 5, "--seed", 4)
+    assert psnr(got, ref) >= 35, psnr(got, ref)
