@@ -250,6 +250,11 @@ def cmd_compress(args) -> int:
         dcfg = DistillConfig(steps=args.distill_steps, **{k: v for k, v in given.items() if v is not None})
     vcfg = _decoder_config(args, kind=args.decoder, iterations=args.decoder_iterations) if args.decoder else None
     model = _load(args)
+    merged = getattr(args, "lora", None) or (model.manifest is not None and "lora" in model.manifest.metrics)
+    if merged and args.calib is None:
+        print("note: the model has a LoRA merged but --calib is not given: calibrating on the built-in prompts, which do "
+              "not use the LoRA's words; pass --calib PROMPTS.txt with prompts that do (benchmarks/lora_quant.py mixes the "
+              "LoRA's training prompts with base prompts)", file=sys.stderr)
     if vcfg is not None:  # the compact decoder first: it learns from the teacher's samples (a student has no CFG sampler)
         from pocketfusion.checkpoint import load_model
         from pocketfusion.compress.decoder import compress_decoder
@@ -463,7 +468,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--no-end-to-end", action="store_true", help="time components only")
     p.add_argument("--json", default=None, help="write results JSON here")
     p.add_argument("--device", default="host", help="host (default), qemu-arm64, android[:SERIAL], mac, iphone")
-    p.add_argument("--runner", default=None, help="android: executor_runner or benchmark_model built for the device")
+    p.add_argument("--runner", default=None, help="android / qemu-arm64: pf-run (the native runner's aarch64 bundle, built when absent) "
+                        "or a bundle folder of 'app build native --arch aarch64'; "
+                        "android also: executor_runner or benchmark_model built for the device")
     p.add_argument("--rootfs", default=None, help="qemu-arm64: where the arm64 userland lives (default ~/.cache/pocketfusion/arm64)")
     p.set_defaults(func=cmd_bench)
 
@@ -512,8 +519,15 @@ def _add_lora(sub) -> None:
 
 
 def cmd_app(args) -> int:
-    from pocketfusion.app_build import build_native
+    from pocketfusion.app_build import build_native, build_web
 
+    if args.app == "web":
+        info = build_web(args.output, export=args.export, ort_web=args.ort_web)
+        print(f"wrote {args.output}/ (the page, onnxruntime-web's wasm build{', the export' if args.export else ''}: "
+              f"{info['size_bytes'] / 2**20:.1f} MiB); serve it: {info['serve']}")
+        return 0
+    if args.export or args.ort_web:
+        raise UserError("--export and --ort-web are options of 'app build web'")
     info = build_native(args.output, arch=args.arch, executorch=args.executorch, jobs=args.jobs)
     print(f"wrote {args.output}/ ({info['arch']} bundle: {info['runner']} and {len(info['files']) - 1} libraries, "
           f"{info['size_bytes'] / 2**20:.1f} MiB; run: {info['run']})")
@@ -523,14 +537,19 @@ def cmd_app(args) -> int:
 def _add_app(sub) -> None:
     p = sub.add_parser("app", help="build an on-device app: 'app build native' builds the C++ runner pf-run (apps/native) as a bundle")
     p.add_argument("action", choices=["build"], help="build")
-    p.add_argument("app", choices=["native"], help="native: pf-run on ExecuTorch's C++ runtime (CMake >= 3.28, a C++17 compiler)")
+    p.add_argument("app", choices=["native", "web"], help="native: pf-run on ExecuTorch's C++ runtime (CMake >= 3.28, a C++17 "
+                   "compiler); web: the static page of apps/web with onnxruntime-web vendored (npm)")
     p.add_argument("--arch", choices=["x86_64", "aarch64"], default=None,
                    help="target (default: this host's); aarch64 cross-compiles with g++-aarch64-linux-gnu")
     p.add_argument("--executorch", default=None,
                    help="the executorch wheel's package folder to link (default: the installed wheel; aarch64: the "
                         "aarch64 wheel of the same version, fetched once with pip into ~/.cache/pocketfusion)")
     p.add_argument("--jobs", type=int, default=1, help="parallel compile jobs (default 1)")
-    p.add_argument("-o", "--output", required=True, help="bundle directory (written atomically): bin/pf-run, lib/, bundle.json")
+    p.add_argument("--export", default=None, help="web: an ONNX export directory copied into the page folder as export/")
+    p.add_argument("--ort-web", default=None,
+                   help="web: an unpacked onnxruntime-web package (default: npm pack onnxruntime-web, cached in ~/.cache/pocketfusion)")
+    p.add_argument("-o", "--output", required=True, help="bundle directory (written atomically): native: bin/pf-run, lib/, "
+                   "bundle.json; web: index.html, pf.js, vendor/, export/")
     p.set_defaults(func=cmd_app)
 
 

@@ -433,6 +433,15 @@ def test_cli_a_stage_command_reads_a_merged_folder_and_records_the_loras(tiny_sd
     assert "style.safetensors (scale 0.5)" in m.notes[-1]
 
 
+def test_cli_compress_with_a_lora_says_when_calibration_prompts_do_not_use_it(tiny_sd, loras, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a large red circle on a blue background, center\na small blue square\n")
+    base = ["compress", tiny_sd, "--lora", loras["kohya"], "--quant", "w8", "--method", "rtn", "--num-prompts", 2]
+    rc, cap = _cli([*base, "-o", tmp_path / "q"], capsys)
+    assert rc == 0 and "note: the model has a LoRA merged but --calib is not given" in cap.err, cap.err
+    rc, cap = _cli([*base, "--calib", tmp_path / "p.txt", "-o", tmp_path / "q2"], capsys)
+    assert rc == 0 and "note: the model has a LoRA merged" not in cap.err, cap.err
+
+
 def test_cli_commands_that_load_model_take_lora():
     from pocketfusion.cli import build_parser
 
