@@ -404,9 +404,11 @@ def device_bench(dirs: list[Path], device: str, cfg: BenchConfig, *, runner: Pat
     import datetime as dt
 
     from pocketfusion import artifact
+    from pocketfusion.runtimes.devices import pfrun
 
-    results, notes = [], []
-    for d in dirs:
+    native = pfrun.is_pfrun(runner) and (device == "qemu-arm64" or device.startswith("android"))
+    results, notes = _pfrun_device_bench(dirs, device, cfg, runner) if native else ([], [])
+    for d in ([] if native else dirs):
         m = artifact.load_manifest(d)
         comps = _exported(d, m)
         sizes = m.metrics.get("components", {})
@@ -433,7 +435,8 @@ def device_bench(dirs: list[Path], device: str, cfg: BenchConfig, *, runner: Pat
             from pocketfusion.runtimes.devices import adb
 
             if runner is None:
-                raise UserError("--device android needs --runner PATH (executor_runner for .pte, benchmark_model for .tflite)")
+                raise UserError("--device android needs --runner: pf-run (or a pf-run aarch64 bundle folder), "
+                                "or PATH to executor_runner (.pte) / benchmark_model (.tflite) built for the device")
             serial = device.split(":", 1)[1] if ":" in device else None
             ext = ".pte" if adb.runner_kind(runner) == "executor_runner" else ".tflite"
             for c in comps:
@@ -464,6 +467,25 @@ def device_bench(dirs: list[Path], device: str, cfg: BenchConfig, *, runner: Pat
                 for d in dirs
             ],
             "results": results, "notes": notes}
+
+
+def _pfrun_device_bench(dirs: list[Path], device: str, cfg: BenchConfig, runner) -> tuple[list, list]:
+    """``--runner pf-run``: one ``pf-run bench`` per export on the target; its pocketfusion.bench results read back."""
+    from pocketfusion.runtimes.devices import pfrun
+
+    bundle = pfrun.resolve_bundle(runner)
+    args = pfrun.bench_args(runs=cfg.runs, warmup=cfg.warmup, threads=cfg.threads, steps=cfg.steps, end_to_end=cfg.end_to_end)
+    results, notes = [], []
+    for d in dirs:
+        if device == "qemu-arm64":
+            res = pfrun.bench_qemu(bundle, d, args=args)
+        else:
+            res = pfrun.bench_android(bundle, d, serial=device.split(":", 1)[1] if ":" in device else None, args=args)
+        results.extend(res["results"])
+        notes.extend(n for n in res.get("notes", []) if n not in notes)
+    if device == "qemu-arm64":
+        notes.append("qemu-arm64: emulated timings, not device timings; peak memory is the emulated process's")
+    return results, notes
 
 
 def _summary(lat: list[float]) -> dict:
