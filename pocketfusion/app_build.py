@@ -196,3 +196,100 @@ def qemu_command(bundle: str | Path) -> list[str]:
     if qemu is None:
         raise UserError("no qemu-aarch64 on PATH (apt-get install qemu-user-static)")
     return [qemu, "-L", QEMU_SYSROOT, str(Path(bundle) / "bin" / "pf-run")]
+
+
+# ------------------------------------------------------------------------------------------------ apps/web
+
+ORT_WEB_VERSION = "1.30.0"
+# what the page loads from onnxruntime-web's dist/: the wasm-only ES module and its single-threaded-capable runtime
+ORT_WEB_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
+WEB_FILES = ("index.html", "pf.js")
+
+
+def web_source_dir() -> Path:
+    src = Path(__file__).resolve().parent.parent / "apps" / "web"
+    if not (src / "index.html").is_file():
+        raise UserError(f"the web page's sources are not at {src} (build it from a pocketfusion source checkout)")
+    return src
+
+
+def ort_web_dist(version: str = ORT_WEB_VERSION, package: str | Path | None = None) -> Path:
+    """onnxruntime-web's ``dist/``: from ``package`` (an unpacked npm package or its dist/), or fetched once with
+    ``npm pack onnxruntime-web@VERSION`` into ``~/.cache/pocketfusion/onnxruntime-web-VERSION``."""
+    if package is not None:
+        p = Path(package)
+        dist = p / "dist" if (p / "dist").is_dir() else p
+        missing = [f for f in ORT_WEB_FILES if not (dist / f).is_file()]
+        if missing:
+            raise UserError(f"--ort-web {package}: no {', '.join(missing)} there (give onnxruntime-web's package or dist/ folder)")
+        return dist
+    root = cache_dir() / f"onnxruntime-web-{version}"
+    dist = root / "package" / "dist"
+    if all((dist / f).is_file() for f in ORT_WEB_FILES):
+        return dist
+    npm = shutil.which("npm")
+    if npm is None:
+        raise UserError("the web page vendors onnxruntime-web from npm, and npm is not installed (apt-get install npm; "
+                        "or pass --ort-web DIR with an unpacked onnxruntime-web package)")
+    tmp = root.with_name(root.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    p = subprocess.run([npm, "pack", f"onnxruntime-web@{version}", "--silent"], capture_output=True, text=True, cwd=tmp)
+    tgz = sorted(tmp.glob("onnxruntime-web-*.tgz"))
+    if p.returncode != 0 or not tgz:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"npm pack onnxruntime-web@{version} failed: {(p.stderr.strip().splitlines() or ['no package'])[-1]}")
+    import tarfile
+
+    with tarfile.open(tgz[0]) as t:
+        t.extractall(tmp, members=[m for m in t.getmembers() if m.name in {f"package/dist/{f}" for f in ORT_WEB_FILES}
+                                   or m.name in ("package/package.json", "package/LICENSE")], filter="data")
+    if root.exists():
+        shutil.rmtree(root)
+    os.replace(tmp, root)
+    return dist
+
+
+def build_web(out: str | Path, *, export: str | Path | None = None, ort_web: str | Path | None = None) -> dict:
+    """The static page in ``out``: ``index.html``, ``pf.js``, ``vendor/`` (onnxruntime-web's wasm build: nothing is
+    fetched from a CDN at run time) and, with ``export``, ``export/`` (the export's manifest, tokenizer, scheduler and
+    ONNX networks). Serve ``out`` with any static server (``python -m http.server -d OUT``)."""
+    from pocketfusion import artifact
+
+    src = web_source_dir()
+    dist = ort_web_dist(package=ort_web)
+    manifest = None
+    if export is not None:
+        manifest = artifact.load_manifest(export)
+        comps = [c for c in manifest.components if c.target == "onnx"]
+        names = {c.name for c in comps}
+        if not {"text_encoder", "unet", "vae_decoder"} <= names or manifest.sampler is None:
+            raise UserError(f"{export} has no ONNX text_encoder, unet and vae_decoder with a sampler "
+                            f"(pocketfusion export MODEL --target onnx); ONNX components there: {', '.join(sorted(names)) or 'none'}")
+    out = Path(out)
+    with artifact.staged_dir(out) as tmp:
+        for f in WEB_FILES:
+            shutil.copy2(src / f, tmp / f)
+        (tmp / "vendor").mkdir()
+        for f in ORT_WEB_FILES:
+            shutil.copy2(dist / f, tmp / "vendor" / f)
+        if (dist.parent / "LICENSE").is_file():
+            shutil.copy2(dist.parent / "LICENSE", tmp / "vendor" / "LICENSE.onnxruntime-web")
+        if manifest is not None:
+            ex = Path(export)
+            dst = tmp / "export"
+            dst.mkdir()
+            shutil.copy2(ex / artifact.MANIFEST, dst / artifact.MANIFEST)
+            for folder in {manifest.sampler.tokenizer or "tokenizer", manifest.sampler.scheduler or "scheduler"}:
+                shutil.copytree(artifact.resolve_path(ex, folder), dst / folder)
+            for c in comps:
+                path = artifact.resolve_path(ex, c.path)
+                (dst / c.path).parent.mkdir(parents=True, exist_ok=True)
+                for f in path.parent.glob(path.name + "*"):  # the graph and any external-data file beside it
+                    shutil.copy2(f, (dst / c.path).parent / f.name)
+        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        info = {"schema": "pocketfusion.web-bundle", "onnxruntime_web": ORT_WEB_VERSION if ort_web is None else str(dist),
+                "export": str(Path(export).resolve()) if export is not None else None, "files": files,
+                "size_bytes": sum(files.values()), "serve": f"python -m http.server -d {out} 8000"}
+        (tmp / "web-bundle.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info

@@ -108,3 +108,34 @@ def aarch64_bundle(tmp_path_factory):
     out = _bundle(tmp_path_factory, "aarch64")
     prefix = [str(out / "bin" / "pf-run")] if app_build.host_arch() == "aarch64" else app_build.qemu_command(out)
     return out, prefix
+
+
+def _export_onnx(tmp_path_factory, name: str, student: bool):
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from pocketfusion.checkpoint import load_model
+    from pocketfusion.export.api import export
+    from pocketfusion.export.base import ExportConfig
+
+    root = tmp_path_factory.mktemp(name)
+    save_mini_pipeline(root / "model", student=student)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        export(load_model(root / "model"), ExportConfig(targets=("onnx",)), root / "export", progress=False)
+    finally:
+        torch.set_num_threads(before)
+    return root / "export"
+
+
+@pytest.fixture(scope="session")
+def mini_onnx_export(tmp_path_factory):
+    """The mini CFG pipeline exported to ONNX (the web page's target)."""
+    return _export_onnx(tmp_path_factory, "mini-cfg-onnx", student=False)
+
+
+@pytest.fixture(scope="session")
+def mini_student_onnx_export(tmp_path_factory):
+    """The mini guidance-embedded LCM student exported to ONNX."""
+    return _export_onnx(tmp_path_factory, "mini-student-onnx", student=True)
