@@ -22,7 +22,7 @@ if (!url || typeof WebSocket === "undefined") {
 }
 
 const profile = mkdtempSync(join(tmpdir(), "pf-chromium-"));
-const browser = spawn(chromium, ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+const browser = spawn(chromium, ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--disable-extensions",
   "--remote-debugging-port=0", `--user-data-dir=${profile}`, `--window-size=${size}`, "about:blank"], { stdio: ["ignore", "ignore", "pipe"] });
 const cleanup = () => { try { browser.kill("SIGKILL"); } catch {} try { rmSync(profile, { recursive: true, force: true }); } catch {} };
 const fail = (msg) => { console.error(`error: ${msg}`); cleanup(); process.exit(1); };
