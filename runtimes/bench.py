@@ -473,6 +473,8 @@ def _pfrun_device_bench(dirs: list[Path], device: str, cfg: BenchConfig, runner)
     """``--runner pf-run``: one ``pf-run bench`` per export on the target; its pocketfusion.bench results read back."""
     from pocketfusion.runtimes.devices import pfrun
 
+    if device.startswith("android"):
+        pfrun.attached_device(device.split(":", 1)[1] if ":" in device else None)  # before building a bundle for nothing
     bundle = pfrun.resolve_bundle(runner)
     args = pfrun.bench_args(runs=cfg.runs, warmup=cfg.warmup, threads=cfg.threads, steps=cfg.steps, end_to_end=cfg.end_to_end)
     results, notes = [], []

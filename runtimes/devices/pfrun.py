@@ -145,13 +145,19 @@ def exit_status(text: str) -> int | None:
     return None
 
 
-def bench_android(bundle: Path, export_dir: Path, *, serial: str | None, args: list[str]) -> dict:
-    """Push, run, pull, clean up; returns pf-run's ``pocketfusion.bench`` results. UserError without a device."""
+def attached_device(serial: str | None) -> str:
+    """The serial to use; UserError when no device (or not ``serial``) is attached."""
     attached = adb.devices()
     if not attached:
         raise UserError("no Android device attached ('adb devices' lists none); connect one with USB debugging enabled")
     if serial and serial not in attached:
         raise UserError(f"device {serial} is not attached (attached: {', '.join(attached)})")
+    return serial or attached[0]
+
+
+def bench_android(bundle: Path, export_dir: Path, *, serial: str | None, args: list[str]) -> dict:
+    """Push, run, pull, clean up; returns pf-run's ``pocketfusion.bench`` results. UserError without a device."""
+    device = attached_device(serial)
     with tempfile.TemporaryDirectory(prefix="pf-run-device-") as tmp:
         local = stage_device_bundle(bundle, Path(tmp) / "pf-run")
         try:
@@ -165,7 +171,7 @@ def bench_android(bundle: Path, export_dir: Path, *, serial: str | None, args: l
             res = json.loads((Path(tmp) / "bench.json").read_text())
         finally:
             subprocess.run(adb.adb_base(serial) + ["shell", "rm", "-rf", adb.REMOTE_ROOT], capture_output=True, text=True, timeout=60)
-    return label(res, f"android {serial or attached[0]}", None)
+    return label(res, f"android {device}", None)
 
 
 # ---------------------------------------------------------------------------------------------------- qemu-user

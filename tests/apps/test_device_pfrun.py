@@ -96,9 +96,10 @@ def test_real_adb_without_device_is_one_line_error(tmp_path, capsys):
     b = fake_bundle(tmp_path / "b")
     with pytest.raises(UserError, match="no Android device attached"):
         pfrun.bench_android(b, export, serial=None, args=[])
-    assert main(["bench", str(export), "--device", "android", "--runner", str(b)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no Android device attached" in err[0]
+    for runner in (str(b), "pf-run"):  # pf-run: the device is looked for before any bundle is built
+        assert main(["bench", str(export), "--device", "android", "--runner", runner]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no Android device attached" in err[0]
 
 
 def test_qemu_arm64_bench_with_pf_run(aarch64_bundle, mini_et_export, tmp_path, capsys):
