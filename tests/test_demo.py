@@ -92,8 +92,10 @@ def test_run_on_a_student_times_it_against_its_teacher(tmp_path, capsys):
     e2e = {r["artifact"]: r for r in b["results"] if r["component"] == "end_to_end"}
     assert (e2e["export"]["steps"], e2e["export"]["guidance_mode"]) == (4, "embedded")
     assert (e2e["teacher-export"]["steps"], e2e["teacher-export"]["guidance_mode"]) == (50, "cfg")
-    assert m.metrics["bench"]["speed_vs_teacher"]["export"]["onnxruntime"] > 3
-    assert "end to end vs the teacher" in capsys.readouterr().out
+    assert (e2e["export-w8"]["steps"], e2e["export-w8"]["guidance_mode"]) == (4, "embedded")  # the quantized pipeline too
+    vs = m.metrics["bench"]["speed_vs_teacher"]
+    assert vs["export"]["onnxruntime"] > 3 and vs["export-w8"]["onnxruntime"] > 3, vs
+    assert "bench export-w8 end to end vs the teacher" in capsys.readouterr().out
 
 
 def test_eval_cli_json(tmp_path):
