@@ -55,6 +55,34 @@ def calibration_prompts(path: Path, n: int = 64) -> Path:
     return path
 
 
+def delta_retained(quantized_base: Path, lora: str) -> dict:
+    """How much of the LoRA's weight change survives ``merge_into_quantized`` (stable-diffusion.cpp's order) in the U-Net's
+    adapted quantized layers: the energy ratio ``||W_q' - W_q||^2 / ||dW||^2`` and the cosine between the change made
+    and the LoRA's delta ``dW`` (1 and 1: kept whole; re-quantization rounding the delta away drives both down)."""
+    from pocketfusion.checkpoint import load_model
+    from pocketfusion.compress.lora import LoraConfig, merge_into_quantized
+    from pocketfusion.compress.lora.merge import _merge
+    from pocketfusion.compress.quant import load_grid
+
+    m = load_model(quantized_base)
+    layers = list(load_grid(m).layers)
+    before = {n: m.unet.get_submodule(n).weight.detach().clone() for n in layers}
+    ref = load_model(quantized_base)  # the same weights, the delta added in float (no re-quantization)
+    _merge(ref, LoraConfig(loras=[(lora, 1.0)]))
+    merge_into_quantized(m, LoraConfig(loras=[(lora, 1.0)]))
+    made = delta = dot = 0.0
+    adapted = 0
+    for n in layers:
+        d = ref.unet.get_submodule(n).weight.detach() - before[n]
+        if not bool(d.abs().max() > 0):
+            continue
+        c = m.unet.get_submodule(n).weight.detach() - before[n]
+        adapted += 1
+        made, delta, dot = made + float((c * c).sum()), delta + float((d * d).sum()), dot + float((c * d).sum())
+    return {"adapted_layers": adapted, "energy_ratio": made / delta, "cosine": dot / (made * delta) ** 0.5,
+            "note": "over the adapted U-Net layers; the change made includes the fresh abs-max scales' effect on every weight"}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lora", type=Path, default=DEFAULT_LORA)
@@ -98,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         from pocketfusion.runtimes.pipeline import RuntimePipeline
 
         report(f"export-{r}", measure.score(RuntimePipeline(w / f"export-{_TARGET[r]}", r)))
+    retained = {q: delta_retained(w / f"base-{q}", lora) for q in ("w8", "w4")}
+    for q, r in retained.items():
+        print(f"quant-lora-{q}: the LoRA delta's energy kept {r['energy_ratio']:.3f}, cosine {r['cosine']:.3f}", flush=True)
     ref = rows["merged"]["concept"]["accuracy"]
-    out = {"lora": lora, "calibration_prompts": str(calib), "stage_seconds": seconds, "scores": rows,
+    out = {"lora": lora, "calibration_prompts": str(calib), "stage_seconds": seconds, "scores": rows, "delta_retained": retained,
            "concept_kept": {n: (r["concept"]["accuracy"] / ref if ref else None) for n, r in rows.items() if n != "merged"},
            "target": "W4 keeps >= 90 % of the fp32-merged concept accuracy (merge-gptq-w4)"}
     if a.json:
