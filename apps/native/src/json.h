@@ -66,5 +66,6 @@ class Json {
 };
 
 std::string read_file(const std::string& path);  // throws std::runtime_error naming the path
+void append_utf8(std::string& out, uint32_t cp);  // one code point as UTF-8 (JSON \u escapes, the BPE byte table)
 
 }  // namespace pf
