@@ -137,7 +137,7 @@ def _summary(out: Path, cfg: RunConfig, metrics: dict) -> str:
         lines.append(f"  bench {key:<33} {b:8.2f} ms  peak {metrics['bench']['peak_rss_mib'][key]:6.1f} MiB")
     for label, rs in metrics.get("bench", {}).get("speed_vs_float", {}).items():
         lines.append(
-            f"  bench {label} U-Net speed vs float (>1: faster): " + ", ".join(f"{k.split('/')[0]} {v:.2f}x" for k, v in rs.items())
+            f"  bench {label} speed vs float (>1: faster): " + ", ".join(f"{k} {v:.2f}x" for k, v in rs.items())
         )
     return "\n".join(lines)
 
