@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from pocketfusion.cli_common import _load, _model_arg, _no_lora_with_runtime, _record_loras, _scheduler_arg
+from pocketfusion.cli_lora import _add_lora
 from pocketfusion.cli_training import _add_decoder, _add_distill, _add_prune, _decoder_config
 from pocketfusion.errors import Terminated, UserError  # stdlib-only module
 
@@ -493,29 +494,6 @@ def _add_info(sub) -> None:
     _model_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_info)
-
-
-def cmd_lora(args) -> int:
-    from pocketfusion.compress.lora import LoraConfig, merge_lora, summary
-
-    if not args.lora:
-        raise UserError("pocketfusion lora needs at least one --lora FILE[:SCALE]")
-    cfg = LoraConfig(loras=args.lora, allow_unmatched=args.allow_unmatched)
-    manifest = merge_lora(_load(args, loras=False), cfg, Path(args.output))
-    print(f"wrote {args.output}/ (a diffusers folder: {', '.join(manifest.metrics['lora']['components'])} with the LoRAs merged)")
-    print(summary(manifest))
-    return 0
-
-
-def _add_lora(sub) -> None:
-    p = sub.add_parser("lora", help="merge LoRA files (diffusers/PEFT or kohya .safetensors) into the U-Net and text encoder; "
-                                    "writes a diffusers folder")
-    _model_arg(p, lora_help="LoRA file (.safetensors: diffusers/PEFT or kohya format) and its scale (default 1.0); "
-                            "repeatable, merged in order")
-    p.add_argument("--allow-unmatched", action="store_true",
-                   help="skip LoRA keys that name no layer of MODEL (counted in the manifest) instead of failing")
-    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
-    p.set_defaults(func=cmd_lora)
 
 
 def cmd_app(args) -> int:
