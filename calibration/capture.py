@@ -30,6 +30,7 @@ measured on samples that were not used to calibrate.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -245,6 +246,7 @@ def capture(model, prompts: Sequence[str], *, steps: int | None = None, n_timest
             kwargs = {**kwargs_embedded, **({"added_cond_kwargs": {k: v[:1].to(unet.dtype) for k, v in added.items()
                                                                     if k != "guidance"}} if encode_sdxl else {})}
         b = 1 if embedded else 2
+        step_kw = {"generator": g} if "generator" in inspect.signature(sched.step).parameters else {}  # PNDM / DDIM take none
         for k, t in enumerate(sched.timesteps):
             inp = sched.scale_model_input(torch.cat([lat] * b), t)
             tt = torch.full((b,), float(t))
@@ -256,10 +258,10 @@ def capture(model, prompts: Sequence[str], *, steps: int | None = None, n_timest
                 rec["prompt_index"].append(i)
                 rec["step_index"].append(k)
             if embedded:
-                lat = sched.step(eps, t, lat, generator=g).prev_sample  # LCM re-noises from the image's generator
+                lat = sched.step(eps, t, lat, **step_kw).prev_sample  # LCM re-noises from the image's generator
             else:
                 e_c, e_u = eps.chunk(2)
-                lat = sched.step(e_u + guidance * (e_c - e_u), t, lat, generator=g).prev_sample  # ancestral schedulers draw from it
+                lat = sched.step(e_u + guidance * (e_c - e_u), t, lat, **step_kw).prev_sample  # ancestral schedulers draw from it
         latents.append((lat / vae.config.scaling_factor).float().numpy())
     tensors = {f"unet.{k}": np.stack(v).astype(np.int32 if k.endswith("_index") else np.float32, copy=False) for k, v in rec.items()}
     tensors["text_encoder.input_ids"] = np.stack(input_ids)

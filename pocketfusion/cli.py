@@ -240,8 +240,13 @@ def cmd_compress(args) -> int:
 
     if args.calib is not None and not Path(args.calib).exists():
         raise UserError(f"--calib {args.calib} does not exist (a prompts .txt file or a directory made by 'pocketfusion calibrate')")
+    from pocketfusion.steps import StepLog
+
+    opt = {"calib_steps": args.calib_steps, "image_steps": args.image_steps, "image_prompts": args.image_prompts,
+           "max_minutes": args.max_minutes}
     cfg = QuantConfig(scheme=args.quant, method=args.method, calib=args.calib, n_prompts=args.num_prompts,
-                      group_size=args.group_size, seed=args.seed)
+                      group_size=args.group_size, seed=args.seed, calib_timesteps=args.timesteps, sensitivity=args.sensitivity,
+                      **{k: v for k, v in opt.items() if v is not None})
     dcfg = None
     if args.distill_steps is not None:  # (prune ->) distill -> quantize: the student is calibrated on its own sampler
         from pocketfusion.compress.distill import DistillConfig
@@ -250,7 +255,9 @@ def cmd_compress(args) -> int:
                  "batch_size": args.distill_batch_size}
         dcfg = DistillConfig(steps=args.distill_steps, **{k: v for k, v in given.items() if v is not None})
     vcfg = _decoder_config(args, kind=args.decoder, iterations=args.decoder_iterations) if args.decoder else None
-    model = _load(args)
+    log = StepLog()
+    with log.step("load" + (" + convert" if Path(args.model).is_file() else "")):
+        model = _load(args)
     merged = getattr(args, "lora", None) or (model.manifest is not None and "lora" in model.manifest.metrics)
     if merged and args.calib is None:
         print("note: the model has a LoRA merged but --calib is not given: calibrating on the built-in prompts, which do "
@@ -275,7 +282,7 @@ def cmd_compress(args) -> int:
         print(distill_summary(distill(model, dcfg, student_dir, progress=True)))
         model = load_model(student_dir)
         print(f"stage 2/2: quantizing the student ({args.quant}, calibrated on its own {dcfg.steps}-step sampler)", flush=True)
-    manifest = quantize(model, cfg, Path(args.output), progress=True)
+    manifest = quantize(model, cfg, Path(args.output), progress=True, steps=log)
     print(f"wrote {args.output}/ ({args.quant}, {args.method})")
     print(summary(manifest))
     return 0
@@ -426,6 +433,17 @@ def _add_compress(sub) -> None:
                    help="prompts file (one a line) or a set from 'pocketfusion calibrate' (default: built-in demo prompts)")
     p.add_argument("--num-prompts", type=int, default=None, metavar="N", help="calibration prompts (default 32, or every line of the file)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first calibration prompt")
+    p.add_argument("--calib-steps", type=int, default=None, metavar="N",
+                   help="sampling steps of each calibration prompt's run (default 20, or a student's own count)")
+    p.add_argument("--timesteps", type=int, default=10, metavar="K", help="U-Net feeds recorded per calibration prompt (default 10)")
+    p.add_argument("--image-prompts", type=int, default=None, metavar="N",
+                   help="held-out prompts whose images are compared with fp32's (default 4; 0: skip)")
+    p.add_argument("--image-steps", type=int, default=None, metavar="N", help="sampling steps of those images (default: --calib-steps)")
+    p.add_argument("--sensitivity", default="auto", choices=["auto", "measured", "local"],
+                   help="w4: each layer's 4-bit cost measured on the U-Net's output, or its own output's error (auto: measured "
+                        "unless that pass is estimated over 15 min)")
+    p.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                   help="refuse to start when the run's plan (printed first, from a U-Net call timed here) exceeds M minutes")
     p.add_argument("--distill-steps", type=int, default=None, choices=[1, 2, 4],
                    help="distill the sampler first (written to OUT-student/), then quantize the student")
     p.add_argument("--distill-method", default=None, choices=["lcm", "regression"], help="see 'pocketfusion distill'")

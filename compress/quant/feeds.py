@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from pocketfusion.compress.quant import grid as G
-from pocketfusion.compress.quant.config import MAX_BATCH
+from pocketfusion.compress.quant.config import ACTIVATION_BYTES, MAX_BATCH
 from pocketfusion.errors import UserError
 
 ADDED_INPUTS = ("text_embeds", "time_ids")  # SDXL's added_cond_kwargs
@@ -49,6 +49,18 @@ def unet_call(unet, batch: dict[str, Any]):
     if added:
         kwargs["added_cond_kwargs"] = added
     return unet(batch["sample"], batch["timestep"], batch["encoder_hidden_states"], return_dict=False, **kwargs)[0]
+
+
+def batch_limit(unet, max_batch: int = MAX_BATCH, activation_bytes: int = ACTIVATION_BYTES) -> int:
+    """Samples per U-Net call: ``max_batch``, fewer where the U-Net's activations would exceed ``activation_bytes``.
+
+    A sample's live activations are estimated as 48 float32 maps of the first stage's width at the latent's size
+    (measured on SD-1.5 at 64x64 with PyTorch's CPU attention: about 250 MB a sample); the demo model stays at
+    ``max_batch``."""
+    cfg = unet.config
+    h, w = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
+    per_sample = h * w * cfg.block_out_channels[0] * 4 * 48
+    return int(max(2, min(max_batch, activation_bytes // max(1, per_sample))))
 
 
 def unet_outputs(unet, batches: Iterable[dict[str, Any]]) -> list[Any]:

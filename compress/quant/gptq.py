@@ -23,6 +23,17 @@ from pocketfusion.compress.quant.feeds import unet_call
 
 logger = logging.getLogger(__name__)
 
+# Hessians of layers with more input columns than this are accumulated and factorized in float32 (as GPTQ's reference
+# does) instead of float64: SD-1.5's widest convolutions have 23,040 columns, a 4.2 GB float64 Hessian and ~3x that
+# while it is factorized. Every layer of the demo model is below it, so its figures are float64's.
+FLOAT64_MAX_COLS = 8192
+
+
+def hessian_dtype(cols: int):
+    import torch
+
+    return torch.float64 if cols <= FLOAT64_MAX_COLS else torch.float32
+
 
 class _Stop(Exception):
     pass
@@ -68,10 +79,16 @@ def collect_hessians(unet, batches, names: Sequence[str], order: Sequence[str] |
 
     def hook(mod, args, n):
         x = _rows(mod, args[0])
-        xtx = (x.T @ x).double()
+        dt = hessian_dtype(x.shape[1])
         a = acc[n]
-        a[0] = xtx if a[0] is None else a[0] + xtx
+        if a[0] is None:
+            a[0] = torch.zeros(x.shape[1], x.shape[1], dtype=dt)
+        if dt == torch.float64:
+            a[0].add_((x.T @ x).double())
+        else:  # in place: no second n x n matrix
+            a[0].addmm_(x.T, x)
         a[1] += x.shape[0]
+        del x
         if n == last:
             raise _Stop
 
@@ -136,35 +153,42 @@ def clip_search(lg: G.LayerGrid, w, hdiag, clip_grid: Sequence[float]):
     return G.absmax_scale(w, lg.bits, lg.group_size, clip), clip
 
 
-def gptq(w, H, scale_cols, m: int, anchor, zero, *, damp: float = DAMP, block: int = BLOCK, act_order: bool = False):
+def gptq(w, H, scale_cols, m: int, anchor, zero, *, damp: float = DAMP, block: int = BLOCK, act_order: bool = False,
+         overwrite_h: bool = False):
     """GPTQ over the columns of ``w`` (O, cols) with fixed per-column scales ``scale_cols`` (O, cols).
 
     ``anchor`` entries are rounded to ``±m`` (sign of the original weight), ``zero`` entries to 0.
-    Returns the integers (O, cols) as float."""
+    ``overwrite_h``: ``H`` may be used as scratch (saves one n x n copy). Returns the integers (O, cols) as float."""
     import torch
 
-    W = w.detach().double().clone()
-    S = scale_cols.double()
+    cols = w.shape[1]
+    dt = hessian_dtype(cols)
+    W = w.detach().to(dt).clone()
+    S = scale_cols.to(dt)
     sign = torch.sign(W)
-    H = H.double().clone()
+    H = H.to(dt) if overwrite_h else H.to(dt).clone()  # modified in place below; at most two n x n matrices live at once
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    cols = W.shape[1]
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, S, sign, anchor, zero, H = W[:, perm], S[:, perm], sign[:, perm], anchor[:, perm], zero[:, perm], H[perm][:, perm]
     d = damp * float(torch.mean(torch.diag(H)))
-    eye = torch.eye(cols, dtype=H.dtype)
+    added = 0.0
     for attempt in range(6):
+        H.diagonal().add_(d - added)
+        added = d
         try:
-            L = torch.linalg.cholesky(H + d * eye)
-            Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+            L = torch.linalg.cholesky(H)
+            Hinv = torch.cholesky_inverse(L)
+            del L
+            Hinv = torch.linalg.cholesky(Hinv, upper=True)
             break
         except RuntimeError:  # not positive definite: more damping
             d = d * 10 if d > 0 else 1e-6
     else:
         raise RuntimeError("Hessian is not positive definite even with heavy damping")
+    del H
     Q = torch.zeros_like(W)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
@@ -197,14 +221,16 @@ def quantize_layer(module, name: str, bits: int, group_size: int | None, method:
 
     if method == "rtn" or hessian is None or hessian[1] == 0:
         return G.rtn(module, name, bits, group_size)
-    H = hessian[0] / hessian[1] * 2
+    H = hessian[0] / hessian[1]
+    H *= 2
     w = module.weight.detach().float()
     kind = "linear" if isinstance(module, torch.nn.Linear) else "conv"
     lg = G.LayerGrid(name, kind, bits, group_size, tuple(w.shape))
     lg.scale, _ = clip_search(lg, w, torch.diag(H), clip_grid)
     anchor, zero = _anchor(lg, w)
     scale_cols = _flat(lg.expand(lg.scale))
-    q = gptq(_flat(w), H, scale_cols, G.qmax(bits), anchor, zero, damp=damp, block=block, act_order=act_order)
+    q = gptq(_flat(w), H, scale_cols, G.qmax(bits), anchor, zero, damp=damp, block=block, act_order=act_order, overwrite_h=True)
+    del H
     q = q.reshape(w.shape).to(torch.int8)
     snapped = G.snap(lg, q)
     if not bool((snapped == q).all()):  # cannot happen with the anchors; kept as a guard
@@ -228,7 +254,7 @@ def _chunks(names: Sequence[str], mods: dict, k: int, max_bytes: int) -> list[li
     size = 0
     for n in names:
         cols = _flat(mods[n].weight).shape[1]
-        b = cols * cols * 8
+        b = cols * cols * hessian_dtype(cols).itemsize
         if cur and (len(cur) >= k or size + b > max_bytes):
             parts.append(cur)
             cur, size = [], 0
@@ -267,7 +293,7 @@ def quantize_weights(unet, batches, plan: dict[str, tuple[int, int | None]], cfg
             hs = collect_hessians(unet, batches, part, order)
             for n in part:
                 why = _supported(mods[n])
-                grids[n], ints[n] = quantize_layer(mods[n], n, *plan[n], "rtn" if why else method, hs[n], damp=cfg.damp,
+                grids[n], ints[n] = quantize_layer(mods[n], n, *plan[n], "rtn" if why else method, hs.pop(n), damp=cfg.damp,
                                                    clip_grid=cfg.clip_grid, block=cfg.block, act_order=cfg.act_order)
                 if why:
                     grids[n].reason = f"{why}: round to nearest"

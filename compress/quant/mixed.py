@@ -12,7 +12,7 @@ import numpy as np
 from pocketfusion.compress.quant import grid as G
 from pocketfusion.compress.quant.config import QuantConfig
 from pocketfusion.compress.quant.feeds import unet_outputs
-from pocketfusion.compress.quant.gptq import quantize_weights
+from pocketfusion.compress.quant.gptq import _chunks, _flat, collect_hessians, quantize_layer, quantize_weights
 from pocketfusion.metrics import output_error
 
 logger = logging.getLogger(__name__)
@@ -54,27 +54,79 @@ def layer_sensitivity(unet, batches, ref: Sequence[Any], candidates: dict[str, A
     return cost
 
 
+def local_sensitivity(unet, batches, gs: dict[str, int | None], cfg: QuantConfig, *, order: Sequence[str],
+                      progress: bool = False) -> dict[str, float]:
+    """Each layer's own relative output error at 4 bits: ``tr(dW H dWᵀ) / tr(W H Wᵀ)``, ``dW`` the round-to-nearest
+    4-bit change, ``H`` the layer's input Hessian on the calibration feeds (float U-Net; chunks of layers a pass)."""
+    import torch
+    from tqdm import tqdm
+
+    mods = dict(unet.named_modules())
+    names = [n for n in order if n in gs]
+    cost: dict[str, float] = {}
+    bar = tqdm(total=len(names), desc="sensitivity (local)", unit="layer", disable=not progress)
+    for part in _chunks(names, mods, max(1, -(-len(names) // max(1, cfg.chunks))), cfg.hessian_bytes):
+        hs = collect_hessians(unet, batches, part, order)
+        for n in part:
+            H, _ = hs.pop(n)
+            lg, q = quantize_layer(mods[n], n, 4, gs[n], "rtn")
+            w = _flat(mods[n].weight.detach()).to(H.dtype)
+            dw = w - _flat(lg.dequantize(q)).to(H.dtype)
+            with torch.no_grad():
+                num = float(((dw @ H) * dw).sum())
+                den = float(((w @ H) * w).sum())
+            cost[n] = num / den if den > 0 else float("inf")
+            del H
+            bar.update(1)
+    bar.close()
+    return cost
+
+
 def finite_median(values: Iterable[float]) -> float:
     v = [x for x in values if np.isfinite(x)]
     return float(np.median(v)) if v else 0.0
 
 
+def sensitivity_mode(cfg: QuantConfig, n_layers: int, pass_seconds: float | None) -> tuple[str, str]:
+    """(``measured`` | ``local``, why) for ``cfg.sensitivity`` with ``n_layers`` layers, one U-Net pass taking ``pass_seconds``."""
+    if cfg.sensitivity != "auto":
+        return cfg.sensitivity, f"--sensitivity {cfg.sensitivity}"
+    if pass_seconds is None:
+        return "measured", "auto: the pass was not timed"
+    est = n_layers * pass_seconds
+    if est <= cfg.sensitivity_seconds:
+        return "measured", (f"auto: the measured pass is estimated at {est:.0f} s ({n_layers} layers x {pass_seconds:.2f} s), "
+                            f"within {cfg.sensitivity_seconds:.0f} s")
+    return "local", (f"auto: the measured pass would take about {est / 60:.0f} min ({n_layers} layers x {pass_seconds:.1f} s "
+                     f"a U-Net pass), over {cfg.sensitivity_seconds:.0f} s: each layer's own 4-bit output error instead")
+
+
 def mixed_precision(unet, batches, sens_batches, ref, gs: dict[str, int | None], cfg: QuantConfig, *, order: Sequence[str],
-                    progress: bool = False) -> tuple[dict, dict, dict]:
+                    progress: bool = False, pass_seconds: float | None = None) -> tuple[dict, dict, dict]:
     """W4 bit allocation from measured per-layer 4-bit costs. Returns (plan, reasons, summary).
 
-    ``gs`` is each layer's 4-bit group size; ``ref`` the float U-Net's outputs on ``sens_batches``."""
+    ``gs`` is each layer's 4-bit group size; ``ref`` the float U-Net's outputs on ``sens_batches``, computed in
+    ``pass_seconds`` (which ``sensitivity_mode`` weighs for ``cfg.sensitivity="auto"``)."""
     threshold, budget = cfg.mixed_threshold, cfg.size_budget
-    plan4 = {n: (4, g) for n, g in gs.items()}
-    grids, ints = quantize_weights(unet, batches, plan4, cfg, order=order, sequential=False, apply=False, progress=progress)
-    cand = {n: grids[n].dequantize(ints[n]) for n in grids}
-    cost = layer_sensitivity(unet, sens_batches, ref, cand, progress=progress)
+    mode, why = sensitivity_mode(cfg, len(gs), pass_seconds)
+    logger.info("w4 sensitivity: %s (%s)", mode, why)
+    if mode == "measured":
+        plan4 = {n: (4, g) for n, g in gs.items()}
+        grids, ints = quantize_weights(unet, batches, plan4, cfg, order=order, sequential=False, apply=False, progress=progress)
+        cand = {n: grids[n].dequantize(ints[n]) for n in grids}
+        del grids, ints
+        cost = layer_sensitivity(unet, sens_batches, ref, cand, progress=progress)
+        del cand
+        what = "relative output MSE"
+    else:
+        cost = local_sensitivity(unet, batches, gs, cfg, order=order, progress=progress)
+        what = "relative error of the layer's own output (RTN)"
     med = finite_median(cost.values())
     keep8, over_budget = _allocate(unet, gs, cost, med, threshold, budget)
     plan, reasons = {}, {}
     for n in gs:
         x = cost[n] / med if med > 0 else float("nan")
-        fig = f"4-bit costs {cost[n]:.2e} relative output MSE, {x:.1f}x the median"
+        fig = f"4-bit costs {cost[n]:.2e} {what}, {x:.1f}x the median"
         if n in keep8:
             plan[n] = (8, None)
             reasons[n] = f"{fig}: kept at 8 bits (threshold {threshold:g}x)"
@@ -84,6 +136,7 @@ def mixed_precision(unet, batches, sens_batches, ref, gs: dict[str, int | None],
             reasons[n] = f"{fig}: " + (spent if n in over_budget else "4 bits")
     final = weight_bytes(unet, {n: p[0] for n, p in plan.items()}, {n: p[1] for n, p in plan.items()})
     summary = {
+        "sensitivity": mode, "sensitivity_reason": why,
         "threshold_x_median": threshold, "size_budget": budget, "median_cost": med, "kept_8bit": keep8,
         "over_budget": over_budget, "bytes_ratio_fp16_scales": final["ratio"], "cost": {n: cost[n] for n in order if n in cost},
     }

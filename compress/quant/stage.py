@@ -25,11 +25,12 @@ from pocketfusion import artifact, pruning
 from pocketfusion.compress.quant import grid as G
 from pocketfusion.compress.quant.activations import simulate_activations
 from pocketfusion.compress.quant.config import QuantConfig
-from pocketfusion.compress.quant.feeds import stack_feeds, unet_outputs
+from pocketfusion.compress.quant.feeds import batch_limit, stack_feeds, unet_outputs
 from pocketfusion.compress.quant.mixed import weight_bytes
 from pocketfusion.compress.quant.unet import quantize_unet, rtn_like
 from pocketfusion.errors import UserError
 from pocketfusion.metrics import output_error
+from pocketfusion.steps import StepLog
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ CALIBRATION_DIR = "calibration"
 _FORMATS = {"unet": "diffusers", "vae": "diffusers", "text_encoder": "transformers", "tokenizer": "tokenizer", "scheduler": "scheduler"}
 
 
-def quantize(model, cfg: QuantConfig, out: str | Path, *, progress: bool = True) -> artifact.Manifest:
+def quantize(model, cfg: QuantConfig, out: str | Path, *, progress: bool = True, steps: StepLog | None = None) -> artifact.Manifest:
     """Quantize ``model``'s U-Net as ``cfg`` says and write the compressed artifact ``out``.
 
     Args:
@@ -46,41 +47,70 @@ def quantize(model, cfg: QuantConfig, out: str | Path, *, progress: bool = True)
             must be a calibration set saved from its pipeline).
         cfg: the stage's options (``QuantConfig``).
         out: the output directory (written under a temporary name, renamed into place when complete).
+        steps: where each step's wall time and peak RSS go (a caller's log that already holds its own steps, e.g. the
+            single-file conversion); they are written to the manifest's ``metrics.steps``.
 
     Returns:
         The written ``artifact.Manifest``.
 
     Raises:
-        UserError: an already quantized model, no U-Net, a bad output path, or any calibration error.
+        UserError: an already quantized model, no U-Net, a bad output path, any calibration error, or a run
+            estimated to take longer than ``cfg.max_minutes``.
     """
     _check_input(model, out)
     out = Path(out)
+    log = steps if steps is not None else StepLog()
     t0 = time.perf_counter()
-    cset = _calibration(model, cfg, progress)
+    _upcast(model)
+    plan = _plan(model, cfg, progress)
+    with log.step("calibrate"):
+        cset = _calibration(model, cfg, progress)
     feeds_calib, feeds_held = cset.unet_feeds("calib"), cset.unet_feeds("heldout")
-    src_unet = _float_unet(model.unet)
-    unet = copy.deepcopy(src_unet)
     t1 = time.perf_counter()
-    grid = quantize_unet(unet, feeds_calib, cfg, progress=progress)
+    with log.step(f"quantize ({cfg.method} {cfg.scheme})"):
+        src_unet = _float_unet(model.unet)
+        unet = copy.deepcopy(src_unet)
+        grid = quantize_unet(unet, feeds_calib, cfg, progress=progress)
     quant_seconds = time.perf_counter() - t1
     grid.settings["calibration"] = {
         "prompts": len(cset.prompts), "calib_feeds": len(feeds_calib), "heldout_feeds": len(feeds_held),
         "source": cset.source.to_dict() if cset.source is not None else None, "steps": cset.settings.get("steps"),
         "timesteps": cset.settings.get("timesteps"),
     }
-    variants = _baselines(src_unet, unet, grid, cfg)
-    metrics: dict[str, Any] = {
-        "scheme": cfg.scheme, "method": cfg.method,
-        "unet_heldout_error": _heldout_errors(src_unet, unet, variants, grid, cfg, feeds_held),
-        **_size_metrics(unet, grid),
-        "quantize_seconds": round(quant_seconds, 1),
-    }
+    with log.step("held-out error"):
+        variants = _baselines(src_unet, unet, grid, cfg)
+        metrics: dict[str, Any] = {
+            "scheme": cfg.scheme, "method": cfg.method,
+            "unet_heldout_error": _heldout_errors(src_unet, unet, variants, grid, cfg, feeds_held),
+            **_size_metrics(unet, grid),
+            "quantize_seconds": round(quant_seconds, 1),
+        }
     if model.kind == "pipeline" and cfg.image_prompts:
-        metrics["image_psnr_vs_fp32"] = _image_metrics(model, unet, variants, grid, cfg, cset)
-    metrics["seconds"] = round(time.perf_counter() - t0, 1)
+        with log.step("images vs fp32"):
+            metrics["image_psnr_vs_fp32"] = _image_metrics(model, unet, variants, grid, cfg, cset)
+    del variants
+    metrics["plan"] = plan.to_dict()
     settings = {**cfg.to_dict(), "calibration_feeds": len(feeds_calib), "calibration": grid.settings["calibration"],
                 "mixed_precision": {k: v for k, v in grid.settings.get("mixed_precision", {}).items() if k != "cost"}}
-    return _write(model, unet, grid, cset, out, settings=settings, metrics=metrics)
+    return _write(model, unet, grid, cset, out, settings=settings, metrics=metrics, log=log, t0=t0)
+
+
+def _plan(model, cfg: QuantConfig, progress: bool):
+    """The run's estimate, printed before it starts; refused when over ``cfg.max_minutes``."""
+    from pocketfusion.calibration import DEFAULT_PROMPTS
+    from pocketfusion.compress.quant.budget import batch_note, capture_budget, estimate
+
+    n_capture, steps, k, n_calib, n_held = capture_budget(model, cfg, DEFAULT_PROMPTS)
+    est = estimate(model, cfg, n_capture=n_capture, steps=steps, n_timesteps=k, n_calib_feeds=n_calib, n_held_feeds=n_held)
+    note = batch_note(model, cfg)
+    text = est.text() + (f"\n{note}" if note else "")
+    if cfg.max_minutes is not None and est.total > cfg.max_minutes * 60:
+        raise UserError(f"the run is estimated at {est.total / 60:.0f} min, over --max-minutes {cfg.max_minutes:g} "
+                        f"({'; '.join(f'{k} {v / 60:.0f} min' for k, v in est.parts.items())}): lower --num-prompts, "
+                        "--calib-steps, --timesteps or --image-prompts, or use --method rtn")
+    if progress:
+        print(text, flush=True)
+    return est
 
 
 def _check_input(model, out) -> None:
@@ -94,6 +124,23 @@ def _check_input(model, out) -> None:
         raise UserError(f"output {out} exists and is not a directory")
     if out.resolve() == Path(model.path).resolve():
         raise UserError(f"output {out} is the source model folder; choose another directory")
+
+
+def _upcast(model) -> None:
+    """A half-precision pipeline (an fp16 single file) is calibrated in float32: its modules converted in place.
+
+    Calibration samples the whole pipeline on this CPU, where float16 convolutions are slow; the components the
+    stage does not quantize are copied from the source folder as they are, the U-Net is saved in float32."""
+    import torch
+
+    mods = [m for m in model.components.values() if isinstance(m, torch.nn.Module)]
+    low = {str(next(m.parameters()).dtype) for m in mods if next(m.parameters(), None) is not None
+           and next(m.parameters()).dtype in (torch.float16, torch.bfloat16)}
+    if not low:
+        return
+    logger.warning("weights are %s: calibrating and quantizing in float32", "/".join(sorted(low)))
+    for m in mods:
+        m.float()
 
 
 def _float_unet(unet):
@@ -168,7 +215,7 @@ def _baselines(src_unet, unet, grid: G.QuantGrid, cfg: QuantConfig) -> dict[str,
 
 def _heldout_errors(src_unet, unet, variants, grid: G.QuantGrid, cfg: QuantConfig, feeds_held) -> dict[str, dict]:
     """Each variant's U-Net output error against the float U-Net on the held-out feeds (``metrics.output_error``)."""
-    held = stack_feeds(feeds_held, cfg.max_batch)
+    held = stack_feeds(feeds_held, batch_limit(src_unet, cfg.max_batch))
     ref = unet_outputs(src_unet, held)
     err = {k: output_error(ref, unet_outputs(u, held)) for k, u in variants.items()}
     if grid.activations:
@@ -232,18 +279,22 @@ def _components(model, grid: G.QuantGrid) -> list[artifact.Component]:
     return comps
 
 
-def _write(model, unet, grid: G.QuantGrid, cset, out: Path, *, settings: dict, metrics: dict) -> artifact.Manifest:
+def _write(model, unet, grid: G.QuantGrid, cset, out: Path, *, settings: dict, metrics: dict, log: StepLog,
+           t0: float) -> artifact.Manifest:
     from pocketfusion import calibration as C
     from pocketfusion.checkpoint import sampler_of
 
     with artifact.staged_dir(out) as tmp:
-        unet_dir = tmp if model.kind == "component" else tmp / "unet"
-        if model.kind == "pipeline":
-            _copy_pipeline(Path(model.path), tmp)
-        pruning.save_unet(unet, unet_dir)  # a pruned U-Net's pruning.json too
-        grid.save(unet_dir, unet)
-        C.save(cset, tmp / CALIBRATION_DIR)
-        calibration = artifact.CalibrationRef(CALIBRATION_DIR, artifact.content_hash(tmp / CALIBRATION_DIR))
+        with log.step("write"):
+            unet_dir = tmp if model.kind == "component" else tmp / "unet"
+            if model.kind == "pipeline":
+                _copy_pipeline(Path(model.path), tmp)
+            pruning.save_unet(unet, unet_dir)  # a pruned U-Net's pruning.json too
+            grid.save(unet_dir, unet)
+            C.save(cset, tmp / CALIBRATION_DIR)
+            calibration = artifact.CalibrationRef(CALIBRATION_DIR, artifact.content_hash(tmp / CALIBRATION_DIR))
+        metrics["steps"] = log.to_list()
+        metrics["seconds"] = round(time.perf_counter() - t0, 1)
         return artifact.write_manifest(
             tmp, stage=STAGE, settings=settings, source=artifact.source_ref(model.path), components=_components(model, grid),
             calibration=calibration, sampler=sampler_of(model) if model.kind == "pipeline" else None, metrics=metrics,
@@ -265,4 +316,6 @@ def summary(manifest: artifact.Manifest) -> str:
             lines.append(f"  images vs fp32 {k:<34} PSNR mean {e['mean_db']:5.1f} dB, min {e['min_db']:5.1f} dB")
     if m["activation_fallbacks"]:
         lines.append(f"  activations: {len(m['activation_fallbacks'])} layer inputs fall back to 16 bits")
+    if m.get("steps"):
+        lines.append(StepLog(m["steps"]).table())
     return "\n".join(lines)

@@ -9,7 +9,7 @@ from typing import Any
 from pocketfusion.compress.quant import grid as G
 from pocketfusion.compress.quant.activations import choose_activations
 from pocketfusion.compress.quant.config import QuantConfig
-from pocketfusion.compress.quant.feeds import forward_order, stack_feeds, subsample, unet_outputs
+from pocketfusion.compress.quant.feeds import batch_limit, forward_order, stack_feeds, subsample, unet_outputs
 from pocketfusion.compress.quant.gptq import quantize_weights
 from pocketfusion.compress.quant.mixed import mixed_precision
 from pocketfusion.errors import UserError
@@ -23,6 +23,8 @@ def quantize_unet(unet, feeds_calib: Sequence[dict[str, Any]], cfg: QuantConfig,
         feeds_calib: calibration U-Net feeds (``CalibrationSet.unet_feeds("calib")``).
         cfg: scheme, method and their options (``QuantConfig``; its calibration and image fields are not used here).
     """
+    import time
+
     import torch
 
     if next(unet.parameters()).dtype != torch.float32:
@@ -30,20 +32,24 @@ def quantize_unet(unet, feeds_calib: Sequence[dict[str, Any]], cfg: QuantConfig,
     scheme, method, group_size = cfg.scheme, cfg.method, cfg.group_size
     bits = cfg.weight_bits
     layers = G.quantizable_layers(unet)
-    batches = stack_feeds(feeds_calib, cfg.max_batch)
+    max_batch = batch_limit(unet, cfg.max_batch)
+    batches = stack_feeds(feeds_calib, max_batch)
     order = forward_order(unet, batches[0])
-    sens_batches = stack_feeds(subsample(feeds_calib, cfg.sensitivity_feeds), cfg.max_batch)
-    ref = unet_outputs(unet, sens_batches)
+    sens_batches = stack_feeds(subsample(feeds_calib, cfg.sensitivity_feeds), max_batch)
     gs = {n: G.layer_group_size(m, 4, group_size) for n, m in layers.items()}
     reasons: dict[str, str] = {}
     plan = {n: (bits, gs[n] if bits == 4 else None) for n in layers}
-    settings: dict[str, Any] = {"group_size": group_size, "method": method, "calibration_feeds": len(feeds_calib)}
+    settings: dict[str, Any] = {"group_size": group_size, "method": method, "calibration_feeds": len(feeds_calib),
+                                "samples_per_call": max_batch}
     if method == "gptq":
         settings.update(damp=cfg.damp, clip_grid=list(cfg.clip_grid), sequential=cfg.sequential, chunks=cfg.chunks,
                         act_order=cfg.act_order)
 
     if bits == 4 and cfg.mixed_threshold is not None:
-        plan, reasons, mixed = mixed_precision(unet, batches, sens_batches, ref, gs, cfg, order=order, progress=progress)
+        t = time.perf_counter()
+        ref = unet_outputs(unet, sens_batches)  # the float U-Net's outputs, and the time one sensitivity pass takes
+        plan, reasons, mixed = mixed_precision(unet, batches, sens_batches, ref, gs, cfg, order=order, progress=progress,
+                                               pass_seconds=time.perf_counter() - t)
         settings["mixed_precision"] = mixed
     elif bits == 4:
         reasons = {n: "every layer at 4 bits (mixed precision off)" for n in layers}

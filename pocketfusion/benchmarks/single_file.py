@@ -37,8 +37,9 @@ print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_gib": resource.g
 """
 
 
-def write_models(root: Path, dtype: str) -> tuple[Path, Path]:
-    """A random-weight full-size SD 1.5 as a diffusers folder and as a single file; returns (folder, file)."""
+def write_models(root: Path, dtype: str, *, folder: bool = True) -> tuple[Path, Path]:
+    """A random-weight full-size SD 1.5 as a diffusers folder (unless ``folder`` is False) and as a single file;
+    returns (folder, file)."""
     import torch
     from safetensors.torch import save_file
     from transformers.modeling_utils import no_init_weights
@@ -64,11 +65,12 @@ def write_models(root: Path, dtype: str) -> tuple[Path, Path]:
     components["scheduler"] = getattr(diffusers, sched["_class_name"]).from_config(sched)
     components["tokenizer"] = single_file.clip_tokenizer(json.loads((cfg_dir / "tokenizer" / "tokenizer_config.json").read_text()))
     model = Model(path=root, kind="pipeline", class_name="StableDiffusionPipeline", components=components)
-    folder, file = root / "diffusers", root / "sd15.safetensors"
-    build_pipeline(model).save_pretrained(str(folder), safe_serialization=True)
+    out, file = root / "diffusers", root / "sd15.safetensors"
+    if folder:
+        build_pipeline(model).save_pretrained(str(out), safe_serialization=True)
     sd = single_file.to_original({n: components[n].state_dict() for n in ("unet", "vae", "text_encoder")}, "sd1")
     save_file({k: v.contiguous() for k, v in sd.items()}, str(file))
-    return folder, file
+    return out, file
 
 
 def _child(target: str) -> dict:

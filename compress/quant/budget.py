@@ -1,0 +1,162 @@
+"""What a quantize run will cost, said before it starts: the calibration budget (prompts x sampling steps, timesteps
+recorded), the U-Net passes and GPTQ factorizations that follow, each in seconds from a U-Net call and a
+factorization timed on this machine (``estimate``). ``QuantConfig``-free inputs are read from the model."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pocketfusion.compress.quant import grid as G
+from pocketfusion.compress.quant.feeds import batch_limit
+from pocketfusion.compress.quant.gptq import hessian_dtype
+
+
+@dataclass
+class Estimate:
+    """Seconds per part of a quantize run, and the figures they come from."""
+
+    call_seconds: float
+    parts: dict[str, float] = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"unet_call_seconds": round(self.call_seconds, 3), "seconds": {k: round(v, 1) for k, v in self.parts.items()},
+                "total_seconds": round(self.total, 1)}
+
+    def text(self) -> str:
+        return "\n".join(["plan (estimated from a U-Net call timed here, "
+                          f"{_fmt(self.call_seconds)} at batch 2):"] + [f"  {ln}" for ln in self.lines]
+                         + [f"  total about {_fmt(self.total)}"])
+
+
+def _fmt(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.1f} s" if s < 120 else f"{s / 60:.0f} min"
+
+
+def time_unet_call(model) -> float:
+    """Seconds of one batch-2 (CFG) U-Net call at the model's native size: the second of two calls."""
+    import torch
+
+    from pocketfusion.macs import component_inputs
+
+    unet = model.unet
+    args, kw = component_inputs(model, "unet", batch=2)
+    dt = []
+    with torch.no_grad():
+        for _ in range(2 if _small(unet) else 1):  # a large U-Net's first call is as long as the next
+            t = time.perf_counter()
+            unet(*args, **kw)
+            dt.append(time.perf_counter() - t)
+    return dt[-1]
+
+
+def _small(unet) -> bool:
+    return sum(p.numel() for p in unet.parameters()) < 50_000_000
+
+
+def factorization_rate(dtype) -> float:
+    """Flop/s of GPTQ's factorizations (Cholesky, its inverse, Cholesky again: about 4/3 n^3) at n = 1536, here:
+    the best of three after a warm-up (the wide layers' matrices run at least this fast)."""
+    import torch
+
+    n = 1536
+    a = torch.randn(n, n, dtype=dtype)
+    h = a @ a.T / n
+    h.diagonal().add_(1.0)
+    best = math.inf
+    for _ in range(4):
+        t = time.perf_counter()
+        torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+        best = min(best, time.perf_counter() - t)
+    return (4 / 3) * n**3 / max(best, 1e-6)
+
+
+def estimate(model, cfg, *, n_capture: int, steps: int, n_timesteps: int, n_calib_feeds: int, n_held_feeds: int,
+             call_seconds: float | None = None) -> Estimate:
+    """The run's parts in seconds. ``n_capture``: prompts sampled now (0 for a saved set); feeds are CFG pairs."""
+    unet = model.unet
+    t = time_unet_call(model) if call_seconds is None else call_seconds
+    per_sample = t / 2
+    e = Estimate(t)
+    layers = G.quantizable_layers(unet)
+    n_layers = len(layers)
+    calib_samples = 2 * n_calib_feeds
+    if n_capture:
+        e.parts["calibrate"] = n_capture * steps * t
+        e.lines.append(f"calibrate: {n_capture} prompts x {steps} sampling steps = {n_capture * steps} U-Net calls, "
+                       f"{n_timesteps} timesteps recorded each -> {n_calib_feeds} calibration + {n_held_feeds} held-out feeds: "
+                       f"{_fmt(e.parts['calibrate'])}")
+    else:
+        e.lines.append(f"calibrate: a saved set, {n_calib_feeds} calibration + {n_held_feeds} held-out feeds: no sampling")
+    e.parts["forward order"] = t
+    mixed = cfg.weight_bits == 4 and cfg.mixed_threshold is not None
+    gptq = cfg.method == "gptq"
+    if gptq:
+        rates = {dt: factorization_rate(dt) for dt in {hessian_dtype(_cols(m)) for m in layers.values()}}
+        fact = sum((4 / 3) * _cols(m) ** 3 / rates[hessian_dtype(_cols(m))] for m in layers.values())
+        widest = max(_cols(m) for m in layers.values())
+        passes = min(cfg.chunks, n_layers)
+        hess = passes * calib_samples * per_sample * 0.55  # a pass stops after its chunk's last layer: about half a call
+        e.parts["gptq"] = hess + fact
+        e.lines.append(f"gptq: {passes} Hessian passes over {calib_samples} samples ({_fmt(hess)}) + {n_layers} layers' "
+                       f"factorizations, widest {widest} columns ({_fmt(fact)})")
+    if mixed:
+        sens_samples = 2 * min(cfg.sensitivity_feeds, n_calib_feeds)
+        from pocketfusion.compress.quant.mixed import sensitivity_mode
+
+        mode, why = sensitivity_mode(cfg, n_layers, sens_samples * per_sample)
+        if mode == "measured":
+            s = n_layers * sens_samples * per_sample + (e.parts.get("gptq", 0.0) if gptq else 0.0)
+            e.lines.append(f"w4 sensitivity, measured: {n_layers} layers x a pass over {sens_samples} samples"
+                           f"{' + one more GPTQ' if gptq else ''} ({why}): {_fmt(s)}")
+        else:
+            s = min(cfg.chunks, n_layers) * calib_samples * per_sample * 0.55
+            e.lines.append(f"w4 sensitivity, local ({why}): {_fmt(s)}")
+        e.parts["sensitivity"] = s
+    variants = 1 + (cfg.method != "rtn") + mixed
+    held = (variants + 1) * 2 * n_held_feeds * per_sample
+    e.parts["held-out error"] = held
+    e.lines.append(f"held-out error: {variants} model(s) + fp32 over {2 * n_held_feeds} samples: {_fmt(held)}")
+    if model.kind == "pipeline" and cfg.image_prompts:
+        isteps = cfg.image_steps or steps
+        img = cfg.image_prompts * isteps * (variants + 1) * t
+        e.parts["images"] = img
+        e.lines.append(f"images vs fp32: {cfg.image_prompts} prompts x {isteps} steps x {variants + 1} pipelines: {_fmt(img)}")
+    if cfg.scheme in ("w8a8", "w8a16"):
+        e.lines.append("activation bits: not estimated")
+    return e
+
+
+def _cols(m) -> int:
+    return int(math.prod(m.weight.shape[1:]))
+
+
+def capture_budget(model, cfg, n_prompts_default: int) -> tuple[int, int, int, int, int]:
+    """(prompts sampled now, sampling steps, timesteps recorded, calibration feeds, held-out feeds) for ``cfg.calib``."""
+    from pocketfusion.calibration import capture_steps, heldout_count
+    from pocketfusion.suite import read_prompts
+
+    steps, k = capture_steps(model, cfg.calib_steps, cfg.calib_timesteps)
+    calib = cfg.calib
+    if calib is not None and Path(calib).is_dir():
+        from pocketfusion.calibration import load
+
+        cset = load(calib)  # validated against the model when the run reads it
+        return 0, steps, k, len(cset.unet_feeds("calib")), len(cset.unet_feeds("heldout"))
+    n = len(read_prompts(calib, cfg.n_prompts)) if calib is not None else (cfg.n_prompts or n_prompts_default)
+    held = heldout_count(n)
+    return n, steps, k, (n - held) * k, held * k
+
+
+def batch_note(model, cfg) -> str | None:
+    """A line when a large U-Net's calibration passes take fewer samples per call than ``cfg.max_batch``."""
+    b = batch_limit(model.unet, cfg.max_batch)
+    return None if b >= cfg.max_batch else f"  calibration passes: {b} samples per U-Net call (activations within 2 GiB)"
