@@ -20,9 +20,14 @@ grid layer                  in the ``.mlpackage``
 ``scale = max|w| / qmax`` per block (``coremltools.optimize._utils.quantize_weight_by_dtype``) -
 exactly the grid's convention, so it reproduces the grid's integers. With fp16 compute precision the
 weights are fp16 when they are quantized and the scale is computed and stored in fp16: the
-integers still come out equal (``|w16/s16 - q| <= 127 * 3 * 2**-11 < 0.5``), the dequantized
-weights differ from ``fp16(q * scale)`` by fp16 rounding. ``readback`` checks both in the saved
-package's MIL program.
+integers still come out equal (``|w16/s16 - q| <= 127 * 3 * 2**-11 < 0.5``), and since the grid's
+scales are exact in fp16 and chosen so that this fp16 observer gives them back
+(``grid.storable_scale``), the stored scale is the grid's and the dequantized weight is exactly
+``fp16(q * scale)``, the on-grid weight cast to fp16 (grids made before scales were rounded so:
+scales within an fp16 ulp or two). At fp32 precision the scale is stored in fp32 (its value is the
+grid's, fp16-exact): an fp16 scale makes the constexpr's output fp16, and an fp32 program would
+need a ``cast`` op after it (whether Core ML folds it at load cannot be checked on Linux).
+``readback`` checks integers, scales and dequantized weights in the saved package's MIL program.
 
 Each layer's weight ``const`` is found once, after conversion, by the name torch.export gives it
 (``p_<source>_<path>_weight[_to_fp16]``, its value checked) or else by value (``layer_map.match``;

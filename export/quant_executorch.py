@@ -9,7 +9,8 @@ grid layer                     in the ``.pte``
                                the grid's integers and scales, bit for bit
 4-bit linear, groups of 32k    int4 group-wise weights (``qb4w``) built from the grid's integers
                                (torchao ``IntxUnpackedToInt8Tensor``); XNNPACK stores the group
-                               scales in **bf16**, so the dequantized weight is ``q * bf16(scale)``
+                               scales in **bf16**: the grid's group scales are exact in bf16
+                               (``grid.storable_scale``), so the weight is the on-grid one
 4-bit linear, other groups     XNNPACK needs groups that are a multiple of 32: the 4-bit integers
 / per channel                  stored as int8 per channel when the grid is per channel (the same
                                integers and scale), else re-quantized to int8 per channel
@@ -377,7 +378,12 @@ def summary(grid, plans: dict[str, LayerPlan], n_float: int = 0) -> dict:
     if kinds[INT8_REQUANT]:
         notes.append(f"{kinds[INT8_REQUANT]} group-wise 4-bit layers re-quantized to int8 per channel (integers differ from the grid)")
     if kinds[INT4_GROUP]:
-        notes.append("int4 group scales are stored in bf16 by XNNPACK (qb4w): dequantized weight = q * bf16(scale)")
+        from pocketfusion.compress.quant.grid import scale_is_storable
+
+        exact = all(scale_is_storable(grid.layers[n].scale, grid.layers[n].group_size) for n, p in plans.items() if p.storage == INT4_GROUP)
+        notes.append("int4 group scales are stored in bf16 by XNNPACK (qb4w): " + (
+            "the grid's scales are exact in bf16, so the dequantized weight is the on-grid weight" if exact else
+            "dequantized weight = q * bf16(scale) (a grid made before its scales were rounded to bf16-exact values)"))
     if grid.scheme == "w8a16":
         notes.append("w8a16: XNNPACK has no 16-bit activations; lowered as w8 with dynamic int8 activations")
     return {

@@ -7,6 +7,16 @@ dequantizes exactly the on-grid weights::
 
     <layer>.weight.q (int8|int4) --DequantizeLinear(<layer>.weight.scale, axis, [block_size])--> Conv/Gemm/MatMul
 
+Scales: 4-bit group (blocked) scales are stored as **fp16** initializers (``fp16_scale``): at groups of 32 an
+fp32 scale costs one more bit per weight. ``DequantizeLinear``'s output has its scale's type, so a ``Cast`` to
+float follows it; the dequantized fp16 weight is still exactly ``q * scale``: the grid's group scales are exact in
+both fp16 and bf16 (``grid.storable_scale``: at most 8 significant bits, multiples of ``2**-24``) and ``|q| <= 7``
+has 3, so every product fits fp16's 11. onnxruntime's ``fold`` path folds both nodes at load (the same fp32
+weights as before); its ``qdq`` path cannot fuse ``DequantizeLinear -> Cast -> MatMul`` into ``MatMulNBits``, so
+``--onnx-weights qdq`` keeps fp32 scales. Per-channel scales (one per output channel: no size to win) stay fp32,
+as do the scales of grids made before they were rounded and of graphs whose activations get quantized (the
+``quantize_static`` pass expects DequantizeLinear to feed the op directly).
+
 Layouts (``q`` in torch layout is (O, I[, kh, kw]); the scale is (O,) per channel or (O, I/g) per group):
 
 * Conv weight (O, I, kh, kw): per channel ``axis=0``; per group the integers are stored as
@@ -169,23 +179,32 @@ def weight_map(model, module, layers) -> dict[str, str]:
     return {n: lm.join(names) for n, names in found.items() if names}
 
 
-def lower_weights(model, module, grid) -> tuple[object, dict, dict[str, str]]:
+def fp16_scale(g, grid) -> bool:
+    """Whether layer grid ``g`` gets fp16 scales (module docstring): 4-bit groups whose scales are exact in fp16
+    and bf16 (then ``q * scale`` is exact in fp16), in a weight-only grid."""
+    from pocketfusion.compress.quant.grid import scale_is_storable
+
+    return g.group_size is not None and g.bits <= 4 and not grid.activations and scale_is_storable(g.scale, g.group_size)
+
+
+def lower_weights(model, module, grid, *, fp16_scales: bool = True) -> tuple[object, dict, dict[str, str]]:
     """Replace every grid layer's fp32 weight initializer in ``model`` (an ``onnx.ModelProto`` of the
     on-grid ``module``) by its integers + ``DequantizeLinear``. The weight is found once, here, by
     value (``layer_map.match``: the fp32 initializer equals ``q * scale`` in torch's or the transposed
-    layout), and the integer initializers written are recorded in the layer map.
+    layout), and the integer initializers written are recorded in the layer map. ``fp16_scales``: the layers
+    ``fp16_scale`` accepts store fp16 scales (else every scale is fp32).
 
-    Returns the model, ``{"int8": [...], "int4": [...], "fallbacks": {layer: reason}}`` and the
+    Returns the model, ``{"int8": [...], "int4": [...], "scales_fp16": [...], "fallbacks": {layer: reason}}`` and the
     layer map ``{layer: "<layer>.weight.q"[+"<layer>#1.weight.q"...]}``.
     """
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
     slots = weight_slots(graph)
     mods = dict(module.named_modules())
     found = lm.match({n: mods[n].weight.detach().float().numpy() for n in grid.layers}, _slot_arrays(graph, slots), all_equal=True)
     ints = grid.integers(module)
-    done: dict[str, list[str]] = {"int8": [], "int4": []}
+    done: dict[str, list[str]] = {"int8": [], "int4": [], "scales_fp16": []}
     fallbacks: dict[str, str] = {}
     layer_map: dict[str, str] = {}
     new_nodes, new_inits, drop = [], [], set()
@@ -195,15 +214,20 @@ def lower_weights(model, module, grid) -> tuple[object, dict, dict[str, str]]:
             continue
         q = ints[layer].numpy()
         scale = g.scale.float().numpy()
+        half = fp16_scales and fp16_scale(g, grid)
         names = []
         for k, init_name in enumerate(found[layer]):
             slot = slots[init_name]
             data, sc, attrs, reshape = _stored(q, scale, slot, g.group_size)
             tag = layer if k == 0 else f"{layer}#{k}"
             qn, sn = tag + Q_SUFFIX, tag + SCALE_SUFFIX
-            new_inits += [_int_tensor(data, g.bits, qn), numpy_helper.from_array(np.ascontiguousarray(sc, dtype=np.float32), sn)]
+            new_inits += [_int_tensor(data, g.bits, qn),
+                          numpy_helper.from_array(np.ascontiguousarray(sc, dtype=np.float16 if half else np.float32), sn)]
             out = init_name if reshape is None else init_name + ".dq"
-            new_nodes.append(helper.make_node("DequantizeLinear", [qn, sn], [out], name=f"{tag}.weight.DequantizeLinear", **attrs))
+            dq_out = out + ".fp16" if half else out
+            new_nodes.append(helper.make_node("DequantizeLinear", [qn, sn], [dq_out], name=f"{tag}.weight.DequantizeLinear", **attrs))
+            if half:
+                new_nodes.append(helper.make_node("Cast", [dq_out], [out], name=f"{tag}.weight.Cast", to=TensorProto.FLOAT))
             if reshape is not None:
                 shp = tag + ".weight.shape"
                 new_inits.append(numpy_helper.from_array(np.array(reshape, dtype=np.int64), shp))
@@ -212,6 +236,8 @@ def lower_weights(model, module, grid) -> tuple[object, dict, dict[str, str]]:
             names.append(qn)
         layer_map[layer] = lm.join(names)
         done[f"int{g.bits}"].append(layer)
+        if half:
+            done["scales_fp16"].append(layer)
     keep = [i for i in graph.initializer if i.name not in drop]
     del graph.initializer[:]
     graph.initializer.extend(keep + new_inits)
@@ -232,13 +258,21 @@ def _consumers(graph) -> dict[str, list]:
     return out
 
 
+def _past_cast(consumers: dict[str, list], node):
+    """The node a DequantizeLinear's output reaches through the ``Cast`` to float that follows fp16 scales."""
+    nxt = consumers.get(node.output[0], [])
+    if len(nxt) == 1 and nxt[0].op_type == "Cast":
+        return consumers.get(nxt[0].output[0], [])
+    return nxt
+
+
 def read_integers(model, layer_map: dict[str, str]) -> dict[str, dict]:
     """The integers a lowered model holds for each layer of ``layer_map``, read back from the
     initializers it names and their ``DequantizeLinear`` nodes (layers whose initializer is not
     integer are left out).
 
     Returns ``{layer: {"q": int8 array in torch layout, "scale": float32 array in the grid's layout
-    ((O,) or (O, I/g)), "bits": 4|8, "op": consumer op}}``.
+    ((O,) or (O, I/g)), "scale_dtype": the stored scale's numpy dtype name, "bits": 4|8, "op": consumer op}}``.
     """
     from onnx import TensorProto, numpy_helper
 
@@ -255,8 +289,9 @@ def read_integers(model, layer_map: dict[str, str]) -> dict[str, dict]:
         n = dq[0]
         bits = 4 if t.data_type == TensorProto.INT4 else 8
         q = numpy_helper.to_array(t).astype(np.int8)
-        sc = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
-        nxt = consumers[n.output[0]][0]
+        stored = numpy_helper.to_array(inits[n.input[1]])
+        sc = stored.astype(np.float32)
+        nxt = _past_cast(consumers, n)[0]
         if nxt.op_type == "Reshape":
             q = q.reshape(numpy_helper.to_array(inits[nxt.input[1]]))
             nxt = consumers[nxt.output[0]][0]
@@ -266,7 +301,7 @@ def read_integers(model, layer_map: dict[str, str]) -> dict[str, dict]:
             sc = sc.T if sc.ndim == 2 else sc
         o = q.shape[0]
         sc = sc.reshape(o, -1) if _attr(n, "block_size", 0) else sc.reshape(o)
-        out[layer] = {"q": np.ascontiguousarray(q), "scale": sc, "bits": bits, "op": nxt.op_type}
+        out[layer] = {"q": np.ascontiguousarray(q), "scale": sc, "scale_dtype": stored.dtype.name, "bits": bits, "op": nxt.op_type}
     return out
 
 
@@ -293,7 +328,7 @@ def _layer_nodes(graph, layer_map: dict[str, str]) -> dict[str, list]:
     for layer, value in layer_map.items():
         for qn in lm.split(value):
             for dq in consumers.get(qn, []):
-                nxt = consumers.get(dq.output[0], [])
+                nxt = _past_cast(consumers, dq)
                 if len(nxt) == 1 and nxt[0].op_type == "Reshape":
                     nxt = consumers.get(nxt[0].output[0], [])
                 out.setdefault(layer, []).extend(nxt)
@@ -380,7 +415,10 @@ def quantize(model, spec, cfg, workdir) -> tuple[object, dict, dict[str, str]]:
         why = ("int4 weights / blocked DequantizeLinear" if need == 21 and not a16 else "16-bit QDQ" if need == 21
                else "per-axis DequantizeLinear")
         notes.append(f"opset raised from {cur} to {need} (for {why})")
-    model, rep, layer_map = lower_weights(model, module, grid)
+    model, rep, layer_map = lower_weights(model, module, grid, fp16_scales=cfg.onnx_weights != "qdq")
+    if cfg.onnx_weights == "qdq" and any(fp16_scale(g, grid) for g in grid.layers.values()):
+        notes.append("--onnx-weights qdq: 4-bit group scales kept fp32 (onnxruntime fuses DequantizeLinear -> MatMul into "
+                     "MatMulNBits only then; other paths store them in fp16)")
     act_info = None
     if grid.activations:
         feeds = spec.calibration
@@ -390,11 +428,12 @@ def quantize(model, spec, cfg, workdir) -> tuple[object, dict, dict[str, str]]:
         model, act_info = quantize_activations(model, grid, layer_map, feeds, [s.name for s in spec.inputs], workdir)
     back = read_integers(model, layer_map)
     ints = grid.integers(module)
+    half = set(rep["scales_fp16"])
     for layer in rep["int8"] + rep["int4"]:
         got = back.get(layer)
         if got is None or not np.array_equal(got["q"], ints[layer].numpy()) or not np.array_equal(
             got["scale"], grid.layers[layer].scale.float().numpy().reshape(got["scale"].shape)
-        ):
+        ) or got["scale_dtype"] != ("float16" if layer in half else "float32"):
             raise ExportError(f"onnx: {spec.name}: layer {layer} does not hold the grid's integers after lowering")
     fallbacks = dict(rep["fallbacks"])
     if act_info:
@@ -405,9 +444,10 @@ def quantize(model, spec, cfg, workdir) -> tuple[object, dict, dict[str, str]]:
         "scheme": grid.scheme, "method": grid.method, "format": "QDQ weight-only (DequantizeLinear)"
         + (" + static QDQ activations (onnxruntime quantize_static)" if act_info else ""),
         "layers_int8": len(rep["int8"]), "layers_int4": len(rep["int4"]), "layers_float": len(rep["fallbacks"]),
+        "scales": {"float16": len(rep["scales_fp16"]), "float32": len(rep["int8"]) + len(rep["int4"]) - len(rep["scales_fp16"])},
         "fallbacks": fallbacks, "activations": act_info,
         "activation_bits": (8 if act_info["layers_a8"] else 16 if act_info["layers_a16"] else None) if act_info else None,
-        "verified": "integers and scales read back through the layer map equal the grid's",
+        "verified": "integers and scales (and the scales' storage type) read back through the layer map equal the grid's",
         "notes": notes,
     }
     if fallbacks:

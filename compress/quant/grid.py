@@ -18,7 +18,11 @@ Convention (one grid every target's quantizer can reproduce):
   quantizer, coremltools ``linear_symmetric``) - gives back exactly ``scale`` and the same ``q``;
 * ``group_size=None``: one scale per output channel, shape ``(O,)``; otherwise groups of
   ``group_size`` consecutive *input* channels, shape ``(O, I // group_size)``, shared over a
-  convolution's kernel positions (Core ML's per-block layout, ONNX blocked quantization on axis 1).
+  convolution's kernel positions (Core ML's per-block layout, ONNX blocked quantization on axis 1);
+* every scale is exactly representable in fp16 (and group scales in bf16 too, XNNPACK's ``qb4w``
+  storage), rounded so when it is made (``storable_scale``): each target stores it at half the
+  cost of fp32 and still computes exactly ``q * scale``. It also makes ``qmax * scale`` exact in
+  float32 (at most 11 + 7 significant bits), so the abs-max round trip above is exact.
 """
 
 from __future__ import annotations
@@ -167,7 +171,8 @@ def layer_group_size(module, bits: int, group_size: int) -> int | None:
 
 
 def absmax_scale(weight, bits: int, group_size: int | None, clip=1.0):
-    """Abs-max scale per channel or group, times ``clip`` (a float or a tensor of the scale's shape)."""
+    """Abs-max scale per channel or group, times ``clip`` (a float or a tensor of the scale's shape),
+    made storable (``storable_scale``)."""
     import torch
 
     w = weight.detach().float()
@@ -178,27 +183,63 @@ def absmax_scale(weight, bits: int, group_size: int | None, clip=1.0):
         i = w.shape[1]
         amax = w.reshape(o, i // group_size, group_size, -1).abs().amax(dim=(2, 3))
     s = amax * clip / qmax(bits)
-    return exact_scale(torch.where(s > 0, s, torch.ones_like(s)), bits)
+    return storable_scale(torch.where(s > 0, s, torch.ones_like(s)), bits, group_size)
 
 
-def exact_scale(scale, bits: int):
-    """``scale`` moved by at most one float32 ulp so that ``(qmax * s) / qmax == s`` in float32.
+FP16_TINY = 2.0 ** -24  # the smallest positive fp16 (subnormal); exact in bf16 too
+FP16_BF16_MAX = 65280.0  # the largest value exact in both fp16 and bf16
 
-    An abs-max observer sees ``max|w| = qmax * s`` (rounded to float32) and divides by ``qmax``; for
-    about 1 scale in 8 at 4 bits (1 in 160 at 8 bits) that round trip lands one ulp away. One of the
-    two neighbours always survives it, so with these scales the observer gives back ``s`` exactly."""
+
+def _storable(s, group_size: int | None):
+    """Elementwise: ``s`` exact in fp16 (and, for groups, in bf16), and > 0."""
     import torch
 
-    s = scale.float().clone()
+    ok = (s.to(torch.float16).float() == s) & (s > 0)
+    if group_size is not None:
+        ok &= s.to(torch.bfloat16).float() == s
+    return ok
+
+
+def observed_fp16(scale, bits: int):
+    """The scale an abs-max observer working in fp16 finds for ``scale`` (Core ML at fp16 precision:
+    ``fp16(max|w16| / qmax)`` with ``w16 = fp16(qmax * scale)``, the division done in float32)."""
+    import torch
+
     m = float(qmax(bits))
-    inf = torch.full_like(s, float("inf"))
-    for toward in (inf, -inf):
-        bad = (s * m) / m != s
+    return ((scale.float() * m).to(torch.float16).float() / m).to(torch.float16).float()
+
+
+def storable_scale(scale, bits: int, group_size: int | None):
+    """``scale`` (positive) rounded to the nearest fp16 value, and for groups (``group_size`` not None)
+    then to bf16: a value every target stores exactly - fp16 scales in ONNX and Core ML, bf16 group
+    scales in XNNPACK (``qb4w``), fp32 in TFLite. A scale that would round to 0 becomes the smallest
+    fp16 (``2**-24``), not 0: a channel / group whose weights are not all zero keeps a scale > 0.
+
+    Then, where an fp16 abs-max observer (``observed_fp16``: Core ML quantizing fp16 weights) would
+    not give the scale back - at 8 bits about 1 scale in 128, whose ``127 * s`` is a tie in fp16 - it
+    moves to a neighbouring storable value that it does give back (float32 observers always do: ``qmax
+    * s`` is exact in float32)."""
+    import torch
+
+    s = scale.float().clamp(max=FP16_BF16_MAX)
+    h = s.to(torch.float16).float()
+    if group_size is not None:
+        h = h.to(torch.bfloat16).float()  # an fp16 value rounded to bf16 is still exact in fp16
+    h = torch.where((h == 0) & (s > 0), torch.full_like(h, FP16_TINY), h)
+    bits_dtype = torch.float16 if group_size is None else torch.bfloat16
+    for step in (1, -1):  # next storable value up, then down (positive floats: the integer view is monotonic)
+        bad = observed_fp16(h, bits) != h
         if not bool(bad.any()):
             break
-        cand = torch.nextafter(s, toward)
-        s = torch.where(bad & ((cand * m) / m == cand), cand, s)
-    return s
+        cand = (h.to(bits_dtype).view(torch.int16) + step).view(bits_dtype).float()
+        h = torch.where(bad & _storable(cand, group_size) & (observed_fp16(cand, bits) == cand), cand, h)
+    return h
+
+
+def scale_is_storable(scale, group_size: int | None) -> bool:
+    """Whether ``scale`` is exact in fp16 (and, for groups, in bf16) and > 0: grids made before scales
+    were rounded so are not, and their targets keep fp32 scales."""
+    return bool(_storable(scale.float(), group_size).all())
 
 
 def snap(grid: LayerGrid, q):

@@ -33,6 +33,31 @@ def assert_on_grid(unet, qgrid):
         q = torch.round(w / g.expand(torch.where(nz, observed, g.scale))).to(torch.int8)
         assert torch.equal(q, ints[name]), name
         assert int(q.abs().max()) <= G.qmax(g.bits)
+        # scales every target stores exactly: fp16 (ONNX, Core ML), group scales bf16 too (XNNPACK qb4w)
+        assert torch.equal(g.scale.half().float(), g.scale), name
+        assert g.group_size is None or torch.equal(g.scale.bfloat16().float(), g.scale), name
+        assert G.scale_is_storable(g.scale, g.group_size) and bool((g.scale > 0).all()), name
+
+
+def test_storable_scale_edges():
+    """Rounded to fp16 (groups: then bf16); tiny scales stay > 0; float32 and fp16 abs-max observers
+    (Core ML at fp16 quantizes fp16 weights) both give the scale back."""
+    torch.manual_seed(0)
+    s = torch.cat([torch.tensor([1e-9, 3e-8, 7.3e-6, 3.3e5]), torch.rand(20000) * 0.05 + 1e-4])
+    for gs in (None, 32):
+        for bits in (4, 8):
+            r = G.storable_scale(s, bits, gs)
+            assert bool((r > 0).all()) and torch.equal(r.half().float(), r) and G.scale_is_storable(r, gs)
+            assert gs is None or torch.equal(r.bfloat16().float(), r)
+            m = G.qmax(bits)
+            assert torch.equal((r * m) / m, r)  # float32 observer
+            fits = r * m <= 65504  # the weight itself is finite in fp16
+            assert torch.equal(G.observed_fp16(r, bits)[fits], r[fits])  # fp16 observer
+            assert float(r[0]) == G.FP16_TINY and float(r[3]) == G.FP16_BF16_MAX
+            # normal fp16 range: within 1.5 ulps (rounding, plus the fp16 observer's one-ulp move)
+            rel = ((r[4:] - s[4:]) / s[4:]).abs().max()
+            assert rel <= (3 * 2.0 ** -8 + 2.0 ** -11 if gs else 3 * 2.0 ** -11), (gs, bits, float(rel))
+    assert not G.scale_is_storable(torch.tensor([0.1]), None) and not G.scale_is_storable(torch.tensor([1.2345e-3]), 32)
 
 
 def random_feeds(unet, n, seed=0):

@@ -91,16 +91,19 @@ def test_integers_in_the_package_equal_the_grid(exports, scheme):
         assert np.array_equal(data.astype(np.int8), ints[name].numpy()), name  # bit for bit
         offset = vals.get("offset", vals.get("zero_point"))
         assert offset is None or not np.any(offset)  # symmetric
-        # scale: the grid's, in fp16 (Core ML computes it from the fp16 weights: within 2 fp16 ulps)
-        s = np.asarray(vals["scale"], dtype=np.float64).reshape(g.shape[0], -1)
-        ref = g.scale.numpy().reshape(g.shape[0], -1).astype(np.float64)
-        assert s.shape == ref.shape and np.max(np.abs(s - ref) / ref) < 2 * 2.0 ** -10, name
-        # dequantized: the on-grid fp32 weight cast to fp16, up to fp16 rounding
+        # scale: stored in fp16, and exactly the grid's (Core ML computes it from the fp16 weights; the grid's
+        # scales are exact in fp16 and chosen so that this fp16 observer gives them back)
+        assert np.asarray(vals["scale"]).dtype == np.float16, name
+        s = np.asarray(vals["scale"], dtype=np.float32).reshape(g.shape[0], -1)
+        ref = g.scale.numpy().reshape(g.shape[0], -1)
+        assert s.shape == ref.shape and np.array_equal(s, ref), name
+        # dequantized (q * scale in fp16): exactly the on-grid fp32 weight cast to fp16
         full = np.repeat(s, g.shape[1] // s.shape[1], axis=1).reshape(g.shape[0], g.shape[1], *([1] * (len(g.shape) - 2)))
         w = mods[name].weight.detach().numpy()
-        assert np.max(np.abs(data * full - w)) <= 2.0 ** -8 * np.abs(w).max(), name
+        assert np.array_equal((data.astype(np.float32) * full).astype(np.float16), w.astype(np.float16)), name
     back = e["quantization"]["readback"]
     assert back["integers_equal"] == back["layers_checked"] == len(grid.layers)
+    assert back["dequantized_exact"] == len(grid.layers) and back["scale_max_rel_diff"] == 0
     assert back["data_types"] == {want_int: len(grid.layers)}
 
 

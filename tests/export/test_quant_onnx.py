@@ -62,7 +62,11 @@ def test_artifact_holds_the_grid_integers_bit_for_bit(exports, scheme, bits):
         assert got[name]["bits"] == bits
         assert np.array_equal(got[name]["q"], want[name].numpy()), name
         assert np.array_equal(got[name]["scale"].reshape(-1), layer.scale.numpy().reshape(-1)), name
+        # group scales are stored in fp16 (exact: the grid rounds them so), per-channel ones in fp32
+        assert got[name]["scale_dtype"] == ("float16" if layer.group_size else "float32"), name
     q = entry["quantization"]
+    n16 = sum(1 for g in grid.layers.values() if g.group_size)
+    assert q["scales"] == {"float16": n16, "float32": len(grid.layers) - n16}
     assert q["scheme"] == scheme and q[f"layers_int{bits}"] == len(grid.layers)
     assert q["layers_float"] == 0 and q["fallbacks"] == {} and q["activations"] is None
     # group-wise layers exist at 4 bits, and convolutions are quantized too (not only MatMul)
@@ -96,7 +100,9 @@ def test_weights_are_stored_at_their_width_and_the_file_shrinks(exports, scheme,
         t, nbytes = inits[name + Q_SUFFIX]
         assert nbytes == (n if bits == 8 else (n + 1) // 2), name  # packed: 1 byte / 2 values per byte
         fp32_weight_bytes += 4 * n
-        q_bytes += nbytes + 4 * layer.scale.numel()
+        q_bytes += nbytes + (2 if layer.group_size else 4) * layer.scale.numel()
+        t, nbytes = inits[name + ".weight.scale"]
+        assert nbytes == (2 if layer.group_size else 4) * layer.scale.numel(), name
     # no fp32 copy of a grid weight is left (in either layout)
     unet = x.model.components["unet"]
     mods = dict(unet.named_modules())
@@ -105,7 +111,7 @@ def test_weights_are_stored_at_their_width_and_the_file_shrinks(exports, scheme,
     floats = [onnx.numpy_helper.to_array(t) for t, _ in inits.values() if t.data_type == onnx.TensorProto.FLOAT]
     assert not any(np.ascontiguousarray(a).tobytes() in weights for a in floats)
     # the fp32 weights are gone and only the integers + scales took their place (plus, per layer, a
-    # DequantizeLinear node, maybe a Reshape, and their names: < 600 bytes)
+    # DequantizeLinear node, maybe a Cast (fp16 scales) and a Reshape, and their names: < 600 bytes)
     assert entry["size_bytes"] <= fentry["size_bytes"] - fp32_weight_bytes + q_bytes + 600 * len(grid.layers)
     # (the tiny model is mostly graph, biases and norms: the demo figures are in the report)
     assert entry["size_bytes"] < fentry["size_bytes"] * 0.70
@@ -186,3 +192,11 @@ def test_onnxruntime_kernel_path_is_measured_stamped_and_applied(exports, scheme
                           tmp_path / "forced", "onnx/unet")
     assert forced.entry["quantization"]["onnxruntime"]["why"].startswith("forced")
     assert OrtSession(forced.path).session_config == {"session.disable_quant_qdq": "1"}
+    assert forced.entry["quantization"]["scales"] == x.entry["quantization"]["scales"]
+    if scheme == "w4":  # forced qdq: fp32 group scales, so that DequantizeLinear -> MatMul fuses into MatMulNBits
+        qdq = export_entry(x.model.path, ExportConfig(targets=("onnx",), components=("unet",), onnx_weights="qdq"),
+                           tmp_path / "qdq", "onnx/unet")
+        assert x.entry["quantization"]["scales"]["float16"] > 0
+        assert qdq.entry["quantization"]["scales"] == {"float16": 0, "float32": len(x.grid.layers)}
+        assert {v["scale_dtype"] for v in read_integers(onnx.load(str(qdq.path)), qdq.component.layer_map).values()} == {"float32"}
+        assert qdq.entry["parity"]["status"] == "pass"
