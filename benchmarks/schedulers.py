@@ -1,7 +1,8 @@
 """Each runtime scheduler against diffusers' own, end to end: PSNR of the runtime pipeline's images on an export
 against diffusers' pipeline on its source model (``pocketfusion.benchmarks.schedulers``; ``--help``).
 
-    python benchmarks/schedulers.py [EXPORT_DIR] [--runtime onnx] [--steps 20] [--prompts 4] [--json OUT]
+    python benchmarks/schedulers.py [EXPORT_DIR] [--models demo,sd21] [--runtime onnx,executorch,tflite] [--steps 20]
+                                    [--prompts 4] [--json OUT]
 """
 
 from pocketfusion.benchmarks.schedulers import main
