@@ -5,9 +5,11 @@ image → export every component to each target whose backend is installed (pari
 quantize the U-Net (``compress``, default W8 GPTQ on the built-in calibration prompts) →
 evaluate the quantized pipeline on the same prompts and seeds (prompt accuracy, image PSNR vs
 fp32) → export the quantized U-Net to the same targets → benchmark both exports on this host
-(latency, peak memory, each in its own process, interleaved) → write ``grid.png``, ``eval.png``,
-``eval.json``, ``export/``, ``compressed/``, ``export-<scheme>/``, ``bench.json``,
-``report.html`` and ``manifest.json``.
+(latency, peak memory, each in its own process, interleaved) → generate the showcase prompts with every
+pipeline (PyTorch and each runtime here, same seeds; ``images/``, PSNR against each one's source) → write
+``grid.png``, ``eval.png``, ``eval.json``, ``export/``, ``compressed/``, ``export-<scheme>/``, ``bench.json``,
+``images/``, ``report.html`` (``runtimes.run_report``: the run's one page, built from these manifests, every
+path relative to it) and ``manifest.json``.
 On a distilled student whose teacher is at hand (``checkpoint.find_source``: the bundled ``demo`` for
 ``demo-4step`` and ``demo-1step``), it also measures the end-to-end speed against that teacher at
 the teacher's own sampler (50 steps with classifier-free guidance for the demo): in PyTorch
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -90,25 +93,36 @@ def run(model, cfg: RunConfig, out: Path, *, showcase: Sequence[str]) -> str:
             "macs_per_call": {k: v["macs"]["total"] for k, v in info["components"].items()},
             "parameters": {k: v["parameters"] for k, v in info["components"].items()},
         }
+        shown = {"model": (images, gen)}  # the showcase prompts' images of each PyTorch pipeline, at its own sampler
         teacher = _teacher(model)
         if teacher is not None:
             metrics["teacher"] = _pytorch_against_teacher(model, teacher, gen, showcase[0])
+            metrics["teacher"].update(_teacher_evaluation(teacher, gen, result["n"]))
+            tgen = dataclasses.replace(gen, steps=default_steps(teacher))
+            shown["teacher"] = (generate_images(teacher, list(showcase), tgen)[0], tgen)
         exported = _export(model, cfg, tmp / "export")
         if exported is not None:
             metrics["export"] = exported
         if cfg.quant is not None:
-            metrics["compress"] = _compress(model, cfg, gen, tmp, eval_images, metrics.get("export"))
+            metrics["compress"], qimages = _compress(model, cfg, gen, tmp, eval_images, metrics.get("export"), showcase)
+            shown["compressed"] = (qimages, gen)
         if teacher is not None and cfg.bench_runs and metrics.get("export", {}).get("components"):
             _export(teacher, cfg, tmp / "teacher-export")
         if cfg.bench_runs and metrics.get("export", {}).get("components"):
             metrics["bench"] = _bench(cfg, tmp)
+        metrics["showcase"] = _showcase(tmp, list(showcase), shown, cfg)
         artifact.atomic_write_text(tmp / "eval.json", json.dumps(result, indent=2) + "\n")
+        from pocketfusion.runtimes.run_report import write_run_report
+
+        run = {"settings": cfg.to_dict(), "source": source.to_dict(), "metrics": metrics}
+        write_run_report(tmp, run, tmp / "report.html")  # before the manifest, which lists (and hashes) it
         artifact.write_manifest(tmp, stage="run", settings=cfg.to_dict(), source=source, metrics=metrics)
     return _summary(out, cfg, metrics)
 
 
 def _summary(out: Path, cfg: RunConfig, metrics: dict) -> str:
-    lines = [f"wrote {out}/ (grid.png, eval.png, eval.json, manifest.json{', bench.json, report.html' if 'bench' in metrics else ''})"]
+    bench = ", bench.json" if "bench" in metrics else ""
+    lines = [f"wrote {out}/ (report.html, grid.png, eval.png, eval.json, images/, manifest.json{bench})"]
     for attr, acc in metrics["prompt_accuracy"].items():
         lines.append(f"  {attr:<11} {acc:6.1%}")
     lines.append(f"  all five    {metrics['all_attributes_correct']:6.1%}  over {metrics['eval_prompts']} held-out prompts")
@@ -143,10 +157,9 @@ def _summary(out: Path, cfg: RunConfig, metrics: dict) -> str:
 
 
 def _bench(cfg: RunConfig, tmp: Path) -> dict:
-    """Both exports timed on this host (``runtimes.bench``), interleaved; ``bench.json`` + ``report.html``."""
+    """Both exports timed on this host (``runtimes.bench``), interleaved; ``bench.json``."""
     from pocketfusion import artifact
     from pocketfusion.runtimes.bench import BenchConfig, bench
-    from pocketfusion.runtimes.report import write_report
 
     dirs = [tmp / "export"] + ([tmp / f"export-{cfg.quant}"] if cfg.quant and (tmp / f"export-{cfg.quant}").is_dir() else [])
     teacher = (tmp / "teacher-export").is_dir()
@@ -154,7 +167,6 @@ def _bench(cfg: RunConfig, tmp: Path) -> dict:
     # end to end: the run's own steps; against a teacher, each export at its own sampler (the student's steps, the teacher's CFG steps)
     res = bench(dirs, BenchConfig(runs=cfg.bench_runs, warmup=2, rounds=2 if len(dirs) > 1 else 1, steps=None if teacher else cfg.steps))
     artifact.atomic_write_text(tmp / "bench.json", json.dumps(res, indent=2) + "\n")
-    write_report([tmp / "bench.json"], tmp / "report.html")
     key = lambda r: f"{r['artifact']}:{r['runtime']}/{r['component']}"  # noqa: E731
     return {
         "median_ms": {key(r): r["latency_ms"]["median"] for r in res["results"]},
@@ -221,12 +233,13 @@ def _export_line(key: str, e: dict, *, indent: int) -> str:
     return f"{' ' * indent}export {key:<{26 - indent}} {e['size_bytes'] / 1e6:7.2f} MB{ratio}  {err}{vs}"
 
 
-def _compress(model, cfg: RunConfig, gen, tmp: Path, fp32_images, fp32_export: dict | None) -> dict:
+def _compress(model, cfg: RunConfig, gen, tmp: Path, fp32_images, fp32_export: dict | None, showcase: Sequence[str]) -> tuple[dict, list]:
     """Quantize the U-Net into ``tmp/compressed``, evaluate the quantized pipeline against the fp32
-    one (same prompts and seeds) and export it (every component, the U-Net quantized) to ``tmp/export-<scheme>``."""
+    one (same prompts and seeds) and export it (every component, the U-Net quantized) to ``tmp/export-<scheme>``.
+    Returns the metrics and the quantized pipeline's images of the ``showcase`` prompts."""
     from pocketfusion.checkpoint import load_model
     from pocketfusion.compress.quant import QuantConfig, quantize
-    from pocketfusion.generate import evaluate
+    from pocketfusion.generate import evaluate, generate_images
     from pocketfusion.metrics import image_psnr
 
     cman = quantize(model, QuantConfig(scheme=cfg.quant, n_prompts=cfg.quant_prompts, seed=cfg.seed), tmp / "compressed")
@@ -242,6 +255,7 @@ def _compress(model, cfg: RunConfig, gen, tmp: Path, fp32_images, fp32_export: d
         "image_psnr_db": image_psnr(fp32_images, res.pop("images")),
         "seconds_per_image_batched": res["seconds_per_image_batched"],
     }
+    shown = generate_images(qmodel, list(showcase), gen)[0]
     targets = tuple(c.split("/")[0] for c in (fp32_export or {}).get("components", {}) if c.endswith("/unet"))
     if targets:
         from pocketfusion.export.api import export
@@ -256,7 +270,89 @@ def _compress(model, cfg: RunConfig, gen, tmp: Path, fp32_images, fp32_export: d
                 e["size_ratio_to_float_export"] = e["size_bytes"] / ref["size_bytes"]
                 e["float_export_precision"] = ref.get("precision", "fp32")
         out["export"] = {"components": comps}
-    return out
+    return out, shown
+
+
+def _teacher_evaluation(teacher, gen, n: int) -> dict:
+    """The teacher's prompt accuracy as its manifest records it (``metrics.evaluation``), when measured on the run's
+    prompts (the same count, seed and guidance, the teacher at its own steps); else why it is not shown."""
+    from pocketfusion import artifact
+
+    root = Path(teacher.path)
+    if not (root / artifact.MANIFEST).is_file():
+        return {"evaluation_missing": "the teacher has no manifest"}
+    ev = artifact.load_manifest(root, verify=False).metrics.get("evaluation")
+    if not isinstance(ev, dict) or "per_attribute" not in ev:
+        return {"evaluation_missing": "the teacher's manifest records no evaluation"}
+    same = ev.get("prompts") == n and ev.get("seed") == gen.seed and ev.get("guidance") == gen.guidance
+    if not same:
+        return {"evaluation_missing": f"the teacher's recorded evaluation ({ev.get('prompts')} prompts, seed {ev.get('seed')}, "
+                                      f"guidance {ev.get('guidance')}) is not on this run's {n} prompts"}
+    keep = ("steps", "guidance", "seed", "prompts", "per_attribute", "all_correct")
+    return {"evaluation": {**{k: ev[k] for k in keep if k in ev}, "from": "the teacher's manifest (metrics.evaluation)"}}
+
+
+def _showcase(tmp: Path, prompts: list[str], shown: dict, cfg: RunConfig) -> dict:
+    """The showcase prompts' images of every pipeline, one PNG each under ``images/``, with PSNR against its source's.
+
+    ``shown``: PyTorch pipeline (``teacher``, ``model``, ``compressed``) -> (images, GenerateConfig). Each export of
+    them (``teacher-export``, ``export``, ``export-<scheme>``) is also run here through every runtime it has that this
+    host runs (``runtimes.pipeline``: same prompts, seeds and steps) and scored against its PyTorch pipeline.
+    """
+    from PIL import Image
+
+    from pocketfusion import artifact, backends
+    from pocketfusion.generate import save_png
+
+    folders = {"teacher": "teacher-export", "model": "export", "compressed": f"export-{cfg.quant}"}
+    sources = {"model": "teacher" if "teacher" in shown else None, "compressed": "model", "teacher": None}
+    rows, skipped = [], {}
+
+    def add(key: str, pipeline: str, runtime: str, images: list, steps: int, reference: str | None, artifact_dir: str | None):
+        paths = []
+        for i, img in enumerate(images):
+            rel = f"images/{key}/{i:02d}.png"
+            save_png(Image.fromarray(img), tmp / rel)
+            paths.append(rel)
+        ref = next((r for r in rows if r["key"] == reference), None)
+        rows.append({"key": key, "pipeline": pipeline, "runtime": runtime, "artifact": artifact_dir, "steps": steps,
+                     "images": paths, "reference": reference, "psnr_db": _psnr(ref["_images"], images) if ref else None,
+                     "_images": images})
+
+    for pipeline in ("teacher", "model", "compressed"):
+        if pipeline not in shown:
+            continue
+        images, g = shown[pipeline]
+        add(pipeline, pipeline, "pytorch", images, g.steps, sources[pipeline], None)
+        folder = folders[pipeline]
+        if not (tmp / folder / artifact.MANIFEST).is_file():
+            continue
+        from pocketfusion.runtimes.pipeline import RuntimePipeline
+
+        for target in artifact.load_manifest(tmp / folder, verify=False).targets():
+            b = backends.backend(target)
+            if not b.runs_on_linux and sys.platform != "darwin":
+                skipped[f"{folder}/{b.runtime}"] = f"{b.runtime} runs only on macOS"
+                continue
+            if not backends.installed(target, runtime=True):
+                skipped[f"{folder}/{b.runtime}"] = f"{b.runtime} not installed: pip install 'pocketfusion[{b.extra}]'"
+                continue
+            pipe = RuntimePipeline(tmp / folder, b.runtime)
+            imgs, _ = pipe.generate(prompts, steps=g.steps, guidance=g.guidance, seed=g.seed)
+            add(f"{folder}.{b.runtime}", pipeline, b.runtime, imgs, g.steps, pipeline, folder)
+    for r in rows:
+        del r["_images"]
+    return {"prompts": prompts, "seed": cfg.seed, "guidance": cfg.guidance, "rows": rows, "skipped": skipped}
+
+
+def _psnr(ref: list, images: list) -> dict:
+    """``metrics.image_psnr`` with identical images as None (JSON has no infinity): mean over the differing ones."""
+    import math
+
+    from pocketfusion.metrics import image_psnr
+
+    p = image_psnr(ref, images)
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in p.items()}
 
 
 def _export(model, cfg: RunConfig, out: Path) -> dict | None:

@@ -1,6 +1,8 @@
 """The shipped demo model: loadable by diffusers unchanged, verified, small, and following prompts."""
 
+import html
 import json
+import re
 
 import pytest
 
@@ -70,6 +72,21 @@ def test_run_writes_a_complete_artifact(tmp_path, capsys):
     assert {"export:onnxruntime/unet", "export:onnxruntime/end_to_end", "export-w8:onnxruntime/unet"} <= set(b["median_ms"]), b
     assert all(v > 0 for v in b["median_ms"].values()) and b["speed_vs_float"]["export-w8"]["onnxruntime/unet"] > 0
     assert json.loads((out / "bench.json").read_text())["schema"] and (out / "report.html").stat().st_size > 1000
+    # the run's one page: every path relative to it, valid after the staging folder was renamed into place
+    page = (out / "report.html").read_text()
+    assert ".partial" not in page and str(tmp_path) not in page and "report.html" in m.files
+    refs = [html.unescape(r) for r in re.findall(r"(?:src|href)='([^']*)'", page) if not r.startswith("data:")]
+    assert refs and all(not r.startswith("/") and (out / r).exists() for r in refs), refs
+    assert "<section id='artifact-model'" in page and "<section id='artifact-compressed'" in page
+    sc = m.metrics["showcase"]  # the showcase prompts through every pipeline, PyTorch and onnxruntime, same seeds
+    rows = {r["key"]: r for r in sc["rows"]}
+    assert set(rows) == {"model", "compressed", "export.onnxruntime", "export-w8.onnxruntime"}, set(rows)
+    assert all(len(r["images"]) == len(sc["prompts"]) and all((out / i).is_file() for i in r["images"]) for r in rows.values())
+    for key in ("compressed", "export.onnxruntime", "export-w8.onnxruntime"):
+        p = rows[key]["psnr_db"]
+        assert p["identical_images"] == len(sc["prompts"]) or p["min_db"] > 30, (key, p)
+    for prompt in sc["prompts"]:  # under each image: the model's section (model, onnxruntime), the W8's (model, W8, onnxruntime)
+        assert page.count(f"<figcaption>{html.escape(prompt)}") == 5, prompt
     assert m.source.sha256 == artifact.content_hash(DEMO_MODEL)
     assert set(m.metrics["prompt_accuracy"]) == {"shape", "color", "background", "size", "position"}
     assert m.metrics["seconds_per_image_batch1"] > 0 and m.metrics["macs_per_call"]["unet"] > 0
@@ -96,6 +113,11 @@ def test_run_on_a_student_times_it_against_its_teacher(tmp_path, capsys):
     vs = m.metrics["bench"]["speed_vs_teacher"]
     assert vs["export"]["onnxruntime"] > 3 and vs["export-w8"]["onnxruntime"] > 3, vs
     assert "bench export-w8 end to end vs the teacher" in capsys.readouterr().out
+    rows = {r["key"]: r for r in m.metrics["showcase"]["rows"]}  # the teacher is the report's original, its images too
+    assert rows["teacher"]["steps"] == 50 and rows["model"]["reference"] == "teacher" and rows["model"]["psnr_db"]["min_db"] > 5
+    assert rows["teacher-export.onnxruntime"]["reference"] == "teacher"
+    page = (out / "report.html").read_text()
+    assert "The original is <b>teacher</b>" in page and "<section id='artifact-teacher'" in page and ".partial" not in page
 
 
 def test_eval_cli_json(tmp_path):
