@@ -164,6 +164,23 @@ def _sdxl_encoder(model, unet):
     return encode
 
 
+def upcast_half(model) -> None:
+    """A half-precision pipeline (an fp16 single file) is sampled in float32 here: its modules converted in place.
+
+    Calibration and quantization sample the whole pipeline on the CPU, where float16 convolutions are slow; what a
+    stage writes is unaffected (components it leaves alone are copied from the source folder as they are)."""
+    import torch
+
+    mods = [m for m in model.components.values() if isinstance(m, torch.nn.Module)]
+    low = sorted({str(p.dtype).removeprefix("torch.") for m in mods for p in m.parameters()
+                  if p.dtype in (torch.float16, torch.bfloat16)})
+    if not low:
+        return
+    logger.warning("weights are %s: sampling in float32 on the CPU", "/".join(low))
+    for m in mods:
+        m.float()
+
+
 def capture_steps(model, steps: int | None, n_timesteps: int) -> tuple[int, int]:
     """(steps, timesteps recorded) of a capture: ``steps`` None is the model's own sampler for a distilled
     student (its default step count, every step recorded up to ``n_timesteps``), else ``DEFAULT_STEPS``."""
@@ -204,6 +221,7 @@ def capture(model, prompts: Sequence[str], *, steps: int | None = None, n_timest
     from pocketfusion.guidance import embeds_guidance, guidance_embedding
 
     prompts = list(prompts)
+    upcast_half(model)
     steps, n_timesteps = capture_steps(model, steps, n_timesteps)
     _check_settings(len(prompts), steps, n_timesteps, guidance)
     t0 = time.perf_counter()

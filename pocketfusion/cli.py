@@ -439,9 +439,9 @@ def _add_compress(sub) -> None:
     p.add_argument("--image-prompts", type=int, default=None, metavar="N",
                    help="held-out prompts whose images are compared with fp32's (default 4; 0: skip)")
     p.add_argument("--image-steps", type=int, default=None, metavar="N", help="sampling steps of those images (default: --calib-steps)")
-    p.add_argument("--sensitivity", default="auto", choices=["auto", "measured", "local"],
-                   help="w4: each layer's 4-bit cost measured on the U-Net's output, or its own output's error (auto: measured "
-                        "unless that pass is estimated over 15 min)")
+    p.add_argument("--sensitivity", default="auto", choices=["auto", "measured", "projected"],
+                   help="w4: each layer's 4-bit cost on the U-Net's output, measured a layer at a time or projected for all "
+                        "layers from 8 backward passes (auto: measured unless that is estimated over 15 min)")
     p.add_argument("--max-minutes", type=float, default=None, metavar="M",
                    help="refuse to start when the run's plan (printed first, from a U-Net call timed here) exceeds M minutes")
     p.add_argument("--distill-steps", type=int, default=None, choices=[1, 2, 4],

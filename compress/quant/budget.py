@@ -12,7 +12,7 @@ from typing import Any
 
 from pocketfusion.compress.quant import grid as G
 from pocketfusion.compress.quant.feeds import batch_limit
-from pocketfusion.compress.quant.gptq import hessian_dtype
+from pocketfusion.compress.quant.gptq import column_blocks, hessian_dtype
 
 
 @dataclass
@@ -101,7 +101,8 @@ def estimate(model, cfg, *, n_capture: int, steps: int, n_timesteps: int, n_cali
     gptq = cfg.method == "gptq"
     if gptq:
         rates = {dt: factorization_rate(dt) for dt in {hessian_dtype(_cols(m)) for m in layers.values()}}
-        fact = sum((4 / 3) * _cols(m) ** 3 / rates[hessian_dtype(_cols(m))] for m in layers.values())
+        fact = sum((4 / 3) * (b - a) ** 3 / rates[hessian_dtype(_cols(m))]
+                   for m in layers.values() for a, b in column_blocks(_cols(m), cfg.gptq_max_cols))
         widest = max(_cols(m) for m in layers.values())
         passes = min(cfg.chunks, n_layers)
         hess = passes * calib_samples * per_sample * 0.55  # a pass stops after its chunk's last layer: about half a call
@@ -118,8 +119,10 @@ def estimate(model, cfg, *, n_capture: int, steps: int, n_timesteps: int, n_cali
             e.lines.append(f"w4 sensitivity, measured: {n_layers} layers x a pass over {sens_samples} samples"
                            f"{' + one more GPTQ' if gptq else ''} ({why}): {_fmt(s)}")
         else:
-            s = min(cfg.chunks, n_layers) * calib_samples * per_sample * 0.55
-            e.lines.append(f"w4 sensitivity, local ({why}): {_fmt(s)}")
+            from pocketfusion.compress.quant.mixed import PROJECTIONS
+
+            s = 2 * per_sample * (1 + 3 * PROJECTIONS)  # a backward pass with recomputation: about 3 forward passes
+            e.lines.append(f"w4 sensitivity, projected ({why}): {_fmt(s)}")
         e.parts["sensitivity"] = s
     variants = 1 + (cfg.method != "rtn") + mixed
     held = (variants + 1) * 2 * n_held_feeds * per_sample

@@ -22,9 +22,10 @@ CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 CHUNKS = 12  # sequential GPTQ: Hessian passes over the calibration feeds
 MAX_BATCH = 256  # samples per U-Net call during calibration passes
 HESSIAN_BYTES = 2 << 30  # GPTQ: Hessians held at once (a chunk ends earlier when they would exceed it)
+GPTQ_MAX_COLS = 8192  # GPTQ: wider layers are rounded in column blocks of at most this many (gptq.column_blocks)
 ACTIVATION_BYTES = 2 << 30  # calibration passes: fewer samples per call where a call's activations would exceed it
 SENSITIVITY_SECONDS = 900.0  # w4 "auto" sensitivity: the measured pass when it is estimated to take at most this
-SENSITIVITY_MODES = ("auto", "measured", "local")
+SENSITIVITY_MODES = ("auto", "measured", "projected")
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,14 @@ class QuantConfig:
         act_snr_db: ``w8a8``: the U-Net output SNR (against the W8 model) the 8-bit activations must
             keep on the calibration feeds; the costliest layer inputs fall back to 16 bits until they do.
         sequential, chunks, act_order, damp, block, clip_grid, hessian_bytes: GPTQ (see ``gptq.py``).
+        gptq_max_cols: GPTQ factorizes a wider layer's Hessian in diagonal blocks of at most this many columns
+            (None: whole; the demo's layers are all narrower).
         sensitivity_feeds: calibration feeds (CFG pairs) used to measure per-layer costs.
         sensitivity: ``w4``: how each layer's 4-bit cost is found. ``measured``: the U-Net's output error with that
-            one layer at 4 bits (a U-Net pass over the sensitivity feeds per layer); ``local``: the layer's own
-            output error, ``tr(dW H dWᵀ) / tr(W H Wᵀ)`` with the round-to-nearest 4-bit change ``dW`` and the
-            layer's input Hessian ``H`` (one Hessian pass, no U-Net pass per layer); ``auto``: ``measured`` when
-            its estimate (layers x the timed pass) is at most ``sensitivity_seconds``, else ``local``.
+            one layer at 4 bits (a U-Net pass over the sensitivity feeds per layer); ``projected``: the same error
+            linearized, for every layer at once from one CFG pair and 8 random backward passes (``mixed.
+            projected_sensitivity``; round-to-nearest changes); ``auto``: ``measured`` when its estimate (layers x
+            the timed pass) is at most ``sensitivity_seconds``, else ``projected``.
         max_batch: samples per U-Net call during calibration passes (fewer for a large U-Net: ``feeds.batch_limit``).
 
     Calibration:
@@ -84,6 +87,7 @@ class QuantConfig:
     sensitivity_seconds: float = SENSITIVITY_SECONDS
     max_batch: int = MAX_BATCH
     hessian_bytes: int = HESSIAN_BYTES
+    gptq_max_cols: int | None = GPTQ_MAX_COLS
     calib: str | None = None
     n_prompts: int | None = None
     seed: int = 0
@@ -121,7 +125,8 @@ class QuantConfig:
             raise UserError(f"clip_grid must hold factors in (0, 1], got {self.clip_grid}")
         if self.damp < 0:
             raise UserError(f"damp must be >= 0, got {self.damp}")
-        for name in ("chunks", "block", "sensitivity_feeds", "max_batch", "hessian_bytes", "calib_steps", "calib_timesteps", "image_steps"):
+        for name in ("chunks", "block", "sensitivity_feeds", "max_batch", "hessian_bytes", "gptq_max_cols", "calib_steps",
+                     "calib_timesteps", "image_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_minutes is not None and not self.max_minutes > 0:

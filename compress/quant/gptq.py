@@ -29,6 +29,16 @@ logger = logging.getLogger(__name__)
 FLOAT64_MAX_COLS = 8192
 
 
+def column_blocks(cols: int, max_cols: int | None) -> list[tuple[int, int]]:
+    """GPTQ's column ranges for a layer: one range, or for a layer wider than ``max_cols`` equal contiguous ranges of
+    at most ``max_cols`` columns, each factorized and compensated on its own (the Hessian's diagonal blocks)."""
+    if max_cols is None or cols <= max_cols:
+        return [(0, cols)]
+    k = -(-cols // max_cols)
+    b = -(-cols // k)
+    return [(i, min(i + b, cols)) for i in range(0, cols, b)]
+
+
 def hessian_dtype(cols: int):
     import torch
 
@@ -215,8 +225,12 @@ def gptq(w, H, scale_cols, m: int, anchor, zero, *, damp: float = DAMP, block: i
 
 def quantize_layer(module, name: str, bits: int, group_size: int | None, method: str, hessian=None, *,
                    damp: float = DAMP, clip_grid: Sequence[float] = CLIP_GRID, block: int = BLOCK,
-                   act_order: bool = False) -> tuple[G.LayerGrid, Any]:
-    """One layer onto its grid: returns (LayerGrid, int8 integers) without touching the module."""
+                   act_order: bool = False, max_cols: int | None = None) -> tuple[G.LayerGrid, Any]:
+    """One layer onto its grid: returns (LayerGrid, int8 integers) without touching the module.
+
+    ``max_cols``: a wider layer's columns are rounded in ``column_blocks``, each with its own diagonal block of the
+    Hessian (error compensated within the block): SD-1.5's 23,040-column convolutions cost 3 factorizations of
+    7,680 columns, 1/9 of one of 23,040."""
     import torch
 
     if method == "rtn" or hessian is None or hessian[1] == 0:
@@ -229,7 +243,14 @@ def quantize_layer(module, name: str, bits: int, group_size: int | None, method:
     lg.scale, _ = clip_search(lg, w, torch.diag(H), clip_grid)
     anchor, zero = _anchor(lg, w)
     scale_cols = _flat(lg.expand(lg.scale))
-    q = gptq(_flat(w), H, scale_cols, G.qmax(bits), anchor, zero, damp=damp, block=block, act_order=act_order, overwrite_h=True)
+    wf = _flat(w)
+    parts = column_blocks(wf.shape[1], max_cols)
+    if len(parts) == 1:
+        q = gptq(wf, H, scale_cols, G.qmax(bits), anchor, zero, damp=damp, block=block, act_order=act_order, overwrite_h=True)
+    else:
+        q = torch.cat([gptq(wf[:, a:b], H[a:b, a:b].clone(), scale_cols[:, a:b], G.qmax(bits), anchor[:, a:b], zero[:, a:b],
+                            damp=damp, block=block, act_order=act_order, overwrite_h=True) for a, b in parts], dim=1)
+        lg.reason = f"GPTQ in {len(parts)} column blocks of at most {max(b - a for a, b in parts)} (Hessian's diagonal blocks)"
     del H
     q = q.reshape(w.shape).to(torch.int8)
     snapped = G.snap(lg, q)
@@ -294,7 +315,8 @@ def quantize_weights(unet, batches, plan: dict[str, tuple[int, int | None]], cfg
             for n in part:
                 why = _supported(mods[n])
                 grids[n], ints[n] = quantize_layer(mods[n], n, *plan[n], "rtn" if why else method, hs.pop(n), damp=cfg.damp,
-                                                   clip_grid=cfg.clip_grid, block=cfg.block, act_order=cfg.act_order)
+                                                   clip_grid=cfg.clip_grid, block=cfg.block, act_order=cfg.act_order,
+                                                   max_cols=cfg.gptq_max_cols)
                 if why:
                     grids[n].reason = f"{why}: round to nearest"
                 bar.update(1)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pocketfusion import artifact, pruning
+from pocketfusion.calibration.capture import upcast_half
 from pocketfusion.compress.quant import grid as G
 from pocketfusion.compress.quant.activations import simulate_activations
 from pocketfusion.compress.quant.config import QuantConfig
@@ -61,7 +62,7 @@ def quantize(model, cfg: QuantConfig, out: str | Path, *, progress: bool = True,
     out = Path(out)
     log = steps if steps is not None else StepLog()
     t0 = time.perf_counter()
-    _upcast(model)
+    upcast_half(model)
     plan = _plan(model, cfg, progress)
     with log.step("calibrate"):
         cset = _calibration(model, cfg, progress)
@@ -124,23 +125,6 @@ def _check_input(model, out) -> None:
         raise UserError(f"output {out} exists and is not a directory")
     if out.resolve() == Path(model.path).resolve():
         raise UserError(f"output {out} is the source model folder; choose another directory")
-
-
-def _upcast(model) -> None:
-    """A half-precision pipeline (an fp16 single file) is calibrated in float32: its modules converted in place.
-
-    Calibration samples the whole pipeline on this CPU, where float16 convolutions are slow; the components the
-    stage does not quantize are copied from the source folder as they are, the U-Net is saved in float32."""
-    import torch
-
-    mods = [m for m in model.components.values() if isinstance(m, torch.nn.Module)]
-    low = {str(next(m.parameters()).dtype) for m in mods if next(m.parameters(), None) is not None
-           and next(m.parameters()).dtype in (torch.float16, torch.bfloat16)}
-    if not low:
-        return
-    logger.warning("weights are %s: calibrating and quantizing in float32", "/".join(sorted(low)))
-    for m in mods:
-        m.float()
 
 
 def _float_unet(unet):

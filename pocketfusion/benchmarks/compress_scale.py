@@ -7,10 +7,11 @@
 Writes a full-size SD-1.5 single file with random weights (the bundled ``sd15`` configs, fp16: what most users
 download), a prompts file, then runs the real CLI in child processes, one at a time:
 
-1. ``pocketfusion compress sd15.safetensors --quant w8 --calib prompts.txt ...``: convert, calibrate, GPTQ,
-   measure, write; its manifest's ``metrics.steps`` holds each step's wall time and peak RSS (reset per step);
-2. ``pocketfusion compress ... --quant w4 --calib <w8's calibration set>`` (the same budget, not sampled again);
-3. ``pocketfusion export <each> --target T --components unet``: wall time and the child's peak RSS (``wait4``).
+1. ``pocketfusion calibrate sd15.safetensors --prompts prompts.txt --steps S --timesteps K -o calib``: the
+   calibration budget, sampled once (wall time and the child's peak RSS, ``wait4``);
+2. ``pocketfusion compress sd15.safetensors --quant w8 --calib calib ...``: convert, GPTQ, measure, write; its
+   manifest's ``metrics.steps`` holds each step's wall time and peak RSS (reset per step); then ``--quant w4``;
+3. ``pocketfusion export <each> --target T --components unet``: wall time and the child's peak RSS.
 
 A step whose output exists is not run again (``--work`` keeps them), so an interrupted run resumes.
 """
@@ -81,12 +82,21 @@ def main(argv: list[str] | None = None) -> int:
     res["file_gb"] = round(file.stat().st_size / 1e9, 3)
     prompts = work / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[: a.prompts]) + "\n")
-    calib: str = str(prompts)
+    calib = work / "calib"
+    if not (calib / "manifest.json").exists():
+        cmd = [*exe, "calibrate", str(file), "--prompts", str(prompts), "--steps", str(a.calib_steps), "--timesteps",
+               str(a.timesteps), "-o", str(calib)]
+        print(f"$ {' '.join(cmd[2:])}", flush=True)
+        r = _run(cmd, work / "calibrate.log")
+        res["steps"]["convert + calibrate"] = r
+        if r["returncode"]:
+            print(_tail(r["log"]), file=sys.stderr)
+            return 1
     for scheme in [q for q in a.quant.split(",") if q]:
         out = work / scheme
         if not (out / "manifest.json").exists():
-            cmd = [*exe, "compress", str(file), "--quant", scheme, "--calib", calib, "--calib-steps", str(a.calib_steps),
-                   "--timesteps", str(a.timesteps), "--image-prompts", str(a.image_prompts), "-o", str(out)]
+            cmd = [*exe, "compress", str(file), "--quant", scheme, "--calib", str(calib), "--image-prompts", str(a.image_prompts),
+                   "--image-steps", str(a.calib_steps), "-o", str(out)]
             print(f"$ {' '.join(cmd[2:])}", flush=True)
             r = _run(cmd, work / f"compress-{scheme}.log")
             res["steps"][f"compress {scheme}"] = r
@@ -97,7 +107,6 @@ def main(argv: list[str] | None = None) -> int:
         res[scheme] = {"steps": m.get("steps"), "plan": m.get("plan"), "seconds": m.get("seconds"),
                        "unet_heldout_error": m.get("unet_heldout_error"), "image_psnr_vs_fp32": m.get("image_psnr_vs_fp32"),
                        "unet_bytes": m.get("unet_bytes"), "layers": m.get("layers")}
-        calib = str(out / "calibration")  # the next scheme reuses the set: the same budget, sampled once
         for target in [t for t in a.targets.split(",") if t]:
             eout = work / f"{scheme}-{target}"
             if not (eout / "manifest.json").exists():
