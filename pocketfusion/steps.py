@@ -26,23 +26,29 @@ def _reset_peak() -> bool:
         return False
 
 
-def _rss_gib(key: str) -> float | None:
+def status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` figure in KiB (None off Linux)."""
     try:
         for line in _STATUS.read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 2**20  # kB
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
     except OSError:
         pass
     return None
 
 
+def peak_kib() -> int:
+    """The process's peak resident memory in KiB: ``VmHWM`` (since the last reset), else ``ru_maxrss``."""
+    hwm = status_kib("VmHWM")
+    if hwm is not None:
+        return hwm
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss // 1024 if sys.platform == "darwin" else rss
+
+
 def peak_rss_gib() -> float:
     """The process's peak resident memory (since the last reset on Linux), GiB."""
-    v = _rss_gib("VmHWM")
-    if v is not None:
-        return v
-    scale = 2**30 if sys.platform == "darwin" else 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+    return peak_kib() / 2**20
 
 
 @dataclass

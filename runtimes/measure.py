@@ -14,25 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _peak_kib() -> int:
-    hwm = _status_kib("VmHWM")
-    if hwm is not None:
-        return hwm
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss // 1024 if sys.platform == "darwin" else rss
+from pocketfusion.steps import peak_kib, status_kib
 
 
 def measure(job: dict) -> dict:
@@ -45,7 +27,7 @@ def measure(job: dict) -> dict:
     importlib.import_module(backends.for_runtime(runtime).runtime_probe)  # baseline includes the runtime's own import
     if job["component"] == "end_to_end":
         import pocketfusion.runtimes.pipeline  # noqa: F401
-    base_rss = _status_kib("VmRSS") or 0
+    base_rss = status_kib("VmRSS") or 0
     threads = job.get("threads")
     t0 = time.perf_counter()
     if job["component"] == "end_to_end":
@@ -77,7 +59,7 @@ def measure(job: dict) -> dict:
         lat.append((time.perf_counter() - t) * 1e3)
         if job["component"] == "end_to_end":
             breakdowns.append(pipe.timings)
-    peak = _peak_kib()
+    peak = peak_kib()
     out = {
         "runtime": runtime, "component": job["component"], "device": device, "load_ms": load_ms, "latencies_ms": lat,
         "peak_rss_mib": peak / 1024, "baseline_rss_mib": base_rss / 1024, "rss_growth_mib": (peak - base_rss) / 1024,
