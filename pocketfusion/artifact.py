@@ -6,7 +6,7 @@ Every stage writes a directory holding its files and a ``manifest.json``::
       "schema_version": 2,
       "stage": "export",                       # what made this directory
       "settings": {...},                       # the stage config's to_dict()
-      "source": {"path": "...", "sha256": "..."} | null,    # what it was made from
+      "source": {"path": "...", "sha256": "..."} | null,    # what it was made from (relative: to this folder)
       "components": [                          # typed: where each component is, what it takes
         {"name": "unet", "path": "onnx/unet.onnx", "format": "onnx", "target": "onnx",
          "inputs": [{"name": "sample", "shape": [2, 4, 8, 8], "dtype": "float32"}, ...],
@@ -26,7 +26,11 @@ Every stage writes a directory holding its files and a ``manifest.json``::
 
 No stage finds another's output by a file-name convention: it reads these fields. A directory is
 written under a temporary name next to its destination and renamed into place only when complete
-(``staged_dir``), so an interrupted run never leaves a directory that looks finished.
+(``staged_dir``), so an interrupted run never leaves a directory that looks finished. A path a manifest
+records (source, calibration, grid, component) that lies inside the same folder being staged (a run's
+``export-w8`` made from its own ``compressed``) is written relative to the manifest's folder
+(``portable_path``): it stays valid when the staging folder is renamed into place and when the finished
+folder is moved; ``load_manifest`` reads a relative source back as an absolute path.
 ``load_manifest`` verifies every checksum and rejects other schema versions with one line naming
 the version.
 """
@@ -34,6 +38,7 @@ the version.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -50,6 +55,7 @@ from pocketfusion.errors import ManifestError, UserError
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
+_STAGING: list[Path] = []  # the folders ``staged_dir`` is filling now, resolved, outermost first (``portable_path``)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -126,7 +132,9 @@ class CalibrationRef:
 
 @dataclass(frozen=True)
 class SourceRef:
-    """What a stage's output was made from: the input's path and content hash."""
+    """What a stage's output was made from: the input's path and content hash. The path is absolute, or
+    relative to the manifest's folder when the input lies in the same staged folder (``portable_path``);
+    ``load_manifest`` gives it back absolute."""
 
     path: str
     sha256: str
@@ -381,6 +389,11 @@ def write_manifest(
     for c in components:
         if not (root / c.path).exists():
             raise ManifestError(f"component {c.key}: {c.path} does not exist in {root}")
+    components = [_portable_component(c, root) for c in components]
+    if source is not None:
+        source = SourceRef(portable_path(source.path, root), source.sha256)
+    if calibration is not None:
+        calibration = CalibrationRef(portable_path(calibration.path, root), calibration.sha256)
     files = {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in _walk(root)}
     m = Manifest(
         schema_version=SCHEMA_VERSION,
@@ -398,6 +411,26 @@ def write_manifest(
     )
     atomic_write_text(root / MANIFEST, json.dumps(m.to_dict(), indent=2, sort_keys=False) + "\n")
     return m
+
+
+def portable_path(path: str, directory: str | Path) -> str:
+    """``path`` as a manifest in ``directory`` records it: relative to ``directory`` when both lie inside a folder
+    ``staged_dir`` is filling now (the path then moves with the manifest: ``../compressed`` from a run's
+    ``export-w8``, valid after the run folder is renamed into place or moved), else unchanged."""
+    p = Path(path)
+    if not p.is_absolute() or not _STAGING:
+        return path
+    p, root = p.resolve(), Path(directory).resolve()
+    for staging in _STAGING:
+        if p.is_relative_to(staging) and root.is_relative_to(staging):
+            return Path(os.path.relpath(p, root)).as_posix()
+    return path
+
+
+def _portable_component(c: Component, root: Path) -> Component:
+    grid = None if c.grid is None else dataclasses.replace(c.grid, path=portable_path(c.grid.path, root))
+    golden = None if c.golden is None else portable_path(c.golden, root)
+    return dataclasses.replace(c, path=portable_path(c.path, root), grid=grid, golden=golden)
 
 
 def resolve_path(directory: str | Path, rel: str) -> Path:
@@ -422,6 +455,8 @@ def load_manifest(directory: str | Path, *, verify: bool = True) -> Manifest:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path} is not valid JSON: {e}") from None
     m = Manifest.from_dict(data)
+    if m.source is not None and not Path(m.source.path).is_absolute():  # inside the same folder (``portable_path``)
+        m = dataclasses.replace(m, source=SourceRef(str((root / m.source.path).resolve()), m.source.sha256))
     if verify:
         for rel, info in m.files.items():
             p = root / rel
@@ -478,8 +513,13 @@ def staged_dir(dest: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
         raise UserError(f"output {dest} exists (pass --overwrite to replace it)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    staging = tmp.resolve()
+    _STAGING.append(staging)
     try:
-        yield tmp
+        try:
+            yield tmp
+        finally:
+            _STAGING.remove(staging)
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             os.replace(dest, old)

@@ -165,7 +165,8 @@ def _bench(cfg: RunConfig, tmp: Path) -> dict:
     teacher = (tmp / "teacher-export").is_dir()
     dirs += [tmp / "teacher-export"] if teacher else []
     # end to end: the run's own steps; against a teacher, each export at its own sampler (the student's steps, the teacher's CFG steps)
-    res = bench(dirs, BenchConfig(runs=cfg.bench_runs, warmup=2, rounds=2 if len(dirs) > 1 else 1, steps=None if teacher else cfg.steps))
+    res = bench(dirs, BenchConfig(runs=cfg.bench_runs, warmup=2, rounds=2 if len(dirs) > 1 else 1, steps=None if teacher else cfg.steps),
+                relative_to=tmp)  # the exports' paths relative to bench.json: valid once the run is moved into place
     artifact.atomic_write_text(tmp / "bench.json", json.dumps(res, indent=2) + "\n")
     key = lambda r: f"{r['artifact']}:{r['runtime']}/{r['component']}"  # noqa: E731
     return {

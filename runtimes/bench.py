@@ -8,7 +8,7 @@ Results JSON (schema ``pocketfusion.bench``, version 1)::
                                     "roofline": {"bandwidth": {numpy copy/triad GB/s}, "runtimes": {runtime: probes}}},
       "versions": {"pocketfusion", "onnxruntime", "executorch", "ai-edge-litert", ...},
       "settings": {"threads", "runs", "warmup", "rounds", "steps"},
-      "artifacts": [{"path", "manifest_sha256", "label"}],
+      "artifacts": [{"path", "manifest_sha256", "label"}],   # path: absolute, or relative to the JSON's folder
       "results": [{
           "artifact": label, "runtime", "component", "device", "load_ms",
           "latency_ms": {"median", "p90", "min", "max", "runs"}, "latencies_ms": [...],
@@ -192,11 +192,14 @@ def _macs(root: Path) -> dict:
         return {}
 
 
-def bench(dirs: list[Path], cfg: BenchConfig, *, progress: bool = True, probe_cache: Path | None = None) -> dict:
+def bench(dirs: list[Path], cfg: BenchConfig, *, progress: bool = True, probe_cache: Path | None = None,
+          relative_to: Path | None = None) -> dict:
     """Measure every (artifact, runtime, component) in a child process; returns the results dict.
 
     ``probe_cache``: a JSON file of the roofline probes (``runtimes.roofline``), read when it exists and written
-    after probing, so that a later bench on this host, runtime and threads skips the probes it holds."""
+    after probing, so that a later bench on this host, runtime and threads skips the probes it holds.
+    ``relative_to``: the folder the results are written into; an artifact inside it is recorded by its path
+    relative to it (a run's ``bench.json``: valid after the run folder is renamed into place or moved)."""
     import datetime as dt
 
     from tqdm import tqdm
@@ -253,7 +256,7 @@ def bench(dirs: list[Path], cfg: BenchConfig, *, progress: bool = True, probe_ca
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "host": host, "versions": versions(), "settings": cfg.to_dict(),
-        "artifacts": [{"label": lb, "path": str(d.resolve()), "manifest_sha256": artifact.sha256_file(d / artifact.MANIFEST)}
+        "artifacts": [{"label": lb, "path": _recorded_path(d, relative_to), "manifest_sha256": artifact.sha256_file(d / artifact.MANIFEST)}
                       for lb, d in zip(labels, dirs)],
         "results": results, "notes": [],
     }
@@ -315,6 +318,20 @@ def phone_estimates(results: list[dict]) -> list[dict]:
             est = roofline_ms(r["macs"], r["size_bytes"], prof)
             out.append({"artifact": r["artifact"], "component": r["component"], **est})
     return out
+
+
+def _recorded_path(d: Path, relative_to: Path | None) -> str:
+    """``d`` as the results record it: relative to ``relative_to`` when inside it, else absolute."""
+    p = Path(d).resolve()
+    if relative_to is not None and p.is_relative_to(base := Path(relative_to).resolve()):
+        return p.relative_to(base).as_posix()
+    return str(p)
+
+
+def artifact_path(res_file: Path, recorded: str) -> Path:
+    """An artifact's recorded ``path`` in the results file ``res_file`` as a filesystem path (relative: to its folder)."""
+    p = Path(recorded)
+    return p if p.is_absolute() else Path(res_file).resolve().parent / p
 
 
 def _labels(dirs: list[Path]) -> list[str]:

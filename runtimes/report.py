@@ -21,6 +21,8 @@ th{background:#f6f6f6}td:first-child,th:first-child,td:nth-child(2),td:nth-child
 
 
 def load_results(paths: list[Path]) -> list[dict]:
+    from pocketfusion.runtimes.bench import artifact_path
+
     out = []
     for p in paths:
         try:
@@ -29,6 +31,8 @@ def load_results(paths: list[Path]) -> list[dict]:
             raise UserError(f"{p}: cannot read bench results ({e})") from None
         if d.get("schema") != "pocketfusion.bench" or d.get("schema_version") != 1:
             raise UserError(f"{p}: not a pocketfusion bench result of schema version 1")
+        for a in d.get("artifacts", []):  # a run's bench.json records its exports relative to itself
+            a["path"] = str(artifact_path(Path(p), a["path"]))
         out.append(d)
     return out
 

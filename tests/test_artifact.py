@@ -154,3 +154,36 @@ def test_content_hash_changes_with_content(tmp_path):
     assert h == artifact.content_hash(dest)
     (dest / "a.bin").write_bytes(b"hellO")
     assert artifact.content_hash(dest) != h
+
+
+def test_paths_inside_the_staged_folder_are_recorded_relative(tmp_path):
+    """A manifest made inside a staged folder from something in that folder (a run's ``export-w8`` from its own
+    ``compressed``) records it relative to itself: valid once renamed into place and after the folder is moved.
+    A source outside stays absolute."""
+    outside = tmp_path / "model"
+    outside.mkdir()
+    (outside / "w.bin").write_bytes(b"w")
+    with artifact.staged_dir(tmp_path / "run") as run:
+        (run / "compressed" / "unet").mkdir(parents=True)
+        (run / "compressed" / "unet" / "w.bin").write_bytes(b"q")
+        (run / "compressed" / "cal").mkdir()
+        artifact.write_manifest(run / "compressed", stage="compress", settings={}, source=artifact.source_ref(outside))
+        with artifact.staged_dir(run / "export-w8") as exp:
+            (exp / "a.onnx").write_bytes(b"x")
+            grid = artifact.GridRef(str((run / "compressed" / "unet").resolve()), "w8", "gptq")
+            artifact.write_manifest(exp, stage="export", settings={}, source=artifact.source_ref(run / "compressed"),
+                                    components=[artifact.Component("unet", "a.onnx", "onnx", target="onnx", grid=grid)],
+                                    calibration=artifact.CalibrationRef(str((run / "compressed" / "cal").resolve()), "1" * 64))
+        assert artifact.load_manifest(run / "export-w8").source.path == str((run / "compressed").resolve())
+    assert artifact._STAGING == []
+    raw = json.loads((tmp_path / "run" / "export-w8" / "manifest.json").read_text())
+    assert raw["source"]["path"] == "../compressed" and raw["components"][0]["grid"]["path"] == "../compressed/unet"
+    assert raw["calibration"]["path"] == "../compressed/cal"
+    assert json.loads((tmp_path / "run" / "compressed" / "manifest.json").read_text())["source"]["path"] == str(outside.resolve())
+    moved = tmp_path / "else" / "where"
+    moved.parent.mkdir()
+    os.replace(tmp_path / "run", moved)
+    m = artifact.load_manifest(moved / "export-w8")
+    assert m.source.path == str((moved / "compressed").resolve()) and m.source.sha256 == artifact.content_hash(moved / "compressed")
+    assert artifact.resolve_path(moved / "export-w8", m.components[0].grid.path).resolve() == (moved / "compressed" / "unet").resolve()
+    assert artifact.portable_path(str(outside), moved) == str(outside)  # nothing staged now: unchanged
