@@ -1,7 +1,7 @@
 """Full-size ``compress model.safetensors --quant w8|w4`` and ``export``: wall time and peak RAM per step
 (``pocketfusion.benchmarks.compress_scale``; ``--help``).
 
-    OMP_NUM_THREADS=2 python benchmarks/compress_scale.py [--work runs/compress-scale] [--json OUT]
+    OMP_NUM_THREADS=2 python benchmarks/compress_scale.py [--work runs/compress-scale] [--method w4=rtn] [--json OUT]
 """
 
 from pocketfusion.benchmarks.compress_scale import main

@@ -61,11 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timesteps", type=int, default=2, help="U-Net feeds recorded per prompt")
     ap.add_argument("--image-prompts", type=int, default=1)
     ap.add_argument("--quant", default="w8,w4")
+    ap.add_argument("--method", action="append", default=[], metavar="SCHEME=METHOD",
+                    help="rounding per scheme, e.g. w4=rtn (default: gptq, compress's default)")
     ap.add_argument("--targets", default="onnx", help="export targets, comma-separated ('' for none)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     work = a.work
     work.mkdir(parents=True, exist_ok=True)
+    methods = dict(m.split("=", 1) for m in a.method)
     exe = [sys.executable, "-m", "pocketfusion"]
     res: dict = {"dtype": a.dtype, "budget": {"prompts": a.prompts, "calib_steps": a.calib_steps, "timesteps": a.timesteps,
                                               "image_prompts": a.image_prompts},
@@ -95,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     for scheme in [q for q in a.quant.split(",") if q]:
         out = work / scheme
         if not (out / "manifest.json").exists():
-            cmd = [*exe, "compress", str(file), "--quant", scheme, "--calib", str(calib), "--image-prompts", str(a.image_prompts),
-                   "--image-steps", str(a.calib_steps), "-o", str(out)]
+            cmd = [*exe, "compress", str(file), "--quant", scheme, "--method", methods.get(scheme, "gptq"), "--calib", str(calib),
+                   "--image-prompts", str(a.image_prompts), "--image-steps", str(a.calib_steps), "-o", str(out)]
             print(f"$ {' '.join(cmd[2:])}", flush=True)
             r = _run(cmd, work / f"compress-{scheme}.log")
             res["steps"][f"compress {scheme}"] = r
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(_tail(r["log"]), file=sys.stderr)
                 break
         m = json.loads((out / "manifest.json").read_text())["metrics"]
-        res[scheme] = {"steps": m.get("steps"), "plan": m.get("plan"), "seconds": m.get("seconds"),
+        res[scheme] = {"method": m.get("method"), "steps": m.get("steps"), "plan": m.get("plan"), "seconds": m.get("seconds"),
                        "unet_heldout_error": m.get("unet_heldout_error"), "image_psnr_vs_fp32": m.get("image_psnr_vs_fp32"),
                        "unet_bytes": m.get("unet_bytes"), "layers": m.get("layers")}
         for target in [t for t in a.targets.split(",") if t]:
