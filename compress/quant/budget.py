@@ -41,21 +41,51 @@ def _fmt(s: float) -> str:
     return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.1f} s" if s < 120 else f"{s / 60:.0f} min"
 
 
-def time_unet_call(model) -> float:
-    """Seconds of one batch-2 (CFG) U-Net call at the model's native size: the second of two calls."""
+def time_unet_call(model) -> tuple[float, dict[str, int]]:
+    """Seconds of one batch-2 (CFG) U-Net call at the model's native size (the second of two calls), and each
+    quantizable layer's input rows per sample as GPTQ sees them (positions of a convolution, tokens of a linear)."""
     import torch
 
     from pocketfusion.macs import component_inputs
 
     unet = model.unet
     args, kw = component_inputs(model, "unet", batch=2)
+    rows: dict[str, int] = {}
+
+    def hook(mod, a, n):
+        x = a[0]
+        if isinstance(mod, torch.nn.Conv2d):
+            h, w = x.shape[-2:]
+            sh, sw = mod.stride
+            rows[n] = (h // sh) * (w // sw)
+        else:
+            rows[n] = x.numel() // x.shape[0] // x.shape[-1]
+
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n, m in G.quantizable_layers(unet).items()]
     dt = []
-    with torch.no_grad():
-        for _ in range(2 if _small(unet) else 1):  # a large U-Net's first call is as long as the next
-            t = time.perf_counter()
-            unet(*args, **kw)
-            dt.append(time.perf_counter() - t)
-    return dt[-1]
+    try:
+        with torch.no_grad():
+            for _ in range(2 if _small(unet) else 1):  # a large U-Net's first call is as long as the next
+                t = time.perf_counter()
+                unet(*args, **kw)
+                dt.append(time.perf_counter() - t)
+    finally:
+        for h in hooks:
+            h.remove()
+    return dt[-1], rows
+
+
+def gemm_rate() -> float:
+    """Flop/s of a float32 ``xᵀx`` (the Hessian accumulation) at 4096 x 1536 rows x columns, best of three here."""
+    import torch
+
+    x = torch.randn(4096, 1536)
+    best = math.inf
+    for _ in range(4):
+        t = time.perf_counter()
+        x.T @ x
+        best = min(best, time.perf_counter() - t)
+    return 2 * 4096 * 1536**2 / max(best, 1e-6)
 
 
 def _small(unet) -> bool:
@@ -83,7 +113,8 @@ def estimate(model, cfg, *, n_capture: int, steps: int, n_timesteps: int, n_cali
              call_seconds: float | None = None) -> Estimate:
     """The run's parts in seconds. ``n_capture``: prompts sampled now (0 for a saved set); feeds are CFG pairs."""
     unet = model.unet
-    t = time_unet_call(model) if call_seconds is None else call_seconds
+    t, rows = time_unet_call(model)
+    t = t if call_seconds is None else call_seconds
     per_sample = t / 2
     e = Estimate(t)
     layers = G.quantizable_layers(unet)
@@ -106,9 +137,11 @@ def estimate(model, cfg, *, n_capture: int, steps: int, n_timesteps: int, n_cali
         widest = max(_cols(m) for m in layers.values())
         passes = min(cfg.chunks, n_layers)
         hess = passes * calib_samples * per_sample * 0.55  # a pass stops after its chunk's last layer: about half a call
-        e.parts["gptq"] = hess + fact
-        e.lines.append(f"gptq: {passes} Hessian passes over {calib_samples} samples ({_fmt(hess)}) + {n_layers} layers' "
-                       f"factorizations, widest {widest} columns ({_fmt(fact)})")
+        gemm = gemm_rate()
+        acc = sum(2 * rows.get(n, 0) * calib_samples * _cols(m) ** 2 for n, m in layers.items()) / gemm
+        e.parts["gptq"] = hess + acc + fact
+        e.lines.append(f"gptq: {passes} Hessian passes over {calib_samples} samples ({_fmt(hess)}), their x xᵀ "
+                       f"({_fmt(acc)}), {n_layers} layers' factorizations, widest {widest} columns ({_fmt(fact)})")
     if mixed:
         sens_samples = 2 * min(cfg.sensitivity_feeds, n_calib_feeds)
         from pocketfusion.compress.quant.mixed import sensitivity_mode
