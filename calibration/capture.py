@@ -30,6 +30,7 @@ measured on samples that were not used to calibrate.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -43,6 +44,7 @@ import numpy as np
 
 from pocketfusion import artifact
 from pocketfusion.errors import UserError
+from pocketfusion.validate import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +140,7 @@ def _json_safe(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(items, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def _sdxl_encoder(model, unet):
+def _sdxl_encoder(model, unet, device):
     """A function prompt -> (context (2,L,D), text_embeds (2,T), time_ids (2,6)) as SDXL's pipeline makes them."""
     import torch
 
@@ -153,10 +155,10 @@ def _sdxl_encoder(model, unet):
     cfg = unet.config
     text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
     size = float(cfg.sample_size * pipe.vae_scale_factor)
-    time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]]).repeat(2, 1)
+    time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]], device=device).repeat(2, 1)
 
     def encode(prompt: str):
-        pe, npe, pooled, npooled = pipe.encode_prompt(prompt, device=torch.device("cpu"), do_classifier_free_guidance=True)
+        pe, npe, pooled, npooled = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=True)
         if pooled.shape[-1] != text_dim:
             raise UserError(f"{model.path}: text_encoder_2 gives {pooled.shape[-1]}-d pooled embeddings, the U-Net expects {text_dim}")
         return torch.cat([pe, npe]), {"text_embeds": torch.cat([pooled, npooled]), "time_ids": time_ids}
@@ -167,8 +169,9 @@ def _sdxl_encoder(model, unet):
 def upcast_half(model) -> None:
     """A half-precision pipeline (an fp16 single file) is sampled in float32 here: its modules converted in place.
 
-    Calibration and quantization sample the whole pipeline on the CPU, where float16 convolutions are slow; what a
-    stage writes is unaffected (components it leaves alone are copied from the source folder as they are)."""
+    Calibration and quantization sample the whole pipeline in float32 (on the CPU float16 convolutions are slow; on a
+    GPU the figures stay the CPU's); what a stage writes is unaffected (components it leaves alone are copied from the
+    source folder as they are)."""
     import torch
 
     mods = [m for m in model.components.values() if isinstance(m, torch.nn.Module)]
@@ -176,9 +179,34 @@ def upcast_half(model) -> None:
                   if p.dtype in (torch.float16, torch.bfloat16)})
     if not low:
         return
-    logger.warning("weights are %s: sampling in float32 on the CPU", "/".join(low))
+    logger.warning("weights are %s: sampling in float32", "/".join(low))
     for m in mods:
         m.float()
+
+
+@contextlib.contextmanager
+def on_device(modules, device):
+    """``modules`` (the torch modules among them) on ``device`` while inside, each put back where it was after.
+
+    On a CUDA device cuDNN's convolutions run in full float32 meanwhile (PyTorch lets them use TF32, about three
+    decimal digits, by default): a calibration or quantization on the GPU computes what the CPU's would, up to
+    rounding. On the CPU nothing moves."""
+    import torch
+
+    device = torch.device(device)
+    mods = [m for m in modules if isinstance(m, torch.nn.Module)]
+    where = [next(iter(m.parameters()), torch.empty(0)).device for m in mods]
+    tf32 = torch.backends.cudnn.allow_tf32
+    try:
+        for m in mods:
+            m.to(device)
+        if device.type == "cuda":
+            torch.backends.cudnn.allow_tf32 = False
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+        for m, d in zip(mods, where):
+            m.to(d)
 
 
 def capture_steps(model, steps: int | None, n_timesteps: int) -> tuple[int, int]:
@@ -195,7 +223,7 @@ def capture_steps(model, steps: int | None, n_timesteps: int) -> tuple[int, int]
 
 
 def capture(model, prompts: Sequence[str], *, steps: int | None = None, n_timesteps: int = 10, guidance: float = 4.0,
-            seed: int = 0, progress: bool = True) -> CalibrationSet:
+            seed: int = 0, progress: bool = True, device: str = "cpu") -> CalibrationSet:
     """Run the PyTorch pipeline on ``prompts`` and record every component's inputs.
 
     Args:
@@ -204,26 +232,37 @@ def capture(model, prompts: Sequence[str], *, steps: int | None = None, n_timest
         steps: sampling steps of the model's scheduler (None: ``capture_steps``: a student's own, else 20).
         n_timesteps: steps recorded per prompt, spread evenly over the trajectory (first and last included).
         guidance: the guidance scale of the sampling run (classifier-free, or a student's guidance input).
+        device: ``cpu`` or ``cuda``: where the text encoder(s) and the U-Net run (moved there meanwhile, put back
+            after); each prompt's noise is drawn on the CPU from its seed and moved, so the set is the CPU's up to
+            rounding; the recorded tensors come back to the CPU.
 
     Returns:
         A ``CalibrationSet`` (see the module docstring for its arrays).
 
     Raises:
-        UserError: a bare component instead of a pipeline, no prompts, settings out of range, or an
-            SDXL-style U-Net without the second text encoder that feeds it.
+        UserError: a bare component instead of a pipeline, no prompts, settings out of range, an
+            SDXL-style U-Net without the second text encoder that feeds it, or ``cuda`` where torch sees none.
     """
-    import torch
-    from tqdm import tqdm
-
+    dev = resolve_device(device)
     if model.kind != "pipeline":
         raise UserError(f"{model.path} holds a bare {model.class_name}; calibration needs a full pipeline folder "
                         "(model_index.json) to run the sampler")
-    from pocketfusion.guidance import embeds_guidance, guidance_embedding
-
     prompts = list(prompts)
     upcast_half(model)
     steps, n_timesteps = capture_steps(model, steps, n_timesteps)
     _check_settings(len(prompts), steps, n_timesteps, guidance)
+    comps = model.components
+    with on_device([comps["text_encoder"], comps.get("text_encoder_2"), comps["unet"]], dev):
+        return _capture(model, prompts, steps, n_timesteps, guidance, seed, progress, dev)
+
+
+def _capture(model, prompts: list[str], steps: int, n_timesteps: int, guidance: float, seed: int, progress: bool,
+             dev) -> CalibrationSet:
+    import torch
+    from tqdm import tqdm
+
+    from pocketfusion.guidance import embeds_guidance, guidance_embedding
+
     t0 = time.perf_counter()
     comps = model.components
     tok, te, unet, vae = comps["tokenizer"], comps["text_encoder"], comps["unet"], comps["vae"]
@@ -232,7 +271,7 @@ def capture(model, prompts: Sequence[str], *, steps: int | None = None, n_timest
     if cfg.addition_embed_type not in (None, "text_time"):
         raise UserError(f"{model.path}: U-Net addition_embed_type {cfg.addition_embed_type!r} is not supported "
                         "(supported: none, 'text_time')")
-    encode_sdxl = _sdxl_encoder(model, unet) if cfg.addition_embed_type == "text_time" else None
+    encode_sdxl = _sdxl_encoder(model, unet, dev) if cfg.addition_embed_type == "text_time" else None
     embedded = embeds_guidance(unet)
     h, w = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
     L = tok.model_max_length
@@ -244,8 +283,8 @@ def capture(model, prompts: Sequence[str], *, steps: int | None = None, n_timest
         rec.update(text_embeds=[], time_ids=[])
     if embedded:
         rec["guidance"] = []
-        gg = torch.full((1,), float(guidance))
-        kwargs_embedded = {"timestep_cond": guidance_embedding(gg, cfg.time_cond_proj_dim).to(unet.dtype)}
+        gg = torch.full((1,), float(guidance))  # recorded from the CPU
+        kwargs_embedded = {"timestep_cond": guidance_embedding(gg, cfg.time_cond_proj_dim).to(dev, unet.dtype)}
     input_ids, latents = [], []
     for i, prompt in enumerate(tqdm(prompts, desc="calibrate", unit="prompt", disable=not progress)):
         ids = tok([prompt, ""], padding="max_length", max_length=L, truncation=True, return_tensors="pt").input_ids
@@ -255,10 +294,10 @@ def capture(model, prompts: Sequence[str], *, steps: int | None = None, n_timest
                 ctx, added = encode_sdxl(prompt)
                 kwargs = {"added_cond_kwargs": {k: v.to(unet.dtype) for k, v in added.items()}}
             else:
-                ctx, added, kwargs = te(ids, return_dict=False)[0], {}, {}
-        g = torch.Generator().manual_seed(seed + i)
-        lat = torch.randn((1, cfg.in_channels, h, w), generator=g) * sched.init_noise_sigma
-        sched.set_timesteps(steps)  # resets multistep schedulers' state
+                ctx, added, kwargs = te(ids.to(dev), return_dict=False)[0], {}, {}
+        g = torch.Generator().manual_seed(seed + i)  # on the CPU whatever the device: the same noise everywhere
+        lat = (torch.randn((1, cfg.in_channels, h, w), generator=g) * sched.init_noise_sigma).to(dev)
+        sched.set_timesteps(steps, device=dev)  # resets multistep schedulers' state
         if embedded:  # the student's own call: batch 1, the conditional row, the guidance scale as an input
             ctx, added = ctx[:1], {**{k: v[:1] for k, v in added.items()}, "guidance": gg}
             kwargs = {**kwargs_embedded, **({"added_cond_kwargs": {k: v[:1].to(unet.dtype) for k, v in added.items()
@@ -267,12 +306,12 @@ def capture(model, prompts: Sequence[str], *, steps: int | None = None, n_timest
         step_kw = {"generator": g} if "generator" in inspect.signature(sched.step).parameters else {}  # PNDM / DDIM take none
         for k, t in enumerate(sched.timesteps):
             inp = sched.scale_model_input(torch.cat([lat] * b), t)
-            tt = torch.full((b,), float(t))
+            tt = torch.full((b,), float(t), device=dev)
             with torch.no_grad():
                 eps = unet(inp.to(unet.dtype), tt, ctx.to(unet.dtype), return_dict=False, **kwargs)[0].float()
             if k in keep:
                 for name, v in (("sample", inp), ("timestep", tt), ("encoder_hidden_states", ctx), ("noise_pred", eps), *added.items()):
-                    rec[name].append(v.float().numpy())
+                    rec[name].append(v.float().cpu().numpy())
                 rec["prompt_index"].append(i)
                 rec["step_index"].append(k)
             if embedded:
@@ -280,7 +319,7 @@ def capture(model, prompts: Sequence[str], *, steps: int | None = None, n_timest
             else:
                 e_c, e_u = eps.chunk(2)
                 lat = sched.step(e_u + guidance * (e_c - e_u), t, lat, **step_kw).prev_sample  # ancestral schedulers draw from it
-        latents.append((lat / vae.config.scaling_factor).float().numpy())
+        latents.append((lat / vae.config.scaling_factor).float().cpu().numpy())
     tensors = {f"unet.{k}": np.stack(v).astype(np.int32 if k.endswith("_index") else np.float32, copy=False) for k, v in rec.items()}
     tensors["text_encoder.input_ids"] = np.stack(input_ids)
     tensors["vae_decoder.latent"] = np.stack(latents).astype(np.float32, copy=False)

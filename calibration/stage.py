@@ -11,6 +11,7 @@ from typing import Any
 from pocketfusion.calibration.capture import CalibrationSet, capture, load, save
 from pocketfusion.errors import UserError
 from pocketfusion.suite import read_prompts, suite_for
+from pocketfusion.validate import DEVICES, resolve_device
 
 DEFAULT_PROMPTS = 32
 
@@ -21,7 +22,8 @@ class CalibrationConfig:
 
     prompts: a text file, one prompt a line (None: the model's built-in prompt suite, drawn with ``seed``);
     n_prompts: the first N of the file, or N drawn from the suite (default: every line, or 32);
-    steps, n_timesteps, guidance, seed: the sampling runs (``capture``).
+    steps, n_timesteps, guidance, seed: the sampling runs (``capture``);
+    device: ``cpu`` or ``cuda``, where they run (``capture``; the noise is drawn on the CPU either way).
     """
 
     prompts: str | None = None
@@ -30,6 +32,7 @@ class CalibrationConfig:
     n_timesteps: int = 10
     guidance: float = 4.0
     seed: int = 0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if isinstance(self.prompts, Path):
@@ -42,6 +45,8 @@ class CalibrationConfig:
             raise UserError(f"--timesteps must be in 1..{self.steps} (the sampling steps), got {self.n_timesteps}")
         if not 0.0 <= self.guidance <= 50.0:
             raise UserError(f"--guidance must be in 0..50, got {self.guidance}")
+        if self.device not in DEVICES:
+            raise UserError(f"unknown device {self.device!r} (choose from {', '.join(DEVICES)})")
 
     def check_prompt_file(self) -> list[str] | None:
         """The prompt file's prompts (None without a file); raises ``UserError`` for a bad file, before any model is loaded."""
@@ -62,7 +67,9 @@ def calibrate(model, cfg: CalibrationConfig, out: str | Path, *, progress: bool 
     Raises:
         UserError: no prompt file and no built-in suite for the model, or any error of ``capture``.
     """
-    kw = {"steps": cfg.steps, "n_timesteps": cfg.n_timesteps, "guidance": cfg.guidance, "seed": cfg.seed, "progress": progress}
+    resolve_device(cfg.device)  # UserError for cuda where there is none, before any work
+    kw = {"steps": cfg.steps, "n_timesteps": cfg.n_timesteps, "guidance": cfg.guidance, "seed": cfg.seed, "progress": progress,
+          "device": cfg.device}
     prompts = cfg.check_prompt_file()
     if prompts is not None:
         cset = capture(model, prompts, **kw)
@@ -73,12 +80,12 @@ def calibrate(model, cfg: CalibrationConfig, out: str | Path, *, progress: bool 
 
 
 def resolve(model, calib: str | Path | None, *, n_prompts: int | None = None, steps: int | None = None, n_timesteps: int = 10,
-            guidance: float = 4.0, seed: int = 0, progress: bool = True, suite=None) -> CalibrationSet:
+            guidance: float = 4.0, seed: int = 0, progress: bool = True, suite=None, device: str = "cpu") -> CalibrationSet:
     """The calibration set a command asked for with ``--calib``.
 
     ``None``: ``n_prompts`` (default 32) prompts drawn from ``suite`` (default: the model's built-in
     suite, ``suite_for(model)``: the demo model, or a pipeline with its tokenizer); a file: its
-    prompts, captured now; a directory: a saved set, validated against ``model`` (its own capture
+    prompts, captured now on ``device``; a directory: a saved set, validated against ``model`` (its own capture
     settings apply; it needs at least ``n_prompts``).
 
     Raises:
@@ -97,4 +104,5 @@ def resolve(model, calib: str | Path | None, *, n_prompts: int | None = None, st
         return cset
     else:
         prompts = read_prompts(calib, n_prompts)
-    return capture(model, prompts, steps=steps, n_timesteps=n_timesteps, guidance=guidance, seed=seed, progress=progress)
+    return capture(model, prompts, steps=steps, n_timesteps=n_timesteps, guidance=guidance, seed=seed, progress=progress,
+                   device=device)

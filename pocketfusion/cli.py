@@ -17,6 +17,7 @@ from pocketfusion.cli_common import _load, _model_arg, _no_lora_with_runtime, _r
 from pocketfusion.cli_lora import _add_lora
 from pocketfusion.cli_training import _add_decoder, _add_distill, _add_prune, _decoder_config
 from pocketfusion.errors import Terminated, UserError  # stdlib-only module
+from pocketfusion.validate import resolve_device  # torch imported only when called
 
 logger = logging.getLogger("pocketfusion")
 
@@ -224,8 +225,9 @@ def cmd_calibrate(args) -> int:
     from pocketfusion.calibration import CalibrationConfig, calibrate, heldout_count
 
     cfg = CalibrationConfig(prompts=args.prompts, n_prompts=args.num_prompts, steps=args.steps, n_timesteps=args.timesteps,
-                            guidance=args.guidance, seed=args.seed)
+                            guidance=args.guidance, seed=args.seed, device=args.device)
     cfg.check_prompt_file()  # bad file: fail before loading the model
+    resolve_device(cfg.device)  # cuda without a GPU: fail before loading the model
     from pocketfusion.generate import with_scheduler
 
     model = with_scheduler(_load(args), args.scheduler)  # capture samples with the model's scheduler component
@@ -246,7 +248,8 @@ def cmd_compress(args) -> int:
            "max_minutes": args.max_minutes}
     cfg = QuantConfig(scheme=args.quant, method=args.method, calib=args.calib, n_prompts=args.num_prompts,
                       group_size=args.group_size, seed=args.seed, calib_timesteps=args.timesteps, sensitivity=args.sensitivity,
-                      **{k: v for k, v in opt.items() if v is not None})
+                      device=args.device, **{k: v for k, v in opt.items() if v is not None})
+    resolve_device(cfg.device)  # cuda without a GPU: fail before any work
     dcfg = None
     if args.distill_steps is not None:  # (prune ->) distill -> quantize: the student is calibrated on its own sampler
         from pocketfusion.compress.distill import DistillConfig
@@ -444,6 +447,8 @@ def _add_compress(sub) -> None:
                         "layers from 8 backward passes (auto: measured unless that is estimated over 15 min)")
     p.add_argument("--max-minutes", type=float, default=None, metavar="M",
                    help="refuse to start when the run's plan (printed first, from a U-Net call timed here) exceeds M minutes")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the quantize stage's calibration sampling, U-Net passes and GPTQ run (default cpu)")
     p.add_argument("--distill-steps", type=int, default=None, choices=[1, 2, 4],
                    help="distill the sampler first (written to OUT-student/), then quantize the student")
     p.add_argument("--distill-method", default=None, choices=["lcm", "regression"], help="see 'pocketfusion distill'")
@@ -470,6 +475,8 @@ def _add_calibrate(sub) -> None:
                    help="steps recorded per prompt, spread over the trajectory (default 10)")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the text encoder and U-Net run (default cpu; the noise is drawn on the CPU either way)")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     p.set_defaults(func=cmd_calibrate)
 

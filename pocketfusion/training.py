@@ -40,7 +40,7 @@ from torch import nn
 from pocketfusion.artifact import atomic_write_text
 from pocketfusion.backends import require
 from pocketfusion.errors import CheckpointError, UserError
-from pocketfusion.validate import is_int, is_num
+from pocketfusion.validate import DEVICES, is_int, is_num, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ CONFIG_VERSION = 1
 CHECKPOINT_FORMAT = 1
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("none", "bf16", "fp16")
-DEVICES = ("cpu", "cuda")
 _LATEST = "latest.json"
 _CKPT_RE = re.compile(r"^iter-(\d{8})$")
 _RANK_SEED_STRIDE = 1_000_003  # rank r seeds with seed + r * stride; rank 0 keeps the seed as given
@@ -219,8 +218,7 @@ class _Dist:
 
 def _distributed(cfg: TrainConfig) -> _Dist:
     """Single process, or the process group of ``accelerate launch`` when WORLD_SIZE > 1."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device='cuda' but torch {torch.__version__} sees no CUDA device; use device='cpu'")
+    resolve_device(cfg.device)  # UserError: cuda where torch sees none
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return _Dist(device=torch.device(cfg.device))

@@ -39,6 +39,19 @@ def test_bad_input_is_one_line_exit_2(args, message, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("args", [("compress", "--quant", "w8", "--device", "cuda", "-o", "out"),
+                                  ("calibrate", "--device", "cuda", "-o", "out")])
+def test_device_cuda_without_a_gpu_is_one_line_exit_2(args, tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a CUDA device")
+    r = subprocess.run([sys.executable, "-m", "pocketfusion", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --device cuda but torch ") and "sees no CUDA device" in lines[0], r.stderr
+    assert r.stdout == "" and list(tmp_path.iterdir()) == []
+
+
 def test_corrupt_model_is_exit_2(tiny_sd, tmp_path):
     import shutil
 

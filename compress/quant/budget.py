@@ -1,6 +1,7 @@
 """What a quantize run will cost, said before it starts: the calibration budget (prompts x sampling steps, timesteps
 recorded), the U-Net passes and GPTQ factorizations that follow, each in seconds from a U-Net call and a
-factorization timed on this machine (``estimate``). ``QuantConfig``-free inputs are read from the model."""
+factorization timed on this machine, on the run's device (``estimate``). ``QuantConfig``-free inputs are read from the
+model."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class Estimate:
     call_seconds: float
     parts: dict[str, float] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
+    device: str = "cpu"
 
     @property
     def total(self) -> float:
@@ -32,7 +34,8 @@ class Estimate:
                 "total_seconds": round(self.total, 1)}
 
     def text(self) -> str:
-        return "\n".join(["plan (estimated from a U-Net call timed here, "
+        on = "" if self.device == "cpu" else f" on {self.device}"
+        return "\n".join([f"plan (estimated from a U-Net call timed here{on}, "
                           f"{_fmt(self.call_seconds)} at batch 2):"] + [f"  {ln}" for ln in self.lines]
                          + [f"  total about {_fmt(self.total)}"])
 
@@ -41,15 +44,17 @@ def _fmt(s: float) -> str:
     return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.1f} s" if s < 120 else f"{s / 60:.0f} min"
 
 
-def time_unet_call(model) -> tuple[float, dict[str, int]]:
-    """Seconds of one batch-2 (CFG) U-Net call at the model's native size (the second of two calls), and each
-    quantizable layer's input rows per sample as GPTQ sees them (positions of a convolution, tokens of a linear)."""
+def time_unet_call(model, device: str = "cpu") -> tuple[float, dict[str, int]]:
+    """Seconds of one batch-2 (CFG) U-Net call at the model's native size on ``device`` (the U-Net moved there
+    meanwhile; the second of two calls, on the CPU a large U-Net's first call alone), and each quantizable layer's
+    input rows per sample as GPTQ sees them (positions of a convolution, tokens of a linear)."""
     import torch
 
+    from pocketfusion.calibration.capture import on_device
     from pocketfusion.macs import component_inputs
 
     unet = model.unet
-    args, kw = component_inputs(model, "unet", batch=2)
+    dev = torch.device(device)
     rows: dict[str, int] = {}
 
     def hook(mod, a, n):
@@ -64,10 +69,13 @@ def time_unet_call(model) -> tuple[float, dict[str, int]]:
     hooks = [m.register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n, m in G.quantizable_layers(unet).items()]
     dt = []
     try:
-        with torch.no_grad():
-            for _ in range(2 if _small(unet) else 1):  # a large U-Net's first call is as long as the next
+        with on_device([unet], dev), torch.no_grad():
+            args, kw = component_inputs(model, "unet", batch=2, device=dev)
+            for _ in range(2 if _small(unet) or dev.type != "cpu" else 1):  # a large U-Net's first CPU call is as long as the next
+                _sync(dev)
                 t = time.perf_counter()
                 unet(*args, **kw)
+                _sync(dev)
                 dt.append(time.perf_counter() - t)
     finally:
         for h in hooks:
@@ -75,48 +83,63 @@ def time_unet_call(model) -> tuple[float, dict[str, int]]:
     return dt[-1], rows
 
 
-def gemm_rate() -> float:
-    """Flop/s of a float32 ``xᵀx`` (the Hessian accumulation) at 4096 x 1536 rows x columns, best of three here."""
+def gemm_rate(device: str = "cpu") -> float:
+    """Flop/s of a float32 ``xᵀx`` (the Hessian accumulation) at 4096 x 1536 rows x columns, best of three here on
+    ``device``."""
     import torch
 
-    x = torch.randn(4096, 1536)
+    dev = torch.device(device)
+    x = torch.randn(4096, 1536, device=dev)
     best = math.inf
     for _ in range(4):
+        _sync(dev)
         t = time.perf_counter()
         x.T @ x
+        _sync(dev)
         best = min(best, time.perf_counter() - t)
     return 2 * 4096 * 1536**2 / max(best, 1e-6)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _small(unet) -> bool:
     return sum(p.numel() for p in unet.parameters()) < 50_000_000
 
 
-def factorization_rate(dtype) -> float:
-    """Flop/s of GPTQ's factorizations (Cholesky, its inverse, Cholesky again: about 4/3 n^3) at n = 1536, here:
-    the best of three after a warm-up (the wide layers' matrices run at least this fast)."""
+def factorization_rate(dtype, device: str = "cpu") -> float:
+    """Flop/s of GPTQ's factorizations (Cholesky, its inverse, Cholesky again: about 4/3 n^3) at n = 1536, here on
+    ``device``: the best of three after a warm-up (the wide layers' matrices run at least this fast)."""
     import torch
 
     n = 1536
-    a = torch.randn(n, n, dtype=dtype)
+    dev = torch.device(device)
+    a = torch.randn(n, n, dtype=dtype, device=dev)
     h = a @ a.T / n
     h.diagonal().add_(1.0)
     best = math.inf
     for _ in range(4):
+        _sync(dev)
         t = time.perf_counter()
         torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+        _sync(dev)
         best = min(best, time.perf_counter() - t)
     return (4 / 3) * n**3 / max(best, 1e-6)
 
 
 def estimate(model, cfg, *, n_capture: int, steps: int, n_timesteps: int, n_calib_feeds: int, n_held_feeds: int,
              call_seconds: float | None = None) -> Estimate:
-    """The run's parts in seconds. ``n_capture``: prompts sampled now (0 for a saved set); feeds are CFG pairs."""
+    """The run's parts in seconds, timed on ``cfg.device``. ``n_capture``: prompts sampled now (0 for a saved set); feeds
+    are CFG pairs."""
     unet = model.unet
-    t, rows = time_unet_call(model)
+    t, rows = time_unet_call(model, cfg.device)
     t = t if call_seconds is None else call_seconds
     per_sample = t / 2
-    e = Estimate(t)
+    e = Estimate(t, device=cfg.device)
     layers = G.quantizable_layers(unet)
     n_layers = len(layers)
     calib_samples = 2 * n_calib_feeds
@@ -131,13 +154,13 @@ def estimate(model, cfg, *, n_capture: int, steps: int, n_timesteps: int, n_cali
     mixed = cfg.weight_bits == 4 and cfg.mixed_threshold is not None
     gptq = cfg.method == "gptq"
     if gptq:
-        rates = {dt: factorization_rate(dt) for dt in {hessian_dtype(_cols(m)) for m in layers.values()}}
+        rates = {dt: factorization_rate(dt, cfg.device) for dt in {hessian_dtype(_cols(m)) for m in layers.values()}}
         fact = sum((4 / 3) * (b - a) ** 3 / rates[hessian_dtype(_cols(m))]
                    for m in layers.values() for a, b in column_blocks(_cols(m), cfg.gptq_max_cols))
         widest = max(_cols(m) for m in layers.values())
         passes = min(cfg.chunks, n_layers)
         hess = passes * calib_samples * per_sample * 0.55  # a pass stops after its chunk's last layer: about half a call
-        gemm = gemm_rate()
+        gemm = gemm_rate(cfg.device)
         acc = sum(2 * rows.get(n, 0) * calib_samples * _cols(m) ** 2 for n, m in layers.items()) / gemm
         e.parts["gptq"] = hess + acc + fact
         e.lines.append(f"gptq: {passes} Hessian passes over {calib_samples} samples ({_fmt(hess)}), their x xᵀ "

@@ -9,6 +9,7 @@ from typing import Any
 
 from pocketfusion.compress.quant.grid import SCHEMES
 from pocketfusion.errors import UserError
+from pocketfusion.validate import DEVICES
 
 METHODS = ("gptq", "rtn")
 WEIGHT_BITS = {"w8": 8, "w4": 4, "w8a8": 8, "w8a16": 8}
@@ -68,6 +69,11 @@ class QuantConfig:
     Budget:
         max_minutes: refuse to start (``UserError``, with the plan) when the run is estimated to take longer
             (``budget.estimate``: a U-Net call and a factorization timed here); None: no limit, the plan is still printed.
+
+    Device:
+        device: ``cpu`` or ``cuda``: where the calibration sampling and every U-Net pass, Hessian and factorization run
+            (the noise is drawn on the CPU either way, so the feeds and images keep their seeds; the grid comes back to
+            the CPU). ``quantize`` refuses ``cuda`` where torch sees no CUDA device.
     """
 
     scheme: str
@@ -98,6 +104,7 @@ class QuantConfig:
     image_steps: int | None = None  # None: as calib_steps
     image_guidance: float = 4.0
     max_minutes: float | None = None
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if isinstance(self.calib, Path):
@@ -111,6 +118,8 @@ class QuantConfig:
             raise UserError(f"unknown sensitivity mode {self.sensitivity!r} (choose from {', '.join(SENSITIVITY_MODES)})")
         if not self.sensitivity_seconds >= 0:
             raise UserError(f"sensitivity_seconds must be >= 0, got {self.sensitivity_seconds}")
+        if self.device not in DEVICES:
+            raise UserError(f"unknown device {self.device!r} (choose from {', '.join(DEVICES)})")
         if self.group_size < 2:
             raise UserError(f"--group-size must be >= 2, got {self.group_size}")
         if self.n_prompts is not None and self.n_prompts < 2:

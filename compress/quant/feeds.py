@@ -14,8 +14,9 @@ from pocketfusion.errors import UserError
 ADDED_INPUTS = ("text_embeds", "time_ids")  # SDXL's added_cond_kwargs
 
 
-def stack_feeds(feeds: Sequence[dict[str, Any]], max_batch: int = MAX_BATCH) -> list[dict[str, Any]]:
-    """Concatenate feed dicts (numpy or torch, batch 2 each) into torch batches of at most ``max_batch`` samples."""
+def stack_feeds(feeds: Sequence[dict[str, Any]], max_batch: int = MAX_BATCH, device=None) -> list[dict[str, Any]]:
+    """Concatenate feed dicts (numpy or torch, batch 2 each) into torch batches of at most ``max_batch`` samples, on
+    ``device`` (None: the CPU)."""
     import torch
 
     if not feeds:
@@ -25,7 +26,7 @@ def stack_feeds(feeds: Sequence[dict[str, Any]], max_batch: int = MAX_BATCH) -> 
     out = []
     for i in range(0, len(feeds), k):
         part = feeds[i : i + k]
-        out.append({n: torch.cat([torch.as_tensor(np.asarray(f[n])) for f in part]).float() for n in part[0]})
+        out.append({n: torch.cat([torch.as_tensor(np.asarray(f[n])) for f in part]).float().to(device) for n in part[0]})
     return out
 
 

@@ -92,7 +92,7 @@ def collect_hessians(unet, batches, names: Sequence[str], order: Sequence[str] |
         dt = hessian_dtype(x.shape[1])
         a = acc[n]
         if a[0] is None:
-            a[0] = torch.zeros(x.shape[1], x.shape[1], dtype=dt)
+            a[0] = torch.zeros(x.shape[1], x.shape[1], dtype=dt, device=x.device)
         if dt == torch.float64:
             a[0].add_((x.T @ x).double())
         else:  # in place: no second n x n matrix
@@ -148,11 +148,12 @@ def clip_search(lg: G.LayerGrid, w, hdiag, clip_grid: Sequence[float]):
     o = w.shape[0]
     cols = _flat(w).shape[1]
     ng = 1 if lg.group_size is None else w.shape[1] // lg.group_size
-    hd = hdiag.float().reshape(1, ng, cols // ng) if hdiag is not None else torch.ones(1, ng, cols // ng)
+    dev = w.device
+    hd = hdiag.float().reshape(1, ng, cols // ng).to(dev) if hdiag is not None else torch.ones(1, ng, cols // ng, device=dev)
     wf = _flat(w).reshape(o, ng, cols // ng)
     amax = wf.abs().amax(dim=2)
-    best_err = torch.full((o, ng), math.inf)
-    best = torch.ones(o, ng)
+    best_err = torch.full((o, ng), math.inf, device=dev)
+    best = torch.ones(o, ng, device=dev)
     for c in clip_grid:
         s = (amax * c / m).clamp_min(1e-30).unsqueeze(2)
         err = (((wf - torch.clamp(torch.round(wf / s), -m, m) * s) ** 2) * hd).sum(dim=2)

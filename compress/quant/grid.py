@@ -53,7 +53,7 @@ class LayerGrid:
     bits: int  # 8 | 4
     group_size: int | None  # None: per output channel; else consecutive input channels
     shape: tuple[int, ...]  # weight shape
-    scale: Any = None  # torch.float32, (O,) or (O, I // group_size)
+    scale: Any = None  # torch.float32, (O,) or (O, I // group_size); on the CPU in a grid quantize_unet returns
     reason: str = ""  # why this layer has these bits (mixed precision: the measured cost)
 
     def expand(self, scale):
@@ -69,10 +69,11 @@ class LayerGrid:
         import torch
 
         m = qmax(self.bits)
-        return torch.clamp(torch.round(weight.float() / self.expand(self.scale)), -m, m).to(torch.int8)
+        return torch.clamp(torch.round(weight.float() / self.expand(self.scale.to(weight.device))), -m, m).to(torch.int8)
 
     def dequantize(self, q):
-        return q.float() * self.expand(self.scale)
+        """``q * scale`` on ``q``'s device."""
+        return q.float() * self.expand(self.scale.to(q.device))
 
     def meta(self) -> dict:
         d = asdict(self)
@@ -117,8 +118,8 @@ class QuantGrid:
         ints = self.integers(unet)
         tensors = {}
         for name, g in self.layers.items():
-            tensors[f"{name}.scale"] = g.scale.float().contiguous()
-            tensors[f"{name}.q"] = ints[name].contiguous()
+            tensors[f"{name}.scale"] = g.scale.float().cpu().contiguous()
+            tensors[f"{name}.q"] = ints[name].cpu().contiguous()
         tmp = folder / (GRID_TENSORS + ".tmp")
         save_file(tensors, str(tmp))
         tmp.replace(folder / GRID_TENSORS)

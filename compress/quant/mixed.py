@@ -84,9 +84,9 @@ def projected_sensitivity(unet, batch, deltas: dict[str, Any], *, projections: i
         with torch.enable_grad():
             out = unet_call(unet, batch)
             norm = float(out.detach().double().pow(2).sum())
-            g = torch.Generator().manual_seed(seed)
+            g = torch.Generator().manual_seed(seed)  # on the CPU whatever the device: the same directions everywhere
             for i in tqdm(range(projections), desc="sensitivity (projected)", unit="pass", disable=not progress):
-                v = torch.randn(out.shape, generator=g)
+                v = torch.randn(out.shape, generator=g).to(out.device)
                 grads = torch.autograd.grad(out, ws, grad_outputs=v, retain_graph=i < projections - 1)
                 for n, gr in zip(names, grads):
                     acc[n] += float((gr.double() * deltas[n].double()).sum()) ** 2

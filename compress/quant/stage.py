@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pocketfusion import artifact, pruning
-from pocketfusion.calibration.capture import upcast_half
+from pocketfusion.calibration.capture import on_device, upcast_half
 from pocketfusion.compress.quant import grid as G
 from pocketfusion.compress.quant.activations import simulate_activations
 from pocketfusion.compress.quant.config import QuantConfig
@@ -32,6 +32,7 @@ from pocketfusion.compress.quant.unet import quantize_unet, rtn_like
 from pocketfusion.errors import UserError
 from pocketfusion.metrics import output_error
 from pocketfusion.steps import StepLog
+from pocketfusion.validate import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -51,18 +52,30 @@ def quantize(model, cfg: QuantConfig, out: str | Path, *, progress: bool = True,
         steps: where each step's wall time and peak RSS go (a caller's log that already holds its own steps, e.g. the
             single-file conversion); they are written to the manifest's ``metrics.steps``.
 
+    With ``cfg.device`` ``cuda`` the model's modules are on the GPU while the stage samples, quantizes and measures
+    (put back on the CPU after; the quantized U-Net is written from the CPU).
+
     Returns:
         The written ``artifact.Manifest``.
 
     Raises:
-        UserError: an already quantized model, no U-Net, a bad output path, any calibration error, or a run
-            estimated to take longer than ``cfg.max_minutes``.
+        UserError: an already quantized model, no U-Net, a bad output path, ``cuda`` where torch sees none, any
+            calibration error, or a run estimated to take longer than ``cfg.max_minutes``.
     """
     _check_input(model, out)
+    dev = resolve_device(cfg.device)
     out = Path(out)
     log = steps if steps is not None else StepLog()
     t0 = time.perf_counter()
     upcast_half(model)
+    with on_device(model.components.values(), dev):
+        unet, grid, cset, settings, metrics = _quantize(model, cfg, log, progress)
+    unet.to("cpu")
+    return _write(model, unet, grid, cset, out, settings=settings, metrics=metrics, log=log, t0=t0)
+
+
+def _quantize(model, cfg: QuantConfig, log: StepLog, progress: bool):
+    """(quantized U-Net, its grid, the calibration set, settings, metrics): everything but the writing."""
     plan = _plan(model, cfg, progress)
     with log.step("calibrate"):
         cset = _calibration(model, cfg, progress)
@@ -93,7 +106,7 @@ def quantize(model, cfg: QuantConfig, out: str | Path, *, progress: bool = True,
     metrics["plan"] = plan.to_dict()
     settings = {**cfg.to_dict(), "calibration_feeds": len(feeds_calib), "calibration": grid.settings["calibration"],
                 "mixed_precision": {k: v for k, v in grid.settings.get("mixed_precision", {}).items() if k != "cost"}}
-    return _write(model, unet, grid, cset, out, settings=settings, metrics=metrics, log=log, t0=t0)
+    return unet, grid, cset, settings, metrics
 
 
 def _plan(model, cfg: QuantConfig, progress: bool):
@@ -154,7 +167,7 @@ def _calibration(model, cfg: QuantConfig, progress: bool):
             raise UserError(f"calibration set {calib} holds {len(cset.prompts)} prompts, fewer than the {cfg.n_prompts} asked for")
         return cset
     return C.resolve(model, calib, n_prompts=cfg.n_prompts, steps=cfg.calib_steps, n_timesteps=cfg.calib_timesteps,
-                     guidance=cfg.calib_guidance, seed=cfg.seed, progress=progress)
+                     guidance=cfg.calib_guidance, seed=cfg.seed, progress=progress, device=cfg.device)
 
 
 def _check_bare_unet(cset, unet, where: str) -> None:
@@ -177,7 +190,7 @@ def _check_bare_unet(cset, unet, where: str) -> None:
     if next(unet.parameters()).dtype != torch.float32:
         unet = copy.deepcopy(unet).float()
     with torch.no_grad():
-        out = unet_call(unet, stack_feeds(feeds)[0]).numpy()
+        out = unet_call(unet, stack_feeds(feeds, device=next(unet.parameters()).device)[0]).cpu().numpy()
     rel = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-12))
     if rel > 1e-3:
         raise UserError(f"calibration set {where} was made for another U-Net (this one's outputs on its feeds differ by "
@@ -199,7 +212,7 @@ def _baselines(src_unet, unet, grid: G.QuantGrid, cfg: QuantConfig) -> dict[str,
 
 def _heldout_errors(src_unet, unet, variants, grid: G.QuantGrid, cfg: QuantConfig, feeds_held) -> dict[str, dict]:
     """Each variant's U-Net output error against the float U-Net on the held-out feeds (``metrics.output_error``)."""
-    held = stack_feeds(feeds_held, batch_limit(src_unet, cfg.max_batch))
+    held = stack_feeds(feeds_held, batch_limit(src_unet, cfg.max_batch), next(src_unet.parameters()).device)
     ref = unet_outputs(src_unet, held)
     err = {k: output_error(ref, unet_outputs(u, held)) for k, u in variants.items()}
     if grid.activations:

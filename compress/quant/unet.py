@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from pocketfusion.calibration.capture import on_device
 from pocketfusion.compress.quant import grid as G
 from pocketfusion.compress.quant.activations import choose_activations
 from pocketfusion.compress.quant.config import QuantConfig
@@ -13,6 +14,7 @@ from pocketfusion.compress.quant.feeds import batch_limit, forward_order, stack_
 from pocketfusion.compress.quant.gptq import quantize_weights
 from pocketfusion.compress.quant.mixed import mixed_precision
 from pocketfusion.errors import UserError
+from pocketfusion.validate import resolve_device
 
 
 def quantize_unet(unet, feeds_calib: Sequence[dict[str, Any]], cfg: QuantConfig, *, progress: bool = True) -> G.QuantGrid:
@@ -21,21 +23,34 @@ def quantize_unet(unet, feeds_calib: Sequence[dict[str, Any]], cfg: QuantConfig,
     Args:
         unet: a float32 ``UNet2DConditionModel`` (modified in place).
         feeds_calib: calibration U-Net feeds (``CalibrationSet.unet_feeds("calib")``).
-        cfg: scheme, method and their options (``QuantConfig``; its calibration and image fields are not used here).
+        cfg: scheme, method and their options (``QuantConfig``; its calibration and image fields are not used here);
+            ``cfg.device``: where every pass and factorization runs (the U-Net is moved there meanwhile and put back
+            where it was; the grid's scales come back to the CPU).
     """
-    import time
-
     import torch
 
     if next(unet.parameters()).dtype != torch.float32:
         raise UserError("quantize a float32 U-Net (convert it with .float() first)")
+    dev = resolve_device(cfg.device)
+    with on_device([unet], dev):
+        qgrid = _quantize_unet(unet, feeds_calib, cfg, dev, progress)
+    for g in qgrid.layers.values():
+        g.scale = g.scale.cpu()
+    return qgrid
+
+
+def _quantize_unet(unet, feeds_calib: Sequence[dict[str, Any]], cfg: QuantConfig, dev, progress: bool) -> G.QuantGrid:
+    import time
+
+    import torch
+
     scheme, method, group_size = cfg.scheme, cfg.method, cfg.group_size
     bits = cfg.weight_bits
     layers = G.quantizable_layers(unet)
     max_batch = batch_limit(unet, cfg.max_batch)
-    batches = stack_feeds(feeds_calib, max_batch)
+    batches = stack_feeds(feeds_calib, max_batch, dev)
     order = forward_order(unet, batches[0])
-    sens_batches = stack_feeds(subsample(feeds_calib, cfg.sensitivity_feeds), max_batch)
+    sens_batches = stack_feeds(subsample(feeds_calib, cfg.sensitivity_feeds), max_batch, dev)
     gs = {n: G.layer_group_size(m, 4, group_size) for n, m in layers.items()}
     reasons: dict[str, str] = {}
     plan = {n: (bits, gs[n] if bits == 4 else None) for n in layers}
@@ -48,6 +63,8 @@ def quantize_unet(unet, feeds_calib: Sequence[dict[str, Any]], cfg: QuantConfig,
     if bits == 4 and cfg.mixed_threshold is not None:
         t = time.perf_counter()
         ref = unet_outputs(unet, sens_batches)  # the float U-Net's outputs, and the time one sensitivity pass takes
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         plan, reasons, mixed = mixed_precision(unet, batches, sens_batches, ref, gs, cfg, order=order, progress=progress,
                                                pass_seconds=time.perf_counter() - t)
         settings["mixed_precision"] = mixed
