@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pocketfusion.cli_common import _load, _model_arg
 from pocketfusion.errors import UserError
+from pocketfusion.validate import resolve_device  # torch imported only when called
 
 
 def cmd_distill(args) -> int:
@@ -22,6 +23,7 @@ def cmd_distill(args) -> int:
     cfg = DistillConfig(steps=args.steps, resume=args.resume, gradient_checkpointing=args.gradient_checkpointing,
                         **{k: v for k, v in given.items() if v is not None})
     cfg.check_prompt_file()  # bad file: fail before loading the model
+    resolve_device(cfg.device)  # cuda without a GPU: fail before any work
     model = _load(args)
     print(f"distilling {model.path} to {cfg.steps} step(s) with {cfg.method}; checkpoints in {work_dir(args.output, cfg)}"
           f"{' (resuming)' if cfg.resume else ''}", flush=True)
@@ -55,6 +57,7 @@ def cmd_prune(args) -> int:
             table["units"], table["base_ms"]
         except (ValueError, KeyError, TypeError):
             raise UserError(f"--latency-table {path} is not a latency table (written by 'pocketfusion prune --save-table')") from None
+    resolve_device(cfg.device)  # cuda without a GPU: fail before any work
     model = _load(args)
     from pocketfusion.export.latency import measure_variants, unit_table
 
@@ -109,6 +112,7 @@ def cmd_decoder(args) -> int:
                           lr=args.lr, n_pairs=args.pairs, teacher_steps=args.teacher_steps, prompts=args.prompts,
                           n_prompts=args.num_prompts, seed=args.seed, device=args.device, checkpoint_every=args.checkpoint_every,
                           work_dir=args.work_dir, resume=args.resume, train_encoder=False if args.no_encoder else None)
+    resolve_device(cfg.device)  # cuda without a GPU: fail before any work
     model = _load(args)
     print(f"distilling a {cfg.kind} VAE of {model.path}; checkpoints in {work_dir(args.output, cfg)}"
           f"{' (resuming)' if cfg.resume else ''}", flush=True)

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from pocketfusion.errors import UserError
-from pocketfusion.validate import config_from_dict, is_int, is_num
+from pocketfusion.validate import DEVICES, config_from_dict, is_int, is_num
 
 KINDS = ("tiny",)
-DEVICES = ("cpu", "cuda")
 CONFIG_VERSION = 1
 
 

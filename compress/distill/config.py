@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from pocketfusion.errors import UserError
-from pocketfusion.validate import config_from_dict, is_int, is_num
+from pocketfusion.validate import DEVICES, config_from_dict, is_int, is_num
 
 METHODS = ("lcm", "regression")
 STEPS = (1, 2, 4)
-DEVICES = ("cpu", "cuda")
 PRECISIONS = ("none", "bf16", "fp16")
 CONFIG_VERSION = 1
 

@@ -28,6 +28,7 @@ from pocketfusion import artifact, pruning
 from pocketfusion.compress.distill.config import DistillConfig
 from pocketfusion.compress.workdir import device_name, frozen
 from pocketfusion.errors import UserError
+from pocketfusion.validate import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -152,11 +153,7 @@ def _check_input(model, out, cfg: DistillConfig) -> None:
         raise UserError(f"output {out} exists and is not a directory")
     if out.resolve() == Path(model.path).resolve():
         raise UserError(f"output {out} is the source model folder; choose another directory")
-    if cfg.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError(f"--device cuda but torch {torch.__version__} sees no CUDA device; use --device cpu")
+    resolve_device(cfg.device)
 
 
 def _teacher_model(model, cfg: DistillConfig):

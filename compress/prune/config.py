@@ -7,11 +7,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pocketfusion.errors import UserError
-from pocketfusion.validate import config_from_dict, is_int, is_num
+from pocketfusion.validate import DEVICES, config_from_dict, is_int, is_num
 
 PRESETS = ("bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny")
 RUNTIMES = ("onnxruntime", "executorch", "litert")
-DEVICES = ("cpu", "cuda")
 CONFIG_VERSION = 1
 
 

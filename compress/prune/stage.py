@@ -36,6 +36,7 @@ from pocketfusion import artifact, pruning
 from pocketfusion.compress.prune.config import PruneConfig
 from pocketfusion.compress.workdir import frozen
 from pocketfusion.errors import UserError
+from pocketfusion.validate import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +121,7 @@ def _check_input(model, out, cfg: PruneConfig, table: dict | None) -> None:
                         "or give --latency-table FILE)")
     if table and table.get("runtime") != cfg.runtime:
         raise UserError(f"the latency table was measured on {table.get('runtime')}, not {cfg.runtime}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device cuda but torch {torch.__version__} sees no CUDA device; use --device cpu")
+    resolve_device(cfg.device)
 
 
 class _Data:

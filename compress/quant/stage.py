@@ -121,7 +121,7 @@ def _plan(model, cfg: QuantConfig, progress: bool):
     if cfg.max_minutes is not None and est.total > cfg.max_minutes * 60:
         raise UserError(f"the run is estimated at {est.total / 60:.0f} min, over --max-minutes {cfg.max_minutes:g} "
                         f"({'; '.join(f'{k} {v / 60:.0f} min' for k, v in est.parts.items())}): lower --num-prompts, "
-                        "--calib-steps, --timesteps or --image-prompts, or use --method rtn")
+                        f"--calib-steps, --timesteps or --image-prompts{', or use --method rtn' if cfg.method != 'rtn' else ''}")
     if progress:
         print(text, flush=True)
     return est

@@ -13,7 +13,8 @@ download), a prompts file, then runs the real CLI in child processes, one at a t
    manifest's ``metrics.steps`` holds each step's wall time and peak RSS (reset per step); then ``--quant w4``;
 3. ``pocketfusion export <each> --target T --components unet``: wall time and the child's peak RSS.
 
-A step whose output exists is not run again (``--work`` keeps them), so an interrupted run resumes.
+A step whose output exists is not run again (``--work`` keeps them), so an interrupted run resumes; with ``--json``
+an existing file's measured steps are kept beside the new ones.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {"dtype": a.dtype, "budget": {"prompts": a.prompts, "calib_steps": a.calib_steps, "timesteps": a.timesteps,
                                               "image_prompts": a.image_prompts},
                  "threads": os.environ.get("OMP_NUM_THREADS"), "host_cpus": os.cpu_count(), "steps": {}}
+    if a.json and a.json.exists():  # a resumed run keeps the steps an earlier run measured
+        res["steps"] = json.loads(a.json.read_text()).get("steps") or {}
     file = work / "sd15.safetensors"
     if not file.exists():
         t = time.perf_counter()
