@@ -113,7 +113,7 @@ def _add_compress(sub) -> None:
     p.add_argument("--distill-iterations", type=int, default=None, metavar="N", help="see 'pocketfusion distill --iterations'")
     p.add_argument("--distill-pairs", type=int, default=None, metavar="N", help="see 'pocketfusion distill --pairs'")
     p.add_argument("--distill-batch-size", type=int, default=None, metavar="N", help="see 'pocketfusion distill --batch-size'")
-    p.add_argument("--decoder", default=None, choices=["tiny"],
+    p.add_argument("--decoder", default=None, choices=["tiny", "pruned"],
                    help="first distill a compact VAE decoder (written to OUT-decoder/; before --distill-steps), see 'pocketfusion decoder'")
     p.add_argument("--decoder-iterations", type=int, default=None, metavar="N", help="see 'pocketfusion decoder --iterations'")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")

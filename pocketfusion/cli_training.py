@@ -108,8 +108,9 @@ def cmd_decoder(args) -> int:
                   f"{d.get('macs_ratio', float('nan')):.2f}x fewer MACs")
         return 0
 
-    cfg = _decoder_config(args, kind=args.kind, channels=args.channels, iterations=args.iterations, batch_size=args.batch_size,
-                          lr=args.lr, n_pairs=args.pairs, teacher_steps=args.teacher_steps, prompts=args.prompts,
+    cfg = _decoder_config(args, kind=args.kind, keep=args.keep, channels=args.channels, iterations=args.iterations,
+                          batch_size=args.batch_size, lr=args.lr, n_pairs=args.pairs, teacher_steps=args.teacher_steps,
+                          prompts=args.prompts,
                           n_prompts=args.num_prompts, seed=args.seed, device=args.device, checkpoint_every=args.checkpoint_every,
                           work_dir=args.work_dir, resume=args.resume, train_encoder=False if args.no_encoder else None)
     resolve_device(cfg.device)  # cuda without a GPU: fail before any work
@@ -187,10 +188,13 @@ def _add_prune(sub) -> None:
 
 
 def _add_decoder(sub) -> None:
-    p = sub.add_parser("decoder", help="a compact VAE (TAESD-style AutoencoderTiny) distilled from the model's own on its teacher "
-                                       "latents; the rest of the pipeline is kept")
+    p = sub.add_parser("decoder", help="a compact VAE (TAESD-style AutoencoderTiny, or the original's pruned) distilled from "
+                                       "the model's own on its teacher latents; the rest of the pipeline is kept")
     _model_arg(p)
-    p.add_argument("--kind", default="tiny", choices=["tiny"], help="tiny: diffusers' AutoencoderTiny (default)")
+    p.add_argument("--kind", default="tiny", choices=["tiny", "pruned"],
+                   help="tiny: diffusers' AutoencoderTiny (default); pruned: the original AutoencoderKL with --keep of each "
+                        "stage's channels (SnapFusion), initialised from the original's")
+    p.add_argument("--keep", type=float, default=None, metavar="F", help="pruned: the share of channels kept (default 0.5)")
     p.add_argument("--from", dest="donor", default=None, metavar="MODEL",
                    help="no training: adopt the compact VAE of MODEL (made by 'pocketfusion decoder' from the same original VAE), "
                         "e.g. to give a pruned or distilled model the decoder its original already has")

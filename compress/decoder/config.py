@@ -10,7 +10,7 @@ from typing import Any
 from pocketfusion.errors import UserError
 from pocketfusion.validate import DEVICES, config_from_dict, is_int, is_num
 
-KINDS = ("tiny",)
+KINDS = ("tiny", "pruned")
 CONFIG_VERSION = 1
 
 
@@ -26,13 +26,18 @@ class DecoderConfig:
             stage per 2x upsampling plus one: 4 stages for the usual 8x VAE. The default (2, 2, 1, 0) at width 24 was
             measured 4.4x faster than the demo's decoder in onnxruntime (one thread): see the README.
         encoder_channels, encoder_blocks: the tiny encoder's width and blocks per stage (highest resolution first).
+    (``kind="pruned"``: the original ``AutoencoderKL`` with every stage's channels cut to ``keep`` of them, SnapFusion's
+    pruned decoder: the same blocks, attention and latent scaling, so plain diffusers loads it as an
+    ``AutoencoderKL``; initialised from the original's channels of largest weight norm, then distilled):
+        keep: the share of each stage's channels kept (0.5: about a quarter of the MACs).
         train_encoder: distill the encoder too (onto the original encoder's latent mean times its scaling factor,
             from the original decoder's images); else it keeps random weights (img2img would not work).
         encoder_weight: the encoder's loss weight beside the decoder's.
 
-    Latent scaling: the compact VAE has ``scaling_factor = 1`` and decodes the diffusion latents as the U-Net
-    makes them (TAESD's convention), so ``latents / vae.config.scaling_factor`` in diffusers' pipelines and in the
-    runtime pipeline (``Sampler.scaling_factor``) feed it exactly what it was trained on.
+    Latent scaling: the tiny VAE has ``scaling_factor = 1`` and decodes the diffusion latents as the U-Net makes
+    them (TAESD's convention); the pruned one keeps the original's factor. Either way ``latents /
+    vae.config.scaling_factor`` in diffusers' pipelines and in the runtime pipeline (``Sampler.scaling_factor``)
+    feeds it exactly what it was trained on.
 
     Data (data-free: the teacher makes every latent, the original decoder every target image):
         n_pairs, teacher_steps, teacher_batch, guidance_range, prompts, n_prompts: the teacher's guided DDIM samples
@@ -54,6 +59,7 @@ class DecoderConfig:
     decoder_blocks: tuple[int, ...] = (2, 2, 1, 0)
     encoder_channels: int = 16
     encoder_blocks: tuple[int, ...] = (1, 1, 1, 1)
+    keep: float = 0.5
     train_encoder: bool = True
     encoder_weight: float = 1.0
     iterations: int = 1500
@@ -119,6 +125,7 @@ def _problems(c: DecoderConfig) -> list[str]:
         (is_int(c.encoder_channels, 1, 1024), f"encoder_channels={c.encoder_channels!r}: an int in 1..1024"),
         (len(c.encoder_blocks) >= 2 and all(is_int(b, 0, 16) for b in c.encoder_blocks),
          f"encoder_blocks={c.encoder_blocks!r}: two or more ints in 0..16 (one per stage)"),
+        (is_num(c.keep, 0, 1, open_low=True, open_high=True), f"keep={c.keep!r}: a float in (0, 1)"),
         (isinstance(c.train_encoder, bool), f"train_encoder={c.train_encoder!r}: a bool"),
         (is_num(c.encoder_weight, 0), f"encoder_weight={c.encoder_weight!r}: a float >= 0"),
         (is_int(c.iterations, 1), f"iterations={c.iterations!r}: an int >= 1"),

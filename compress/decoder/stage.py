@@ -60,6 +60,68 @@ def tiny_vae(cfg: DecoderConfig, *, latent_channels: int = 4, out_channels: int 
     )
 
 
+def pruned_vae(vae, keep: float):
+    """``vae`` (an ``AutoencoderKL``) with every stage's channels cut to ``keep`` of them (SnapFusion's pruned decoder):
+    the same config but ``block_out_channels`` (and ``norm_num_groups`` where the new widths need fewer groups),
+    initialised from ``vae``'s channels of largest weight norm.
+
+    One index set per original width: every dimension of that width (a stage's residual stream, a ResNet's inner
+    channels, attention, GroupNorm) keeps the same channels, so every residual sum and normalization stays
+    consistent; the channels of the largest summed (per-tensor normalized) output norm over the weights that write
+    that width are kept. Latent and image channels are kept whole."""
+    import math
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    old = list(vae.config.block_out_channels)
+    widths = [max(1, round(w * keep)) for w in old]
+    groups = math.gcd(int(vae.config.norm_num_groups), *widths)
+    student = AutoencoderKL.from_config(vae.config, block_out_channels=widths, norm_num_groups=groups)
+    src, dst = vae.state_dict(), student.state_dict()
+    importance: dict[int, torch.Tensor] = {}
+    for w in src.values():
+        if w.ndim >= 2:
+            n = w.detach().float().flatten(1).pow(2).sum(1)
+            importance[w.shape[0]] = importance.get(w.shape[0], 0) + n / n.sum().clamp_min(1e-12)
+    keep_idx: dict[tuple[int, int], torch.Tensor] = {}
+
+    def index(a: int, b: int) -> torch.Tensor:
+        if (a, b) not in keep_idx:
+            score = importance.get(a, -torch.arange(a, dtype=torch.float32))
+            keep_idx[a, b] = score.topk(b).indices.sort().values
+        return keep_idx[a, b]
+
+    new = {}
+    for k, v in dst.items():
+        w = src[k]
+        for d, (a, b) in enumerate(zip(w.shape, v.shape)):
+            if a != b:
+                w = w.index_select(d, index(a, b))
+        new[k] = w.to(v.dtype).clone()
+    student.load_state_dict(new)
+    return student
+
+
+def make_student(vae, cfg: DecoderConfig):
+    """The compact VAE ``cfg.kind`` describes, before training: ``tiny_vae`` or ``pruned_vae``."""
+    if cfg.kind == "pruned":
+        return pruned_vae(vae, cfg.keep)
+    return tiny_vae(cfg, latent_channels=vae.config.latent_channels, out_channels=vae.config.out_channels)
+
+
+def decode(vae, z):
+    """``vae``'s images of diffusion latents ``z`` (what the pipeline gives it: ``z / scaling_factor``), in [-1, 1]."""
+    return vae.decode(z / float(vae.config.scaling_factor)).sample
+
+
+def encode(vae, x):
+    """``vae``'s diffusion latents of images ``x`` (its latent mean times its scaling factor)."""
+    out = vae.encode(x)
+    z = out.latents if hasattr(out, "latents") else out.latent_dist.mean
+    return z * float(vae.config.scaling_factor)
+
+
 def compress_decoder(model, cfg: DecoderConfig, out: str | Path, *, progress: bool = True) -> artifact.Manifest:
     """Distill ``model``'s VAE into a compact one (``cfg.kind``) and write the pipeline with it to ``out``.
 
@@ -114,9 +176,11 @@ def _compress(model, cfg: DecoderConfig, out: Path, progress: bool) -> artifact.
     heldout = _heldout_latents(model, unet, uncond, prompts, cfg, device, progress)
     sampling_s = time.perf_counter() - t0
     images, enc = _targets(vae, pairs.latents, sf, device)
-    student = tiny_vae(cfg, latent_channels=vae.config.latent_channels, out_channels=vae.config.out_channels)
+    student = make_student(vae, cfg).to(device)
     if not cfg.train_encoder:
-        student.encoder.requires_grad_(False)
+        for name in ("encoder", "quant_conv"):
+            if getattr(student, name, None) is not None:
+                getattr(student, name).requires_grad_(False)
     result = _train(student, pairs.latents, images, enc, cfg, work, progress)
     if cfg.ema_decay is not None:  # ship the averaged weights
         student = result.ema_module("vae")
@@ -125,8 +189,8 @@ def _compress(model, cfg: DecoderConfig, out: Path, progress: bool) -> artifact.
 
     ref_images, ref_enc = _targets(vae, heldout, sf, device)
     with torch.no_grad():
-        got = _decode_uint8(student, heldout, 1.0, torch.device("cpu"))
-        got_enc = torch.cat([student.encoder(x) for x in ref_images.split(64)])
+        got = _decode_uint8(student, heldout, float(student.config.scaling_factor), torch.device("cpu"))
+        got_enc = torch.cat([encode(student, x) for x in ref_images.split(64)])
     psnr = image_psnr(_to_uint8(ref_images), got)
     losses = result.losses
     tail = losses[-max(1, len(losses) // 10):]
@@ -134,7 +198,8 @@ def _compress(model, cfg: DecoderConfig, out: Path, progress: bool) -> artifact.
         "decoder": {
             "kind": cfg.kind, "class": type(student).__name__, "heldout_latents": len(heldout),
             "psnr_db": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in psnr.items()},
-            "original": _cost(model.components["vae"], heldout[:1] / sf), "compact": _cost(student, heldout[:1]),
+            "original": _cost(model.components["vae"], heldout[:1] / sf),
+            "compact": _cost(student, heldout[:1] / float(student.config.scaling_factor)),
         },
         "encoder": {"trained": cfg.train_encoder, "heldout_images": len(heldout),
                     **{k: round(float(v), 5) for k, v in output_error([ref_enc], [got_enc]).items()}},
@@ -244,9 +309,9 @@ def _train(student, latents, images, enc, cfg: DecoderConfig, work: Path, progre
     def loss_fn(batch, ctx):
         idx = torch.randint(n, (min(cfg.batch_size, n),), generator=ctx.rng)
         x = images[idx].to(ctx.device)
-        loss = decoder_loss(student.decoder(latents[idx].to(ctx.device)), x, cfg)
+        loss = decoder_loss(decode(student, latents[idx].to(ctx.device)), x, cfg)
         if cfg.train_encoder and cfg.encoder_weight > 0:
-            loss = loss + cfg.encoder_weight * torch.nn.functional.mse_loss(student.encoder(x), enc[idx].to(ctx.device))
+            loss = loss + cfg.encoder_weight * torch.nn.functional.mse_loss(encode(student, x), enc[idx].to(ctx.device))
         return loss
 
     return train({"vae": student}, loss_fn, tcfg, ckpt_dir=work / "checkpoints", progress=progress, desc=f"decoder {cfg.kind}")
@@ -271,12 +336,14 @@ def _check_input(model, out, cfg: DecoderConfig) -> None:
     vae = model.components["vae"]
     if type(vae).__name__ != "AutoencoderKL":
         raise UserError(f"{model.path}: its VAE is already a {type(vae).__name__}; give a pipeline with an AutoencoderKL")
+    if model.manifest is not None and "decoder" in model.manifest.metrics:
+        raise UserError(f"{model.path}: its VAE is already a compact one (a pruned AutoencoderKL); give its original")
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if 2 ** (len(cfg.decoder_blocks) - 1) != factor:
+    if cfg.kind == "tiny" and 2 ** (len(cfg.decoder_blocks) - 1) != factor:
         raise UserError(f"decoder_blocks={list(cfg.decoder_blocks)} has {len(cfg.decoder_blocks)} stages (upsampling "
                         f"{2 ** (len(cfg.decoder_blocks) - 1)}x); {model.path}'s VAE upsamples {factor}x: give "
                         f"{len(vae.config.block_out_channels)} stages")
-    if 2 ** (len(cfg.encoder_blocks) - 1) != factor:
+    if cfg.kind == "tiny" and 2 ** (len(cfg.encoder_blocks) - 1) != factor:
         raise UserError(f"encoder_blocks={list(cfg.encoder_blocks)}: {model.path}'s VAE downsamples {factor}x: give "
                         f"{len(vae.config.block_out_channels)} stages")
     out = Path(out)
@@ -300,9 +367,11 @@ def _write(model, vae, cfg: DecoderConfig, out: Path, *, source: artifact.Source
         sampler = dataclasses.replace(sampler_of(model), scaling_factor=float(vae.config.scaling_factor))
         comps = [artifact.Component(n, n, _FORMATS.get(n) or _FORMATS[n.rstrip("_0123456789")]) for n in model.components]
         d = metrics["decoder"]
-        notes = [f"compact VAE ({type(vae).__name__}, width {cfg.channels}, decoder blocks {list(cfg.decoder_blocks)}): "
-                 f"{d['compact']['macs'] / 1e6:.1f} MMAC per decode vs {d['original']['macs'] / 1e6:.1f} MMAC; it decodes the "
-                 "diffusion latents as they are (scaling_factor 1)"]
+        cost = f"{d['compact']['macs'] / 1e6:.1f} MMAC per decode vs {d['original']['macs'] / 1e6:.1f} MMAC"
+        notes = [f"compact VAE (AutoencoderTiny, width {cfg.channels}, decoder blocks {list(cfg.decoder_blocks)}): {cost}; it "
+                 "decodes the diffusion latents as they are (scaling_factor 1)" if cfg.kind == "tiny" else
+                 f"compact VAE (the original AutoencoderKL with {cfg.keep:g} of each stage's channels: "
+                 f"{list(vae.config.block_out_channels)}): {cost}; the original's latent scaling"]
         if not cfg.train_encoder:
             notes.append("the compact encoder was not trained (train_encoder=False): image-to-image would not work")
         return artifact.write_manifest(tmp, stage=STAGE, settings=cfg.to_dict(), source=source, components=comps,

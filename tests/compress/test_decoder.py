@@ -34,7 +34,7 @@ def test_config_validates_and_round_trips():
     cfg = DecoderConfig(channels=16, decoder_blocks=[1, 1, 1, 1], prompts=None)
     assert cfg.decoder_blocks == (1, 1, 1, 1)
     assert DecoderConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    for bad, match in [({"kind": "pruned"}, "kind='pruned'"), ({"channels": 0}, "channels=0"), ({"iterations": 0}, "iterations=0"),
+    for bad, match in [({"kind": "wide"}, "kind='wide'"), ({"keep": 1.0}, "keep=1.0"), ({"keep": 0}, "keep=0"), ({"channels": 0}, "channels=0"), ({"iterations": 0}, "iterations=0"),
                        ({"decoder_blocks": (1,)}, "decoder_blocks"), ({"decoder_blocks": (1, -1, 1, 1)}, "decoder_blocks"),
                        ({"lr": -1.0}, "lr=-1.0"), ({"device": "tpu"}, "device='tpu'"), ({"guidance_range": (5, 2)}, "guidance_range"),
                        ({"train_encoder": 1}, "train_encoder"), ({"batch_size": True}, "batch_size=True"), ({"version": 2}, "version=2"),
@@ -128,6 +128,65 @@ def test_trained_decoder_beats_an_untrained_one(compact, tiny_sd):
     p_trained = image_psnr(ref, stage._decode_uint8(trained, latents, 1.0, torch.device("cpu")))["mean_db"]
     p_untrained = image_psnr(ref, stage._decode_uint8(untrained, latents, 1.0, torch.device("cpu")))["mean_db"]
     assert p_trained > p_untrained + 6.0, (p_trained, p_untrained)
+
+
+def test_pruned_vae_keeps_the_strongest_channels_consistently(tiny_sd):
+    """``pruned_vae`` halves every stage (plain diffusers' AutoencoderKL config), keeps one index set per width:
+    a channel silenced everywhere in the original (zero weights writing it) is never kept, and with those
+    dead channels removed the pruned decoder's output is close to the original's."""
+    import torch
+
+    from pocketfusion.checkpoint import load_model
+    from pocketfusion.compress.decoder import pruned_vae
+
+    vae = load_model(tiny_sd).components["vae"]
+    widths = list(vae.config.block_out_channels)
+    small = pruned_vae(vae, 0.5)
+    assert list(small.config.block_out_channels) == [w // 2 for w in widths] and type(small).__name__ == "AutoencoderKL"
+    assert small.config.scaling_factor == vae.config.scaling_factor
+    # kill the odd channels of every width in a copy of the original: every weight writing them and reading them
+    dead = vae.__class__.from_config(vae.config)
+    sd = {k: v.clone() for k, v in vae.state_dict().items()}
+    for k, v in sd.items():
+        for d, n in enumerate(v.shape):
+            if n in widths and not k.endswith(("norm1.weight", "norm2.weight", "conv_norm_out.weight", "group_norm.weight")):
+                idx = torch.arange(1, n, 2)
+                v.index_fill_(d, idx, 0.0)
+    dead.load_state_dict(sd)
+    kept = pruned_vae(dead, 0.5).state_dict()
+    for k, v in kept.items():
+        if v.ndim >= 2 and v.shape[0] in [w // 2 for w in widths] and sd[k].shape[0] in widths:
+            assert v.flatten(1).abs().sum(1).gt(0).all(), f"{k}: a dead channel was kept"
+
+
+def test_pruned_decoder_stage(tiny_sd, tmp_path):
+    """``kind="pruned"``: an AutoencoderKL with half the channels, the original's latent scaling, trained to beat its
+    own initialisation; plain diffusers loads it; a second decoder stage on it is refused."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from pocketfusion.checkpoint import load_model
+    from pocketfusion.compress.decoder import pruned_vae, stage
+    from pocketfusion.metrics import image_psnr
+
+    src = load_model(tiny_sd)
+    vae = src.components["vae"]
+    out = tmp_path / "pruned"
+    fast = {k: v for k, v in FAST.items() if k not in ("channels", "encoder_channels")}
+    m = compress_decoder(src, DecoderConfig(kind="pruned", iterations=40, lr=1e-3, **fast), out, progress=False)
+    d = m.metrics["decoder"]
+    assert d["class"] == "AutoencoderKL" and d["macs_ratio"] > 2.5, d
+    assert m.sampler.scaling_factor == vae.config.scaling_factor
+    loaded = AutoencoderKL.from_pretrained(out / "vae")  # plain diffusers
+    assert list(loaded.config.block_out_channels) == [w // 2 for w in vae.config.block_out_channels]
+    sf = float(vae.config.scaling_factor)
+    latents = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(7)) * 0.8
+    ref = stage._to_uint8(stage._targets(vae, latents, sf, torch.device("cpu"))[0])
+    p_trained = image_psnr(ref, stage._decode_uint8(loaded, latents, sf, torch.device("cpu")))["mean_db"]
+    p_init = image_psnr(ref, stage._decode_uint8(pruned_vae(vae, 0.5), latents, sf, torch.device("cpu")))["mean_db"]
+    assert p_trained > p_init + 1.5, (p_trained, p_init)
+    with pytest.raises(UserError, match="already a compact one"):
+        compress_decoder(load_model(out), DecoderConfig(kind="pruned", **fast), tmp_path / "again", progress=False)
 
 
 def test_export_onnx_parity_and_runtime_pipeline(compact, tmp_path):
