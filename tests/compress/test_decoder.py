@@ -261,7 +261,7 @@ def test_cli_decoder(tiny_sd, tmp_path, capsys):
     assert main(["decoder", str(out), "-o", str(tmp_path / "bad")]) == 2  # already compact
     assert "already a AutoencoderTiny" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        main(["decoder", str(tiny_sd), "--kind", "pruned", "-o", str(tmp_path / "bad")])
+        main(["decoder", str(tiny_sd), "--kind", "wide", "-o", str(tmp_path / "bad")])
     assert e.value.code == 2
     assert not (tmp_path / "bad").exists()
 
