@@ -62,8 +62,8 @@ def tiny_vae(cfg: DecoderConfig, *, latent_channels: int = 4, out_channels: int 
 
 def pruned_vae(vae, keep: float):
     """``vae`` (an ``AutoencoderKL``) with every stage's channels cut to ``keep`` of them (SnapFusion's pruned decoder):
-    the same config but ``block_out_channels`` (and ``norm_num_groups`` where the new widths need fewer groups),
-    initialised from ``vae``'s channels of largest weight norm.
+    the same config but ``block_out_channels`` and ``norm_num_groups`` (cut in the same proportion, so that a group
+    holds as many channels as before), initialised from ``vae``'s channels of largest weight norm.
 
     One index set per original width: every dimension of that width (a stage's residual stream, a ResNet's inner
     channels, attention, GroupNorm) keeps the same channels, so every residual sum and normalization stays
@@ -76,7 +76,9 @@ def pruned_vae(vae, keep: float):
 
     old = list(vae.config.block_out_channels)
     widths = [max(1, round(w * keep)) for w in old]
-    groups = math.gcd(int(vae.config.norm_num_groups), *widths)
+    # as many channels per GroupNorm group as the original's narrowest stage had: one channel a group would be an
+    # instance norm, which throws away each channel's mean (a flat background's colour)
+    groups = math.gcd(max(1, round(int(vae.config.norm_num_groups) * keep)), *widths)
     student = AutoencoderKL.from_config(vae.config, block_out_channels=widths, norm_num_groups=groups)
     src, dst = vae.state_dict(), student.state_dict()
     importance: dict[int, torch.Tensor] = {}

@@ -144,6 +144,8 @@ def test_pruned_vae_keeps_the_strongest_channels_consistently(tiny_sd):
     small = pruned_vae(vae, 0.5)
     assert list(small.config.block_out_channels) == [w // 2 for w in widths] and type(small).__name__ == "AutoencoderKL"
     assert small.config.scaling_factor == vae.config.scaling_factor
+    g, g_small = vae.config.norm_num_groups, small.config.norm_num_groups  # a group keeps its channel count
+    assert widths[0] // g == (widths[0] // 2) // g_small, (g, g_small)
     # kill the odd channels of every width in a copy of the original: every weight writing them and reading them
     dead = vae.__class__.from_config(vae.config)
     sd = {k: v.clone() for k, v in vae.state_dict().items()}
