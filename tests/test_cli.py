@@ -40,8 +40,10 @@ def test_bad_input_is_one_line_exit_2(args, message, tmp_path):
 
 
 @pytest.mark.parametrize("args", [("compress", "--quant", "w8", "--device", "cuda", "-o", "out"),
-                                  ("calibrate", "--device", "cuda", "-o", "out"), ("distill", "--steps", "4", "--device", "cuda", "-o", "out"),
-                                  ("decoder", "--device", "cuda", "-o", "out"), ("prune", "--runtime", "onnxruntime", "--train-device", "cuda", "-o", "out")])
+                                  ("calibrate", "--device", "cuda", "-o", "out"),
+                                  ("distill", "--steps", "4", "--device", "cuda", "-o", "out"),
+                                  ("decoder", "--device", "cuda", "-o", "out"),
+                                  ("prune", "--runtime", "onnxruntime", "--train-device", "cuda", "-o", "out")])
 def test_device_cuda_without_a_gpu_is_one_line_exit_2(args, tmp_path):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():

@@ -177,7 +177,7 @@ def _compress(model, cfg: DecoderConfig, out: Path, progress: bool) -> artifact.
                              progress=progress)
     heldout = _heldout_latents(model, unet, uncond, prompts, cfg, device, progress)
     sampling_s = time.perf_counter() - t0
-    images, enc = _targets(vae, pairs.latents, sf, device)
+    images, enc = _targets(vae, pairs.latents, device)
     student = make_student(vae, cfg).to(device)
     if not cfg.train_encoder:
         for name in ("encoder", "quant_conv"):
@@ -189,9 +189,9 @@ def _compress(model, cfg: DecoderConfig, out: Path, progress: bool) -> artifact.
     student = student.cpu().eval()
     train_s_this_run = time.perf_counter() - t0 - sampling_s
 
-    ref_images, ref_enc = _targets(vae, heldout, sf, device)
+    ref_images, ref_enc = _targets(vae, heldout, device)
     with torch.no_grad():
-        got = _decode_uint8(student, heldout, float(student.config.scaling_factor), torch.device("cpu"))
+        got = _decode_uint8(student, heldout, torch.device("cpu"))
         got_enc = torch.cat([encode(student, x) for x in ref_images.split(64)])
     psnr = image_psnr(_to_uint8(ref_images), got)
     losses = result.losses
@@ -243,17 +243,17 @@ def _heldout_latents(model, unet, uncond, train_prompts: list[str], cfg: Decoder
     return latents
 
 
-def _targets(vae, latents, sf: float, device, batch: int = 64):
-    """The original VAE's images of ``latents`` (diffusion latents, divided by ``sf`` to decode) in [-1, 1], clamped,
-    and its encoder's latent mean of those images times ``sf`` (what a compact encoder should return)."""
+def _targets(vae, latents, device, batch: int = 64):
+    """The original VAE's images of ``latents`` (diffusion latents: ``decode``) in [-1, 1], clamped, and its diffusion
+    latents of those images (``encode``: what a compact encoder should return)."""
     import torch
 
     images, enc = [], []
     with torch.no_grad():
         for z in latents.split(batch):
-            x = vae.decode(z.to(device) / sf).sample.clamp(-1, 1)
+            x = decode(vae, z.to(device)).clamp(-1, 1)
             images.append(x.float().cpu())
-            enc.append((vae.encode(x).latent_dist.mean * sf).float().cpu())
+            enc.append(encode(vae, x).float().cpu())
     return torch.cat(images), torch.cat(enc)
 
 
@@ -264,11 +264,11 @@ def _to_uint8(images) -> list:
     return [(np.clip(i / 2 + 0.5, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8) for i in x]
 
 
-def _decode_uint8(vae, latents, sf: float, device, batch: int = 64) -> list:
+def _decode_uint8(vae, latents, device, batch: int = 64) -> list:
     import torch
 
     with torch.no_grad():
-        return _to_uint8(torch.cat([vae.decode(z.to(device) / sf).sample.float().cpu() for z in latents.split(batch)]))
+        return _to_uint8(torch.cat([decode(vae, z.to(device)).float().cpu() for z in latents.split(batch)]))
 
 
 def _cost(vae, z) -> dict:

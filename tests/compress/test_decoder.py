@@ -34,7 +34,8 @@ def test_config_validates_and_round_trips():
     cfg = DecoderConfig(channels=16, decoder_blocks=[1, 1, 1, 1], prompts=None)
     assert cfg.decoder_blocks == (1, 1, 1, 1)
     assert DecoderConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    for bad, match in [({"kind": "wide"}, "kind='wide'"), ({"keep": 1.0}, "keep=1.0"), ({"keep": 0}, "keep=0"), ({"channels": 0}, "channels=0"), ({"iterations": 0}, "iterations=0"),
+    for bad, match in [({"kind": "wide"}, "kind='wide'"), ({"keep": 1.0}, "keep=1.0"), ({"keep": 0}, "keep=0"),
+                       ({"channels": 0}, "channels=0"), ({"iterations": 0}, "iterations=0"),
                        ({"decoder_blocks": (1,)}, "decoder_blocks"), ({"decoder_blocks": (1, -1, 1, 1)}, "decoder_blocks"),
                        ({"lr": -1.0}, "lr=-1.0"), ({"device": "tpu"}, "device='tpu'"), ({"guidance_range": (5, 2)}, "guidance_range"),
                        ({"train_encoder": 1}, "train_encoder"), ({"batch_size": True}, "batch_size=True"), ({"version": 2}, "version=2"),
@@ -121,12 +122,12 @@ def test_trained_decoder_beats_an_untrained_one(compact, tiny_sd):
     vae = src.components["vae"]
     g = torch.Generator().manual_seed(7)
     latents = torch.randn(8, 4, 8, 8, generator=g) * 0.8
-    ref, _ = stage._targets(vae, latents, float(vae.config.scaling_factor), torch.device("cpu"))
+    ref, _ = stage._targets(vae, latents, torch.device("cpu"))
     ref = stage._to_uint8(ref)
     trained = load_model(compact).components["vae"]
     untrained = tiny_vae(DecoderConfig(**FAST))
-    p_trained = image_psnr(ref, stage._decode_uint8(trained, latents, 1.0, torch.device("cpu")))["mean_db"]
-    p_untrained = image_psnr(ref, stage._decode_uint8(untrained, latents, 1.0, torch.device("cpu")))["mean_db"]
+    p_trained = image_psnr(ref, stage._decode_uint8(trained, latents, torch.device("cpu")))["mean_db"]
+    p_untrained = image_psnr(ref, stage._decode_uint8(untrained, latents, torch.device("cpu")))["mean_db"]
     assert p_trained > p_untrained + 6.0, (p_trained, p_untrained)
 
 
@@ -181,11 +182,10 @@ def test_pruned_decoder_stage(tiny_sd, tmp_path):
     assert m.sampler.scaling_factor == vae.config.scaling_factor
     loaded = AutoencoderKL.from_pretrained(out / "vae")  # plain diffusers
     assert list(loaded.config.block_out_channels) == [w // 2 for w in vae.config.block_out_channels]
-    sf = float(vae.config.scaling_factor)
     latents = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(7)) * 0.8
-    ref = stage._to_uint8(stage._targets(vae, latents, sf, torch.device("cpu"))[0])
-    p_trained = image_psnr(ref, stage._decode_uint8(loaded, latents, sf, torch.device("cpu")))["mean_db"]
-    p_init = image_psnr(ref, stage._decode_uint8(pruned_vae(vae, 0.5), latents, sf, torch.device("cpu")))["mean_db"]
+    ref = stage._to_uint8(stage._targets(vae, latents, torch.device("cpu"))[0])
+    p_trained = image_psnr(ref, stage._decode_uint8(loaded, latents, torch.device("cpu")))["mean_db"]
+    p_init = image_psnr(ref, stage._decode_uint8(pruned_vae(vae, 0.5), latents, torch.device("cpu")))["mean_db"]
     assert p_trained > p_init + 1.5, (p_trained, p_init)
     with pytest.raises(UserError, match="already a compact one"):
         compress_decoder(load_model(out), DecoderConfig(kind="pruned", **fast), tmp_path / "again", progress=False)
