@@ -75,10 +75,17 @@ def pruned_vae(vae, keep: float):
     from diffusers import AutoencoderKL
 
     old = list(vae.config.block_out_channels)
-    widths = [max(1, round(w * keep)) for w in old]
-    # as many channels per GroupNorm group as the original's narrowest stage had: one channel a group would be an
-    # instance norm, which throws away each channel's mean (a flat background's colour)
-    groups = math.gcd(max(1, round(int(vae.config.norm_num_groups) * keep)), *widths)
+    n_groups = int(vae.config.norm_num_groups)
+    groups = max(1, round(n_groups * keep))
+    if all(w % n_groups == 0 for w in old):
+        # whole GroupNorm groups: every stage keeps ``groups`` of its groups, each as many channels as before (keep is
+        # rounded to a multiple of 1 / norm_num_groups: 0.4 of 8 groups keeps 3, i.e. 0.375 of the channels)
+        widths = [w // n_groups * groups for w in old]
+    else:
+        widths = [max(1, round(w * keep)) for w in old]
+        # as many channels per GroupNorm group as the original's narrowest stage had: one channel a group would be
+        # an instance norm, which throws away each channel's mean (a flat background's colour)
+        groups = math.gcd(groups, *widths)
     student = AutoencoderKL.from_config(vae.config, block_out_channels=widths, norm_num_groups=groups)
     src, dst = vae.state_dict(), student.state_dict()
     importance: dict[int, torch.Tensor] = {}

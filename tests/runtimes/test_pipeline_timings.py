@@ -21,3 +21,22 @@ def test_timings_split_an_image_and_the_negative_prompt_is_encoded_once(tiny_onn
     fresh = RuntimePipeline(tiny_onnx_export, "onnxruntime", threads=1)
     assert np.array_equal(fresh("a red circle", steps=3, seed=0), a)
 
+
+
+def test_the_pipelines_tokenizer_gives_the_reference_ids(tiny_onnx_export):
+    """The runtime pipeline tokenizes with the Rust CLIP tokenizer: the same ids, padding and truncation as
+    transformers' Python ``CLIPTokenizer`` (what diffusers' pipelines use), on the demo's prompts and odd text."""
+    from transformers import CLIPTokenizer
+
+    from pocketfusion.checkpoint import BUNDLED
+    from pocketfusion.demo.suite import demo_suite
+    from pocketfusion.runtimes.pipeline import RuntimePipeline, _tokenizer
+
+    pipe = RuntimePipeline(tiny_onnx_export, "onnxruntime", threads=1)
+    assert type(pipe.tokenizer).__name__ == "CLIPTokenizerFast"
+    folder = BUNDLED["demo"] / "tokenizer"
+    fast, ref = _tokenizer(folder), CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    prompts = [p if isinstance(p, str) else p.prompt for p in demo_suite().heldout(None)]
+    prompts += ["", "A  Large   RED circle!!", "ünïcode, numbers 123 and a very long prompt " * 4]
+    for p in prompts:
+        assert np.array_equal(RuntimePipeline._ids(fast, p, 16), RuntimePipeline._ids(ref, p, 16)), p
