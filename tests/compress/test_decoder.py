@@ -162,6 +162,25 @@ def test_pruned_vae_keeps_the_strongest_channels_consistently(tiny_sd):
             assert v.flatten(1).abs().sum(1).gt(0).all(), f"{k}: a dead channel was kept"
 
 
+def test_pruned_vae_keeps_whole_groupnorm_groups():
+    """``keep`` is rounded to whole GroupNorm groups where every stage's width is a multiple of the group count: the
+    demo VAE (16/32/64/64 channels, 8 groups) at 0.4 keeps 3 groups a stage (6/12/24/24), each group as wide as
+    before, and the pruned VAE runs."""
+    import torch
+
+    from pocketfusion.checkpoint import load_model
+    from pocketfusion.compress.decoder import pruned_vae
+
+    vae = load_model("demo").components["vae"]
+    widths, g = list(vae.config.block_out_channels), vae.config.norm_num_groups
+    for keep, groups in ((0.4, 3), (0.5, 4), (0.2, 2)):
+        small = pruned_vae(vae, keep)
+        assert small.config.norm_num_groups == groups
+        assert list(small.config.block_out_channels) == [w // g * groups for w in widths]
+    with torch.no_grad():
+        assert small.decode(torch.zeros(1, 4, 8, 8)).sample.shape == (1, 3, 64, 64)
+
+
 def test_pruned_decoder_stage(tiny_sd, tmp_path):
     """``kind="pruned"``: an AutoencoderKL with half the channels, the original's latent scaling, trained to beat its
     own initialisation; plain diffusers loads it; a second decoder stage on it is refused."""
