@@ -91,7 +91,8 @@ class RuntimePipeline:
         ``tokenizer(...)``, whose per-call argument handling costs more than the encoding."""
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
-            return tokenizer([prompt], padding="max_length", max_length=length, truncation=True, return_tensors="np").input_ids.astype(np.int32)
+            out = tokenizer([prompt], padding="max_length", max_length=length, truncation=True, return_tensors="np")
+            return out.input_ids.astype(np.int32)
         key = (id(tokenizer), length)
         if key not in _BACKENDS:
             from tokenizers import Tokenizer
