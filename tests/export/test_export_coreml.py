@@ -132,7 +132,9 @@ def test_ios18_fp32(tmp_path):
     assert set(info["heavy_op_dtypes"]) == {"float32"}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# the default run: sd15 (the shared fixture) and sdxl (two more inputs, deeper transformers); sd21 and the BK-SDM
+# cuts (removed blocks: covered by the ExecuTorch and ONNX family tests) run with --runslow, over a minute each here
+@pytest.mark.parametrize("family", [f if f in ("sd15", "sdxl") else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
 def test_every_family_converts_and_validates(family, sd15, tmp_path):
     spec, path, info = sd15 if family == "sd15" else _export(family, tmp_path)
     assert info["io_check"] == "ok" and info["compute_ops"] > 0 and info["ops"]["conv"] > 0

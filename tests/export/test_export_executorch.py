@@ -173,9 +173,10 @@ def test_baseline_without_rewrites_fragments(lowered_sd15):
     assert base["delegate_blobs"] > 8 and any("group_norm" in op for op in base["ops_outside"])
 
 
-# sd15: lowered_sd15 above. bk-sdm-small (sd15 minus blocks) runs with --runslow: bk-sdm-tiny covers
-# removed blocks (and the missing mid-block) in the default run, ~1 min of lowering each.
-@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f == "bk-sdm-small" else f
+# sd15: lowered_sd15 above. The default run lowers bk-sdm-tiny (removed blocks and the missing mid-block); sd21,
+# bk-sdm-small and sdxl run with --runslow (2-3 min of lowering each on 2 cores; SDXL's extra inputs are covered by
+# tests/test_sdxl_e2e.py, sd21's linear projections by the ONNX and TFLite family tests).
+@pytest.mark.parametrize("family", [f if f == "bk-sdm-tiny" else pytest.param(f, marks=pytest.mark.slow)
                                     for f in FAMILIES if f != "sd15"])
 def test_every_family_lowers_to_one_blob_with_parity(family, tmp_path):
     pytest.importorskip("executorch")
