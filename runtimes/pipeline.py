@@ -27,9 +27,6 @@ NETWORKS = ("text_encoder", "unet", "vae_decoder")
 SDXL_NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 
 
-_BACKENDS: dict[tuple[int, int], tuple] = {}  # (id(tokenizer), length) -> (tokenizer, its Rust tokenizer set to pad and truncate)
-
-
 def _tokenizer(folder: Path):
     """The CLIP tokenizer of ``folder``: the Rust one (``CLIPTokenizerFast``, built from the same vocab and merges; the
     same ids as ``CLIPTokenizer``, in about half its time per prompt), else the Python one."""
@@ -39,6 +36,22 @@ def _tokenizer(folder: Path):
         return CLIPTokenizerFast.from_pretrained(str(folder), local_files_only=True)
     except Exception:  # a tokenizer folder the converter does not take: the reference implementation
         return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def token_ids(tokenizer, length: int):
+    """A function ``prompt -> (1, length) int32 ids``, padded and truncated to ``length`` (``padding="max_length",
+    truncation=True``). A Rust tokenizer is called directly with its padding and truncation set here, once: the same
+    ids in a quarter of the time of ``tokenizer(...)``, whose per-call argument handling costs more than the encoding."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return lambda prompt: tokenizer([prompt], padding="max_length", max_length=length, truncation=True,
+                                        return_tensors="np").input_ids.astype(np.int32)
+    from tokenizers import Tokenizer
+
+    b = Tokenizer.from_str(backend.to_str())
+    b.enable_truncation(length)
+    b.enable_padding(length=length, pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
+    return lambda prompt: np.asarray([b.encode(prompt).ids], dtype=np.int32)
 
 
 class RuntimePipeline:
@@ -69,10 +82,11 @@ class RuntimePipeline:
             raise UserError(f"{root} records no sampler (export a full pipeline, not a bare component)")
         self.sampler = manifest.sampler
         self.tokenizer = _tokenizer(artifact.resolve_path(root, self.sampler.tokenizer))
+        self._ids = token_ids(self.tokenizer, self.sampler.max_length)
         self.tokenizer_2 = None
         if sdxl:
             self.tokenizer_2 = _tokenizer(artifact.resolve_path(root, self.sampler.tokenizer_2 or "tokenizer"))
-            self.max_length_2 = int(comps["text_encoder_2"].inputs[0].shape[1])
+            self._ids_2 = token_ids(self.tokenizer_2, int(comps["text_encoder_2"].inputs[0].shape[1]))
         config = json.loads((artifact.resolve_path(root, self.sampler.scheduler) / "scheduler_config.json").read_text())
         self.scheduler = from_config(config, scheduler)
         self.unet_spec = comps["unet"]
@@ -84,25 +98,6 @@ class RuntimePipeline:
         self._net_ms: dict[str, float] = {}
         self._net_calls: dict[str, int] = {}
 
-    @staticmethod
-    def _ids(tokenizer, prompt: str, length: int) -> np.ndarray:
-        """``prompt``'s ids, padded and truncated to ``length`` (``padding="max_length", truncation=True``). A Rust
-        tokenizer is called directly, its padding and truncation set once: the same ids in a quarter of the time of
-        ``tokenizer(...)``, whose per-call argument handling costs more than the encoding."""
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is None:
-            out = tokenizer([prompt], padding="max_length", max_length=length, truncation=True, return_tensors="np")
-            return out.input_ids.astype(np.int32)
-        key = (id(tokenizer), length)
-        if key not in _BACKENDS:
-            from tokenizers import Tokenizer
-
-            b = Tokenizer.from_str(backend.to_str())
-            b.enable_truncation(length)
-            b.enable_padding(length=length, pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
-            _BACKENDS[key] = (tokenizer, b)  # the tokenizer is held so that its id is not reused
-        return np.asarray([_BACKENDS[key][1].encode(prompt).ids], dtype=np.int32)
-
     def _run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``sessions[name].run(feeds)``, its wall time added to this image's per-network totals."""
         t = time.perf_counter()
@@ -113,11 +108,11 @@ class RuntimePipeline:
 
     def _encode(self, prompt: str) -> dict[str, np.ndarray]:
         """The U-Net's text conditions for one prompt: ``encoder_hidden_states`` (SDXL: and ``text_embeds``)."""
-        ids = self._ids(self.tokenizer, prompt, self.sampler.max_length)
+        ids = self._ids(prompt)
         if self.tokenizer_2 is None:
             return {"encoder_hidden_states": self._run("text_encoder", {"input_ids": ids})["last_hidden_state"]}
         h1 = self._run("text_encoder", {"input_ids": ids})["penultimate_hidden_state"]
-        out2 = self._run("text_encoder_2", {"input_ids": self._ids(self.tokenizer_2, prompt, self.max_length_2)})
+        out2 = self._run("text_encoder_2", {"input_ids": self._ids_2(prompt)})
         return {"encoder_hidden_states": np.concatenate([h1, out2["penultimate_hidden_state"]], axis=-1),
                 "text_embeds": np.asarray(out2["text_embeds"])}
 

@@ -22,7 +22,6 @@ def test_timings_split_an_image_and_the_negative_prompt_is_encoded_once(tiny_onn
     assert np.array_equal(fresh("a red circle", steps=3, seed=0), a)
 
 
-
 def test_the_pipelines_tokenizer_gives_the_reference_ids(tiny_onnx_export):
     """The runtime pipeline tokenizes with the Rust CLIP tokenizer: the same ids, padding and truncation as
     transformers' Python ``CLIPTokenizer`` (what diffusers' pipelines use), on the demo's prompts and odd text."""
@@ -30,7 +29,7 @@ def test_the_pipelines_tokenizer_gives_the_reference_ids(tiny_onnx_export):
 
     from pocketfusion.checkpoint import BUNDLED
     from pocketfusion.demo.suite import demo_suite
-    from pocketfusion.runtimes.pipeline import RuntimePipeline, _tokenizer
+    from pocketfusion.runtimes.pipeline import RuntimePipeline, _tokenizer, token_ids
 
     pipe = RuntimePipeline(tiny_onnx_export, "onnxruntime", threads=1)
     assert type(pipe.tokenizer).__name__ == "CLIPTokenizerFast"
@@ -40,5 +39,5 @@ def test_the_pipelines_tokenizer_gives_the_reference_ids(tiny_onnx_export):
     prompts += ["", "A  Large   RED circle!!", "ünïcode, numbers 123 and a very long prompt " * 4]
     for p in prompts:
         for n in (16, 8):  # the demo's length, and one that truncates
-            ids = RuntimePipeline._ids(fast, p, n)
-            assert ids.dtype == np.int32 and np.array_equal(ids, RuntimePipeline._ids(ref, p, n)), (p, n)
+            ids = token_ids(fast, n)(p)
+            assert ids.dtype == np.int32 and np.array_equal(ids, token_ids(ref, n)(p)), (p, n)
