@@ -41,6 +41,7 @@ from pocketfusion.export.components import ComponentSpec
 logger = logging.getLogger(__name__)
 
 SIGNATURE = "serving_default"
+DYNAMIC_FORMAT = "INT8 per-axis weights fed to CONV_2D / FULLY_CONNECTED (dynamic int8 activations, XNNPACK qd8); INT4 + DEQUANTIZE"
 
 
 def io_json_path(path: Path) -> Path:
@@ -139,13 +140,13 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
 
     Returns the layer map and JSON-able facts: ``signature``, ``io`` (the name mapping), ``ops`` (builtin op counts),
     ``rewrites`` (always empty: no rewrite is needed, see the module docstring) and ``notes``.
-    ``cfg`` has no TFLite setting yet.
+    ``cfg.tflite_weights``: how a W8 grid's int8 weights are consumed (``export.litert_paths``).
 
     Raises:
         ExportError: the converter fails, or the converted signature disagrees with the spec.
     """
     from pocketfusion.compress.quant.grid import quantizable_layers
-    from pocketfusion.export import quant_tflite
+    from pocketfusion.export import litert_paths, quant_tflite
 
     path = Path(path)
     try:
@@ -164,10 +165,17 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
             quant, layer_map = quant_tflite.quantize(tmp, spec)
         else:
             layer_map = quant_tflite.weight_map(quant_tflite.read_model(tmp), spec.source_module, quantizable_layers(spec.source_module))
-        size = tmp.stat().st_size
         sig_in, sig_out, ops = _read_back(tmp)
         io = map_io(spec, sig_in, sig_out)
         (tmpdir / (path.name + ".io.json")).write_text(json.dumps(io, indent=2) + "\n")
+        if quant is not None and quant["layers_int8"]:  # which kernels consume the int8 weights (export.litert_paths)
+            quant["litert"] = litert_paths.choose(tmp, spec, cfg.tflite_weights)
+            if quant["litert"]["chosen"] == "dynamic":
+                quant.update(format=DYNAMIC_FORMAT, tolerance_key="tflite-qd8")
+                quant["notes"].append(f"{quant['litert']['dynamic_weights']} int8 weights feed their CONV_2D / FULLY_CONNECTED "
+                                      f"directly: XNNPACK quantizes the activations per row on every call ({quant['litert']['why']})")
+                _, _, ops = _read_back(tmp)
+        size = tmp.stat().st_size
         os.replace(tmpdir / (path.name + ".io.json"), io_json_path(path))
         os.replace(tmp, path)
     finally:

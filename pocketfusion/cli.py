@@ -101,7 +101,7 @@ def cmd_export(args) -> int:
     cfg = ExportConfig(
         targets=targets, components=components, onnx_opset=args.opset, coreml_deployment_target=args.coreml_target,
         coreml_precision=args.coreml_precision, max_delegates=args.max_delegates, rewrite=not args.no_rewrite,
-        onnx_weights=args.onnx_weights,
+        onnx_weights=args.onnx_weights, tflite_weights=args.tflite_weights,
         check_parity=not args.no_parity, executorch_activations=args.executorch_activations,
     )
     model = _load(args)
@@ -345,6 +345,10 @@ def _add_export(sub) -> None:
     p.add_argument("--onnx-weights", choices=("auto", "fold", "qdq"), default="auto",
                    help="a weight-only quantized ONNX U-Net in onnxruntime: fold (dequantize once at load), qdq (on every "
                         "call; 4-bit MatMulNBits), auto (both timed at export, the faster kept; recorded in the manifest)")
+    p.add_argument("--tflite-weights", choices=("auto", "dequantize", "dynamic"), default="auto",
+                   help="a W8 U-Net's int8 weights in LiteRT: dequantize (fp32 kernels, the on-grid numbers), dynamic (fed "
+                        "to the ops: XNNPACK int8 kernels, activations quantized per call), auto (both timed and checked "
+                        "against a quality floor at export; recorded in the manifest)")
     p.add_argument("--no-rewrite", action="store_true", help="skip the delegation rewrites (for comparison)")
     p.add_argument("--no-parity", action="store_true", help="skip running the exports against PyTorch")
     p.add_argument("--executorch-activations", default="grid", choices=["grid", "dynamic"],
