@@ -2,7 +2,8 @@
 
 The default run converts once (litert-torch takes ~30 s for the tiny U-Net): a mixed-precision grid
 with int8 per-channel, int4 per-channel and int4 group-wise layers (convolutions, 1x1 convolutions
-and fully-connected layers), so every storage form is read back and checked. Whole-model w8 / w4
+and fully-connected layers), so every storage form is read back and checked; the dynamic path for its int8
+weights (``export.litert_paths``) is made from a copy of that file. Whole-model w8 / w4
 exports (file sizes) are slow tests.
 """
 
@@ -20,7 +21,9 @@ from pocketfusion.export.quant_tflite import Q_SUFFIX, expected_scale, read_inte
 from pocketfusion.export.testing import export_entry, save_quantized  # noqa: E402
 from pocketfusion.runtimes.base import load_session  # noqa: E402
 
-CFG = ExportConfig(targets=("tflite",), components=("unet",))
+# the exact weight-only path (DEQUANTIZE, fp32 kernels): these tests check the stored integers and parity at 1e-4;
+# the dynamic path (export.litert_paths) is tested on a copy of the same file below
+CFG = ExportConfig(targets=("tflite",), components=("unet",), tflite_weights="dequantize")
 GROUP = 8  # the tiny U-Net is 8-32 channels wide: groups of 8 make most 4-bit layers group-wise
 
 
@@ -109,3 +112,74 @@ def test_whole_model_w8_w4_sizes(tiny_sd, tmp_path, bits):
     weight_bytes = sum(4 * int(np.prod(g.shape)) for g in grid.layers.values())
     stored = sum(int(np.prod(g.shape)) * bits // 8 + 12 * g.scale.numel() for g in grid.layers.values())  # + fp32 scale, int64 zero point
     assert entry["size_bytes"] <= fp32["size_bytes"] - weight_bytes + stored + 1024 * len(grid.layers)
+
+
+def _copy_export(mixed, tmp_path):
+    import shutil
+
+    dst = tmp_path / "unet.tflite"
+    shutil.copyfile(mixed.path, dst)
+    shutil.copyfile(str(mixed.path) + ".io.json", str(dst) + ".io.json")
+    return dst
+
+
+def _spec(mixed):
+    """The U-Net's spec with seeded random golden inputs and no held-out feeds (as a model without calibration)."""
+    from pocketfusion.export.components import unet_spec
+
+    comps = mixed.model.components
+    return unet_spec(comps["unet"], seq_len=comps["tokenizer"].model_max_length)
+
+
+def test_dynamic_path_feeds_the_grids_int8_weights_to_the_ops(mixed, tmp_path):
+    """``make_dynamic``: every int8 per-channel weight feeds its CONV_2D / FULLY_CONNECTED directly (no DEQUANTIZE),
+    int4 layers keep theirs, the integers read back are still the grid's, and LiteRT runs it within the qd8
+    tolerance of the exact path (not identical: the activations are int8)."""
+    from pocketfusion.export import litert_paths
+    from pocketfusion.export.quant_tflite import _Graph
+
+    grid, layer_map = mixed.grid, mixed.component.layer_map
+    dst = tmp_path / "dyn.tflite"
+    n = litert_paths.make_dynamic(mixed.path, dst)
+    g = _Graph.of(read_model(dst))
+    int8 = {i for i, t in enumerate(g.sg.tensors) if t.name.decode().endswith(Q_SUFFIX) and t.type == 9}  # INT8
+    direct = {op.inputs[1] for i, op in enumerate(g.sg.operators) if g.op(i) in ("CONV_2D", "FULLY_CONNECTED")}
+    assert n == len(int8) > 0 and int8 <= direct
+    dq_in = [g.sg.tensors[op.inputs[0]].type for i, op in enumerate(g.sg.operators) if g.op(i) == "DEQUANTIZE"]
+    assert dq_in and all(t != 9 for t in dq_in)  # the int4 layers keep theirs
+    got, want = read_integers(read_model(dst), layer_map), grid.integers(mixed.model.components["unet"])
+    assert set(got) == set(grid.layers) and all(np.array_equal(got[k]["q"], want[k].numpy()) for k in grid.layers)
+
+    import shutil
+
+    shutil.copyfile(str(mixed.path) + ".io.json", str(dst) + ".io.json")
+    exact, dyn = load_session(mixed.path, "tflite", threads=1), load_session(dst, "tflite", threads=1)
+    assert "XNNPACK" in dyn.device
+    for feed in _spec(mixed).golden:
+        a, b = exact.run(feed)["noise_pred"], dyn.run(feed)["noise_pred"]
+        rel = np.abs(a - b).max() / np.abs(a).max()
+        assert 0 < rel < TOLERANCE["tflite-qd8"], rel
+
+
+def test_choose_measures_both_paths_and_applies_the_rule(mixed, tmp_path):
+    """``auto`` times both paths and scores the dynamic one; it keeps ``dynamic`` exactly when it is faster and above
+    the floor, and rewrites the file only then; a forced path is applied without measuring."""
+    from pocketfusion.export import litert_paths
+
+    spec = _spec(mixed)
+    src = _copy_export(mixed, tmp_path)
+    before = src.read_bytes()
+    rec = litert_paths.choose(src, spec, "auto")
+    ms = rec["measured"]
+    assert set(ms) == {"dequantize", "dynamic"} and ms["dequantize"]["against"] == "dequantize path, golden inputs"
+    assert ms["dequantize"]["snr_db"] == float("inf") and ms["dynamic"]["snr_db"] < 200
+    fast = ms["dynamic"]["median_ms"] < ms["dequantize"]["median_ms"]
+    assert rec["chosen"] == ("dynamic" if fast and ms["dynamic"]["snr_db"] >= litert_paths.SNR_FLOOR_DB else "dequantize")
+    assert (src.read_bytes() != before) == (rec["chosen"] == "dynamic")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.tflite", "unet.tflite.io.json"]  # nothing left behind
+
+    for wanted in ("dequantize", "dynamic"):
+        src = _copy_export(mixed, tmp_path)
+        rec = litert_paths.choose(src, spec, wanted)
+        assert rec["chosen"] == wanted and "measured" not in rec and rec["why"] == f"forced (--tflite-weights {wanted})"
+        assert (src.read_bytes() == before) == (wanted == "dequantize")
