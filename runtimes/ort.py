@@ -22,9 +22,11 @@ SESSION_CONFIG_KEY = "pocketfusion.onnxruntime.session_config"  # = export.ort_p
 class OrtSession:
     runtime = "onnxruntime"
 
-    def __init__(self, path: Path, threads: int | None = None, *, shared_cores: bool = False):
+    def __init__(self, path: Path, threads: int | None = None, *, shared_cores: bool = False, profile_prefix: str | None = None):
         ort = require("onnxruntime", "onnx")
         opts = ort.SessionOptions()
+        if profile_prefix:  # onnxruntime's own per-node profiler (end_profiling() writes and names the JSON trace)
+            opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
         if threads:
             opts.intra_op_num_threads = threads
         if shared_cores:
@@ -46,6 +48,9 @@ class OrtSession:
         self.input_names = tuple(i.name for i in self._s.get_inputs())
         self.output_names = tuple(o.name for o in self._s.get_outputs())
         self.device = f"onnxruntime {ort.__version__} {self._s.get_providers()[0]}"
+
+    def end_profiling(self) -> str:
+        return self._s.end_profiling()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self, feeds)
