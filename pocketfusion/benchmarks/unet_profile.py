@@ -35,25 +35,22 @@ def profile(path: Path, feed: dict, *, threads: int, runs: int, warmup: int = 5)
 
     from pocketfusion.runtimes.ort import OrtSession
 
-    with tempfile.TemporaryDirectory() as tmp:
-        sess = OrtSession(path, threads, profile_prefix=str(Path(tmp) / "prof"))  # as the runtime adapter builds it
-        f = {k: v for k, v in feed.items() if k in sess.input_names}
+    def timed(sess) -> list[float]:
         for _ in range(warmup):
             sess.run(f)
-        wall = []
+        out = []
         for _ in range(runs):
             t = time.perf_counter()
             sess.run(f)
-            wall.append((time.perf_counter() - t) * 1e3)
+            out.append((time.perf_counter() - t) * 1e3)
+        return out
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = OrtSession(path, threads, profile_prefix=str(Path(tmp) / "prof"))  # as the runtime adapter builds it
+        f = {k: v for k, v in feed.items() if k in sess.input_names}
+        wall = timed(sess)
         events = json.loads(Path(sess.end_profiling()).read_text())
-    plain = OrtSession(path, threads)  # the same session unprofiled: the profiler adds a fixed cost per node
-    for _ in range(warmup):
-        plain.run(f)
-    unprofiled = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        plain.run(f)
-        unprofiled.append((time.perf_counter() - t) * 1e3)
+    unprofiled = timed(OrtSession(path, threads))  # the same session unprofiled: the profiler adds a fixed cost per node
     per_op: dict[str, float] = defaultdict(float)
     nodes: dict[str, int] = defaultdict(int)
     calls = 0
