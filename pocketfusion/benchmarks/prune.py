@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def compare(models: dict[str, Path], *, runtime: str = "onnxruntime", runs: int = 20, rounds: int = 5, accuracy: int | None = None,
-            progress: bool = True) -> dict:
+            threads: int | None = None, progress: bool = True) -> dict:
     from pocketfusion import artifact
     from pocketfusion.checkpoint import find_source, load_model
     from pocketfusion.export.latency import measure_variants
@@ -49,7 +49,7 @@ def compare(models: dict[str, Path], *, runtime: str = "onnxruntime", runs: int 
     base = load_model(original)
     seq_len = base.components["tokenizer"].model_max_length
     ms = measure_variants(base.unet, {"original": [], **{k: r["removed"] for k, r in rows.items()}}, runtime, seq_len=seq_len,
-                          runs=runs, rounds=rounds, progress=progress)
+                          runs=runs, rounds=rounds, threads=threads, progress=progress)
     full = ms["original"]["median_ms"]
     for k, r in rows.items():
         r["ms"] = ms[k]["median_ms"]
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime", default="onnxruntime")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="threads per session (default: the runtime's own)")
     ap.add_argument("--accuracy", type=int, default=None, metavar="N", help="measure prompt accuracy on N held-out prompts")
     ap.add_argument("--json", default=None)
     ap.add_argument("--html", default=None)
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in a.model:
         label, _, path = item.partition("=")
         models[label] = Path(path or label)
-    res = compare(models, runtime=a.runtime, runs=a.runs, rounds=a.rounds, accuracy=a.accuracy)
+    res = compare(models, runtime=a.runtime, runs=a.runs, rounds=a.rounds, accuracy=a.accuracy, threads=a.threads)
     for label, r in res["models"].items():
         ev = r.get("evaluation") or {}
         print(f"{label:>14}: {r['ms']:.3f} ms ({r['speedup']:.2f}x), error {r['error_vs_teacher']:.4f}, "
