@@ -184,7 +184,7 @@ def cmd_bench(args) -> int:
     runtimes = tuple(r.strip() for r in args.runtime.split(",") if r.strip()) if args.runtime else None
     rounds = args.rounds if args.rounds is not None else (3 if len(args.artifacts) > 1 else 1)
     cfg = BenchConfig(runtimes=runtimes, threads=args.threads, runs=args.runs, warmup=args.warmup, rounds=rounds,
-                      steps=args.steps, end_to_end=not args.no_end_to_end)
+                      steps=args.steps, student_steps=args.student_steps, end_to_end=not args.no_end_to_end)
     dirs = [Path(d) for d in args.artifacts]
     for d in dirs:
         if not d.is_dir():
@@ -368,6 +368,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: 1, or 3 when comparing)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps of the end-to-end measurement (default: each artifact's own: 50 for the demo teacher)")
+    p.add_argument("--student-steps", type=int, default=None,
+                   help="end-to-end steps of distilled students only (e.g. 1), the others at --steps or their own: a 1-step "
+                        "student and its 50-step teacher in one interleaved run")
     p.add_argument("--no-end-to-end", action="store_true", help="time components only")
     p.add_argument("--json", default=None, help="write results JSON here")
     p.add_argument("--device", default="host", help="host (default), qemu-arm64, android[:SERIAL], mac, iphone")

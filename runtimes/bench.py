@@ -55,10 +55,14 @@ class BenchConfig:
     rounds: int = 1
     steps: int | None = None  # end-to-end sampling steps (None: each artifact's own, ``manifest.sampler.default_steps``)
     end_to_end: bool = True
+    # end-to-end steps of distilled students only (sampler guidance "embedded"), so that a 1-step student and its
+    # 50-step teacher are timed in one interleaved run; other artifacts keep ``steps`` or their own
+    student_steps: int | None = None
 
     def __post_init__(self) -> None:
-        if self.runs < 1 or self.warmup < 0 or self.rounds < 1 or (self.steps is not None and self.steps < 1):
-            raise UserError("--runs, --rounds and --steps must be >= 1, --warmup >= 0")
+        if (self.runs < 1 or self.warmup < 0 or self.rounds < 1 or (self.steps is not None and self.steps < 1)
+                or (self.student_steps is not None and self.student_steps < 1)):
+            raise UserError("--runs, --rounds, --steps and --student-steps must be >= 1, --warmup >= 0")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be >= 1, got {self.threads}")
 
@@ -148,7 +152,8 @@ def _jobs(root: Path, cfg: BenchConfig) -> list[dict]:
         for runtime, comps in by_runtime.items():
             if needed <= set(comps):
                 jobs.append({"root": str(root), "runtime": runtime, "component": "end_to_end", "path": None, "size_bytes": None,
-                             "steps": cfg.steps or m.sampler.default_steps, "guidance_mode": m.sampler.guidance})
+                             "steps": (cfg.student_steps if m.sampler.guidance == "embedded" else None) or cfg.steps
+                             or m.sampler.default_steps, "guidance_mode": m.sampler.guidance})
     if not jobs:
         raise UserError(f"{root}: nothing to benchmark for runtimes {sorted(wanted) if wanted else 'any'} on this host")
     return jobs

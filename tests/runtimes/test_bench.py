@@ -234,3 +234,23 @@ def test_roofline_probe_xnnpack_runtimes(runtime):
     for kind in ("gemm", "conv"):
         assert res["shapes"]["c"][kind]["fp32"]["gflops"] > 0 and res["shapes"]["c"][kind]["int8"]["gflops"] > 0, res
     assert res["bandwidth"]["gbs"] > 0
+
+
+def test_student_steps_apply_to_distilled_students_only(tiny_onnx_export, tmp_path):
+    """``--student-steps``: a student (sampler guidance "embedded") is timed end to end at that step count, a CFG
+    teacher in the same run at its own; bad values are one-line errors."""
+    from pocketfusion.errors import UserError
+    from pocketfusion.runtimes.bench import BenchConfig, _jobs
+
+    student = tmp_path / "student"
+    shutil.copytree(tiny_onnx_export, student)
+    m = json.loads((student / "manifest.json").read_text())
+    m["sampler"].update(guidance="embedded", default_steps=4)
+    (student / "manifest.json").write_text(json.dumps(m))
+    cfg = BenchConfig(runtimes=("onnxruntime",), student_steps=1)
+    e2e = {str(r): next(j for j in _jobs(r, cfg) if j["component"] == "end_to_end") for r in (tiny_onnx_export, student)}
+    assert e2e[str(student)]["steps"] == 1 and e2e[str(student)]["guidance_mode"] == "embedded"
+    teacher_steps = json.loads((tiny_onnx_export / "manifest.json").read_text())["sampler"]["default_steps"]
+    assert e2e[str(tiny_onnx_export)]["steps"] == teacher_steps != 1
+    with pytest.raises(UserError, match="--student-steps"):
+        BenchConfig(student_steps=0)
