@@ -35,7 +35,7 @@ import numpy as np
 from pocketfusion import artifact, backends
 from pocketfusion.errors import UserError
 from pocketfusion.export.base import ExportConfig, ParityError, tolerance
-from pocketfusion.export.components import ComponentSpec, pipeline_specs
+from pocketfusion.export.components import ComponentSpec, heldout_pairs, pipeline_specs, session_output_error
 
 logger = logging.getLogger(__name__)
 
@@ -84,16 +84,8 @@ def measured_versus_fp32(session, spec: ComponentSpec, *, max_feeds: int = 64, t
     """What a quantized component costs against the float model it came from, measured through ``session``:
     ``metrics.output_error`` on the calibration set's held-out feeds against the fp32 model's recorded
     outputs (``rel_rms``, ``snr_db``, as ``compress`` reports them) and host latency per call (median)."""
-    from pocketfusion.metrics import output_error
-
-    pairs = spec.heldout[:: max(1, -(-len(spec.heldout) // max_feeds))]
-    refs, outs = [], []
-    for feed, ref in pairs:
-        got = session.run(feed)
-        for name, r in ref.items():
-            refs.append(np.asarray(r, dtype=np.float32))
-            outs.append(np.asarray(got[name], dtype=np.float32).reshape(r.shape))
-    err = output_error(refs, outs)
+    pairs = heldout_pairs(spec, max_feeds)
+    err = session_output_error(session, pairs)
     times = []
     feed = spec.golden[0]
     for i in range(2 + timing_runs):

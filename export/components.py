@@ -179,6 +179,24 @@ def _unet_inputs(cfg, batch: int, seq_len: int) -> list[TensorSpec]:
     return inputs
 
 
+def heldout_pairs(spec: ComponentSpec, max_feeds: int = 64) -> list:
+    """At most ``max_feeds`` of the spec's held-out (feed, fp32 outputs) pairs, evenly strided."""
+    return spec.heldout[:: max(1, -(-len(spec.heldout) // max_feeds))]
+
+
+def session_output_error(session, pairs) -> dict[str, float]:
+    """``metrics.output_error`` of ``session``'s outputs on each pair's feed against the pair's reference outputs."""
+    from pocketfusion.metrics import output_error
+
+    refs, outs = [], []
+    for feed, ref in pairs:
+        got = session.run(feed)
+        for name, r in ref.items():
+            refs.append(np.asarray(r, dtype=np.float32))
+            outs.append(np.asarray(got[name], dtype=np.float32).reshape(np.shape(r)))
+    return output_error(refs, outs)
+
+
 def unet_spec(unet, *, batch: int | None = None, seq_len: int, golden: list[dict[str, np.ndarray]] | None = None,
               seed: int = 0) -> ComponentSpec:
     """Spec of a U-Net component at ``batch`` (default: ``unet_batch``); without ``golden`` inputs,

@@ -21,8 +21,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 logger = logging.getLogger(__name__)
 
 PATHS = ("dequantize", "dynamic")
@@ -33,7 +31,6 @@ PATHS = ("dequantize", "dynamic")
 # student demo-mobile, 42.4 dB -> 54.0 / 45.4 dB (240 prompts). 30 dB keeps the images about 10 dB above the floor.
 SNR_FLOOR_DB = 30.0
 _OPS = ("CONV_2D", "FULLY_CONNECTED")
-_MAX_FEEDS = 64  # as export.api.measured_versus_fp32, so the figure is the manifest's held-out SNR
 
 
 def make_dynamic(src: Path, dst: Path) -> int:
@@ -62,25 +59,17 @@ def measure(paths: dict[str, Path], spec, *, rounds: int = 5, runs: int = 5) -> 
     """Per-call ms of each model in ``paths`` (one thread, round robin on the first golden input) and its output
     SNR against the fp32 model's on (at most 64 of) the spec's held-out feeds; without held-out feeds, against the
     ``dequantize`` model's on the golden inputs. Every model needs its ``.io.json`` beside it."""
-    from pocketfusion.metrics import output_error
+    from pocketfusion.export.components import heldout_pairs, session_output_error
     from pocketfusion.runtimes.litert import LiteRTSession
     from pocketfusion.runtimes.timing import interleaved_latency
 
     sessions = {n: LiteRTSession(p, threads=1) for n, p in paths.items()}
-    if spec.heldout:
-        pairs, against = spec.heldout[:: max(1, -(-len(spec.heldout) // _MAX_FEEDS))], "fp32 model, held-out feeds"
+    if spec.heldout:  # the same feeds and measure as export.api.measured_versus_fp32: the manifest's held-out SNR
+        pairs, against = heldout_pairs(spec), "fp32 model, held-out feeds"
     else:
         pairs, against = [(f, sessions["dequantize"].run(f)) for f in spec.golden], "dequantize path, golden inputs"
-    out = {}
-    for n, s in sessions.items():
-        refs, outs = [], []
-        for feed, ref in pairs:
-            got = s.run(feed)
-            for k, r in ref.items():
-                refs.append(np.asarray(r, dtype=np.float32))
-                outs.append(np.asarray(got[k], dtype=np.float32).reshape(np.shape(r)))
-        out[n] = {"snr_db": round(output_error(refs, outs)["snr_db"], 2), "against": against, "feeds": len(pairs),
-                  "delegate_partitions": s.delegate_partitions}
+    out = {n: {"snr_db": round(session_output_error(s, pairs)["snr_db"], 2), "against": against, "feeds": len(pairs),
+               "delegate_partitions": s.delegate_partitions} for n, s in sessions.items()}
     feed = spec.golden[0]
     lat = interleaved_latency({n: (lambda s=s: s.run(feed)) for n, s in sessions.items()}, runs=runs, rounds=rounds)
     for n in out:
