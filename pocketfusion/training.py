@@ -205,6 +205,15 @@ class TrainResult:
                 params[pname].copy_(value)
         return module
 
+    def iteration_seconds(self) -> tuple[float, float]:
+        """(first iteration, median of the rest) in seconds, from a run logged every iteration (``log_every=1``)."""
+        elapsed = [e["elapsed_s"] for e in self.log]
+        if not elapsed:
+            return self.elapsed_s, self.elapsed_s
+        times = [elapsed[0]] + [b - a for a, b in zip(elapsed, elapsed[1:])]
+        rest = sorted(times[1:]) or times
+        return round(times[0], 4), round(rest[len(rest) // 2], 4)
+
 
 @dataclass(frozen=True)
 class _Dist:
@@ -576,7 +585,7 @@ def train(
             run.losses.append(loss)
             elapsed = run.elapsed_before + time.perf_counter() - t0
             if it % cfg.log_every == 0 or run.done == cfg.iterations:
-                run.log.append({"iteration": it, "loss": loss, "lr": run.opt.param_groups[0]["lr"], "elapsed_s": round(elapsed, 1)})
+                run.log.append({"iteration": it, "loss": loss, "lr": run.opt.param_groups[0]["lr"], "elapsed_s": round(elapsed, 4)})
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.update(1)
             if cfg.checkpoint_every and (run.done % cfg.checkpoint_every == 0 or run.done == cfg.iterations):

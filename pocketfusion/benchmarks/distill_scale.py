@@ -58,11 +58,9 @@ def child(method: str, iterations: int, batch: int, checkpointing: bool, device:
         loss_fn, modules = lcm_loss(student, teacher, shadow, schedule, pairs, cond, uncond, cfg), {"student": student, "target": shadow}
     else:
         loss_fn, modules = regression_loss(student, schedule, pairs, cond, cfg), {"student": student}
-    t1 = time.perf_counter()
     result = train(modules, loss_fn, TrainConfig(iterations=iterations, lr=cfg.lr, grad_clip=cfg.grad_clip, device=device,
                                                  checkpoint_every=0, log_every=1), progress=False)
-    elapsed = [e["elapsed_s"] for e in result.log]
-    times = [elapsed[0]] + [b - a for a, b in zip(elapsed, elapsed[1:])] if elapsed else [time.perf_counter() - t1]
+    first_s, per_iteration_s = result.iteration_seconds()
     params = sum(p.numel() for p in student.parameters())
     by_count = {"teacher_fp32": params * 4, "student_fp32": params * 4, "grads": params * 4, "adamw_state": params * 8,
                 "ema_target": params * 4 if method == "lcm" else 0}
@@ -70,8 +68,8 @@ def child(method: str, iterations: int, batch: int, checkpointing: bool, device:
     if device == "cuda":
         peak_gpu = torch.cuda.max_memory_allocated() / 2**30
     return {"method": method, "size": size, "iterations": iterations, "batch_size": batch, "gradient_checkpointing": checkpointing,
-            "device": device, "params": params, "build_s": round(build_s, 1), "first_iteration_s": round(times[0], 2),
-            "seconds_per_iteration": round(sorted(times[1:])[len(times[1:]) // 2], 2) if len(times) > 1 else round(times[0], 2),
+            "device": device, "params": params, "build_s": round(build_s, 1), "first_iteration_s": first_s,
+            "seconds_per_iteration": per_iteration_s,
             "losses": result.losses, "peak_rss_gib": round(peak, 2),
             **({"peak_gpu_gib": round(peak_gpu, 2)} if device == "cuda" else {}),
             "state_by_count_bytes": by_count, "state_total_by_count_gib": round(sum(by_count.values()) / 2**30, 2)}

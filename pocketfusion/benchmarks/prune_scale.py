@@ -80,12 +80,11 @@ def kd(size: str, iterations: int) -> dict:
     build_s = time.perf_counter() - t0
     res = train({"unet": student}, loss, TrainConfig(iterations=iterations, lr=cfg.lr, grad_clip=1.0, checkpoint_every=0, log_every=1),
                 progress=False)
-    elapsed = [e["elapsed_s"] for e in res.log]
-    times = [elapsed[0]] + [b - a for a, b in zip(elapsed, elapsed[1:])]
+    first_s, per_iteration_s = res.iteration_seconds()
     return {"part": "kd", "size": size, "iterations": iterations, "batch_size": 1, "gradient_checkpointing": True,
             "teacher_params": sum(p.numel() for p in teacher.parameters()), "student_params": sum(p.numel() for p in student.parameters()),
-            "build_s": round(build_s, 1), "first_iteration_s": round(times[0], 2),
-            "seconds_per_iteration": round(sorted(times[1:])[len(times[1:]) // 2], 2) if len(times) > 1 else round(times[0], 2),
+            "build_s": round(build_s, 1), "first_iteration_s": first_s,
+            "seconds_per_iteration": per_iteration_s,
             "losses": res.losses, "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
