@@ -52,3 +52,83 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def save_mini_pipeline(out, *, student: bool = False, seed: int = 0) -> None:
+    """A StableDiffusionPipeline folder with random weights and the demo grammar's tokenizer; ``student``: a U-Net
+    that takes the guidance scale (``time_cond_proj_dim``) and an LCM scheduler, as a distilled student."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from pocketfusion.demo import configs
+    from pocketfusion.demo.tokenizer import write_tokenizer
+
+    out = Path(out)
+    write_tokenizer(out / "_tok")
+    tok = CLIPTokenizer.from_pretrained(str(out / "_tok"))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+        block_out_channels=(8,), layers_per_block=1, mid_block_type=None, attention_head_dim=2, cross_attention_dim=16,
+        norm_num_groups=4, time_cond_proj_dim=8 if student else None,
+    ).eval()
+    te = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+    )).eval()
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=16).eval()
+    sched = (LCMScheduler if student else DDIMScheduler)(**configs.SCHEDULER)
+    StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(str(out), safe_serialization=True)
+    shutil.rmtree(out / "_tok")
+
+
+def _export_mini(tmp_path_factory, name: str, student: bool, target: str):
+    """The mini pipeline (``save_mini_pipeline``) exported to ``target`` at one torch thread."""
+    pytest.importorskip("executorch" if target == "executorch" else "onnxruntime")
+    import torch
+
+    from pocketfusion.checkpoint import load_model
+    from pocketfusion.export.api import export
+    from pocketfusion.export.base import ExportConfig
+
+    root = tmp_path_factory.mktemp(name)
+    save_mini_pipeline(root / "model", student=student)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = ExportConfig(targets=(target,), executorch_profile_runs=0)
+        export(load_model(root / "model"), cfg, root / "export", progress=False)
+    finally:
+        torch.set_num_threads(before)
+    return root / "export"
+
+
+@pytest.fixture(scope="session")
+def mini_et_export(tmp_path_factory):
+    """The mini CFG pipeline exported to ExecuTorch (text encoder, U-Net at batch 2, VAE decoder)."""
+    return _export_mini(tmp_path_factory, "mini-cfg", False, "executorch")
+
+
+@pytest.fixture(scope="session")
+def mini_student_et_export(tmp_path_factory):
+    """The mini guidance-embedded student (U-Net at batch 1 with a guidance input, LCM) exported to ExecuTorch."""
+    return _export_mini(tmp_path_factory, "mini-student", True, "executorch")
+
+
+@pytest.fixture(scope="session")
+def mini_onnx_export(tmp_path_factory):
+    """The mini CFG pipeline exported to ONNX (the web page's target)."""
+    return _export_mini(tmp_path_factory, "mini-cfg-onnx", False, "onnx")
+
+
+@pytest.fixture(scope="session")
+def mini_student_onnx_export(tmp_path_factory):
+    """The mini guidance-embedded LCM student exported to ONNX."""
+    return _export_mini(tmp_path_factory, "mini-student-onnx", True, "onnx")
