@@ -194,10 +194,16 @@ def lower_weights(model, module, grid, *, fp16_scales: bool = True) -> tuple[obj
     layout), and the integer initializers written are recorded in the layer map. ``fp16_scales``: the layers
     ``fp16_scale`` accepts store fp16 scales (else every scale is fp32).
 
-    Returns the model, ``{"int8": [...], "int4": [...], "scales_fp16": [...], "fallbacks": {layer: reason}}`` and the
+    A grid whose other float parameters are on fp16 values (``grid.floats_are_fp16``: W4) has them stored as fp16
+    initializers + ``Cast`` (``_half_floats``).
+
+    Returns the model, ``{"int8": [...], "int4": [...], "scales_fp16": [...], "floats_fp16": [...],
+    "fallbacks": {layer: reason}}`` and the
     layer map ``{layer: "<layer>.weight.q"[+"<layer>#1.weight.q"...]}``.
     """
     from onnx import TensorProto, helper, numpy_helper
+
+    from pocketfusion.compress.quant.grid import floats_are_fp16
 
     graph = model.graph
     slots = weight_slots(graph)
@@ -239,6 +245,10 @@ def lower_weights(model, module, grid, *, fp16_scales: bool = True) -> tuple[obj
         if half:
             done["scales_fp16"].append(layer)
     keep = [i for i in graph.initializer if i.name not in drop]
+    done["floats_fp16"] = []
+    if floats_are_fp16(grid):  # the grid put the other float parameters on fp16 values: store them so
+        keep, casts, done["floats_fp16"] = _half_floats(keep, {i.name for i in graph.input})
+        new_nodes += casts
     del graph.initializer[:]
     graph.initializer.extend(keep + new_inits)
     inputs = [i for i in graph.input if i.name not in drop]
@@ -392,6 +402,29 @@ def quantize_activations(model, grid, layer_map: dict[str, str], feeds: list[dic
 # --- the exporter's entry point ---------------------------------------------------------------------
 
 
+HALF_MIN_ELEMENTS = 64  # a smaller tensor saves less than its Cast node costs; Resize scales and such stay fp32
+
+
+def _half_floats(inits: list, inputs: set[str]) -> tuple[list, list, list[str]]:
+    """fp32 initializers of at least ``HALF_MIN_ELEMENTS`` values that fp16 holds exactly, as fp16 initializers +
+    ``Cast`` to float under their old names (onnxruntime folds the Cast when the session loads; the graph computes
+    the same numbers). Returns the initializers, the Cast nodes and the names converted."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    out, casts, names = [], [], []
+    for t in inits:
+        if t.data_type == TensorProto.FLOAT and int(np.prod(t.dims)) >= HALF_MIN_ELEMENTS and t.name not in inputs:
+            a = numpy_helper.to_array(t)
+            h = a.astype(np.float16)
+            if np.isfinite(h).all() and np.array_equal(h.astype(np.float32), a):
+                out.append(numpy_helper.from_array(h, t.name + ".fp16"))
+                casts.append(helper.make_node("Cast", [t.name + ".fp16"], [t.name], name=t.name + ".Cast", to=TensorProto.FLOAT))
+                names.append(t.name)
+                continue
+        out.append(t)
+    return out, casts, names
+
+
 def _needed_opset(grid) -> tuple[int, bool]:
     acts = grid.activations or {}
     a16 = bool(acts) and (int(acts.get("bits", 8)) == 16 or any(
@@ -445,6 +478,7 @@ def quantize(model, spec, cfg, workdir) -> tuple[object, dict, dict[str, str]]:
         + (" + static QDQ activations (onnxruntime quantize_static)" if act_info else ""),
         "layers_int8": len(rep["int8"]), "layers_int4": len(rep["int4"]), "layers_float": len(rep["fallbacks"]),
         "scales": {"float16": len(rep["scales_fp16"]), "float32": len(rep["int8"]) + len(rep["int4"]) - len(rep["scales_fp16"])},
+        "float_tensors_fp16": len(rep["floats_fp16"]),
         "fallbacks": fallbacks, "activations": act_info,
         "activation_bits": (8 if act_info["layers_a8"] else 16 if act_info["layers_a16"] else None) if act_info else None,
         "verified": "integers and scales (and the scales' storage type) read back through the layer map equal the grid's",

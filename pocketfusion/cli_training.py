@@ -84,6 +84,16 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
+    """``"6,12,16,16"`` -> ``(6, 12, 16, 16)``; None stays None; anything else is a UserError naming ``flag``."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: comma-separated integers, e.g. 6,12,16,16") from None
+
+
 def _decoder_config(args, **given):
     from pocketfusion.compress.decoder import DecoderConfig
 
@@ -108,11 +118,13 @@ def cmd_decoder(args) -> int:
                   f"{d.get('macs_ratio', float('nan')):.2f}x fewer MACs")
         return 0
 
-    cfg = _decoder_config(args, kind=args.kind, keep=args.keep, channels=args.channels, iterations=args.iterations,
+    cfg = _decoder_config(args, kind=args.kind, keep=args.keep, widths=_int_list(args.widths, "--widths"), channels=args.channels,
+                          iterations=args.iterations,
                           batch_size=args.batch_size, lr=args.lr, n_pairs=args.pairs, teacher_steps=args.teacher_steps,
                           prompts=args.prompts,
                           n_prompts=args.num_prompts, seed=args.seed, device=args.device, checkpoint_every=args.checkpoint_every,
-                          work_dir=args.work_dir, resume=args.resume, train_encoder=False if args.no_encoder else None)
+                          work_dir=args.work_dir, resume=args.resume, keep_work=args.keep_work or None,
+                          train_encoder=False if args.no_encoder else None)
     resolve_device(cfg.device)  # cuda without a GPU: fail before any work
     model = _load(args)
     print(f"distilling a {cfg.kind} VAE of {model.path}; checkpoints in {work_dir(args.output, cfg)}"
@@ -150,6 +162,8 @@ def _add_distill(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="N", help="checkpoint every N iterations (default 100; 0: never)")
     p.add_argument("--work-dir", default=None, help="checkpoints and cached teacher samples (default: .<OUT>.distill-work beside -o)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the work directory")
+    p.add_argument("--keep-work", action="store_true",
+                   help="keep the work directory (cached teacher latents, checkpoints) after a successful run")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     p.set_defaults(func=cmd_distill)
 
@@ -195,6 +209,9 @@ def _add_decoder(sub) -> None:
                    help="tiny: diffusers' AutoencoderTiny (default); pruned: the original AutoencoderKL with --keep of each "
                         "stage's channels (SnapFusion), initialised from the original's")
     p.add_argument("--keep", type=float, default=None, metavar="F", help="pruned: the share of channels kept (default 0.5)")
+    p.add_argument("--widths", default=None, metavar="W,W,...",
+                   help="pruned: each stage's kept channels instead of --keep, in block_out_channels order (highest "
+                        "resolution first), e.g. 6,12,16,16 for the demo's 16,32,64,64; stages of equal width keep equal widths")
     p.add_argument("--from", dest="donor", default=None, metavar="MODEL",
                    help="no training: adopt the compact VAE of MODEL (made by 'pocketfusion decoder' from the same original VAE), "
                         "e.g. to give a pruned or distilled model the decoder its original already has")
@@ -213,5 +230,7 @@ def _add_decoder(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="N", help="checkpoint every N iterations (default 100; 0: never)")
     p.add_argument("--work-dir", default=None, help="checkpoints and cached teacher latents (default: .<OUT>.decoder-work beside -o)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the work directory")
+    p.add_argument("--keep-work", action="store_true",
+                   help="keep the work directory (cached teacher latents, checkpoints) after a successful run")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     p.set_defaults(func=cmd_decoder)

@@ -30,6 +30,11 @@ class DecoderConfig:
     pruned decoder: the same blocks, attention and latent scaling, so plain diffusers loads it as an
     ``AutoencoderKL``; initialised from the original's channels of largest weight norm, then distilled):
         keep: the share of each stage's channels kept (0.5: about a quarter of the MACs).
+        widths: instead of ``keep``, each stage's kept channels (``block_out_channels`` order, highest resolution
+            first; stages the original gives equal widths keep equal widths). A runtime that pads channels to blocks
+            (onnxruntime's NCHWc convolutions: 16 on AVX-512) times 6 or 12 channels as 16 and 24 as 32, so widths
+            such as (6, 12, 16, 16) cost less than ``keep`` 0.375's (6, 12, 24, 24) where the low-resolution stages
+            are concerned and keep the high-resolution ones that carry the detail; see the README.
         train_encoder: distill the encoder too (onto the original encoder's latent mean times its scaling factor,
             from the original decoder's images); else it keeps random weights (img2img would not work).
         encoder_weight: the encoder's loss weight beside the decoder's.
@@ -60,6 +65,7 @@ class DecoderConfig:
     encoder_channels: int = 16
     encoder_blocks: tuple[int, ...] = (1, 1, 1, 1)
     keep: float = 0.5
+    widths: tuple[int, ...] | None = None
     train_encoder: bool = True
     encoder_weight: float = 1.0
     iterations: int = 1500
@@ -89,6 +95,8 @@ class DecoderConfig:
             for name in ("decoder_blocks", "encoder_blocks", "guidance_range"):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
             object.__setattr__(self, "guidance_range", tuple(float(g) for g in self.guidance_range))
+            if self.widths is not None:
+                object.__setattr__(self, "widths", tuple(self.widths))
         except (TypeError, ValueError):
             raise UserError("DecoderConfig: decoder_blocks / encoder_blocks must be sequences of ints and guidance_range "
                             f"two numbers (got {self.decoder_blocks!r}, {self.encoder_blocks!r}, {self.guidance_range!r})") from None
@@ -101,7 +109,7 @@ class DecoderConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (tuples as lists), ``version`` included."""
         return {**asdict(self), "decoder_blocks": list(self.decoder_blocks), "encoder_blocks": list(self.encoder_blocks),
-                "guidance_range": list(self.guidance_range)}
+                "guidance_range": list(self.guidance_range), "widths": None if self.widths is None else list(self.widths)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DecoderConfig:
@@ -126,6 +134,9 @@ def _problems(c: DecoderConfig) -> list[str]:
         (len(c.encoder_blocks) >= 2 and all(is_int(b, 0, 16) for b in c.encoder_blocks),
          f"encoder_blocks={c.encoder_blocks!r}: two or more ints in 0..16 (one per stage)"),
         (is_num(c.keep, 0, 1, open_low=True, open_high=True), f"keep={c.keep!r}: a float in (0, 1)"),
+        (c.widths is None or (len(c.widths) >= 2 and all(is_int(w, 1, 4096) for w in c.widths)),
+         f"widths={c.widths!r}: None or two or more ints in 1..4096 (one per stage)"),
+        (c.widths is None or c.kind == "pruned", f"widths={c.widths!r}: only for kind='pruned'"),
         (isinstance(c.train_encoder, bool), f"train_encoder={c.train_encoder!r}: a bool"),
         (is_num(c.encoder_weight, 0), f"encoder_weight={c.encoder_weight!r}: a float >= 0"),
         (is_int(c.iterations, 1), f"iterations={c.iterations!r}: an int >= 1"),

@@ -60,32 +60,52 @@ def tiny_vae(cfg: DecoderConfig, *, latent_channels: int = 4, out_channels: int 
     )
 
 
-def pruned_vae(vae, keep: float):
-    """``vae`` (an ``AutoencoderKL``) with every stage's channels cut to ``keep`` of them (SnapFusion's pruned decoder):
-    the same config but ``block_out_channels`` and ``norm_num_groups`` (cut in the same proportion, so that a group
-    holds as many channels as before), initialised from ``vae``'s channels of largest weight norm.
+def pruned_shape(config, keep: float, widths: tuple[int, ...] | None = None) -> tuple[list[int], int]:
+    """The pruned ``AutoencoderKL``'s ``block_out_channels`` and ``norm_num_groups`` for an original's ``config``:
+    ``keep`` of every stage's channels, or ``widths`` as given. Raises UserError on widths the original cannot give."""
+    import math
+
+    old = list(config.block_out_channels)
+    n_groups = int(config.norm_num_groups)
+    if widths is not None:
+        widths = [int(w) for w in widths]
+        if len(widths) != len(old):
+            raise UserError(f"widths={widths}: the VAE has {len(old)} stages ({old}); give one width per stage")
+        if bad := [f"{w} > {o}" for w, o in zip(widths, old) if w > o]:
+            raise UserError(f"widths={widths}: a stage cannot grow ({', '.join(bad)}; the original's widths are {old})")
+        if any(o1 == o2 and w1 != w2 for (o1, w1) in zip(old, widths) for (o2, w2) in zip(old, widths)):
+            raise UserError(f"widths={widths}: stages of equal original width ({old}) must keep equal widths (they share "
+                            "the residual stream's channels)")
+        # the most GroupNorm groups that divide every width and leave each group at least as many channels as the
+        # original's narrowest stage had (one channel a group is an instance norm: it drops each channel's mean)
+        floor = min(old) // n_groups
+        g = math.gcd(*widths)
+        groups = max([d for d in range(1, min(g, n_groups) + 1) if g % d == 0 and min(widths) // d >= floor] or [1])
+        return widths, groups
+    groups = max(1, round(n_groups * keep))
+    if all(w % n_groups == 0 for w in old):
+        # whole GroupNorm groups: every stage keeps ``groups`` of its groups, each as many channels as before (keep is
+        # rounded to a multiple of 1 / norm_num_groups: 0.4 of 8 groups keeps 3, i.e. 0.375 of the channels)
+        return [w // n_groups * groups for w in old], groups
+    widths = [max(1, round(w * keep)) for w in old]
+    # as many channels per GroupNorm group as the original's narrowest stage had: one channel a group would be
+    # an instance norm, which throws away each channel's mean (a flat background's colour)
+    return widths, math.gcd(groups, *widths)
+
+
+def pruned_vae(vae, keep: float, widths: tuple[int, ...] | None = None):
+    """``vae`` (an ``AutoencoderKL``) with every stage's channels cut to ``keep`` of them, or to ``widths`` (SnapFusion's
+    pruned decoder): the same config but ``block_out_channels`` and ``norm_num_groups`` (``pruned_shape``),
+    initialised from ``vae``'s channels of largest weight norm.
 
     One index set per original width: every dimension of that width (a stage's residual stream, a ResNet's inner
     channels, attention, GroupNorm) keeps the same channels, so every residual sum and normalization stays
     consistent; the channels of the largest summed (per-tensor normalized) output norm over the weights that write
     that width are kept. Latent and image channels are kept whole."""
-    import math
-
     import torch
     from diffusers import AutoencoderKL
 
-    old = list(vae.config.block_out_channels)
-    n_groups = int(vae.config.norm_num_groups)
-    groups = max(1, round(n_groups * keep))
-    if all(w % n_groups == 0 for w in old):
-        # whole GroupNorm groups: every stage keeps ``groups`` of its groups, each as many channels as before (keep is
-        # rounded to a multiple of 1 / norm_num_groups: 0.4 of 8 groups keeps 3, i.e. 0.375 of the channels)
-        widths = [w // n_groups * groups for w in old]
-    else:
-        widths = [max(1, round(w * keep)) for w in old]
-        # as many channels per GroupNorm group as the original's narrowest stage had: one channel a group would be
-        # an instance norm, which throws away each channel's mean (a flat background's colour)
-        groups = math.gcd(groups, *widths)
+    widths, groups = pruned_shape(vae.config, keep, widths)
     student = AutoencoderKL.from_config(vae.config, block_out_channels=widths, norm_num_groups=groups)
     src, dst = vae.state_dict(), student.state_dict()
     importance: dict[int, torch.Tensor] = {}
@@ -115,7 +135,7 @@ def pruned_vae(vae, keep: float):
 def make_student(vae, cfg: DecoderConfig):
     """The compact VAE ``cfg.kind`` describes, before training: ``tiny_vae`` or ``pruned_vae``."""
     if cfg.kind == "pruned":
-        return pruned_vae(vae, cfg.keep)
+        return pruned_vae(vae, cfg.keep, cfg.widths)
     return tiny_vae(cfg, latent_channels=vae.config.latent_channels, out_channels=vae.config.out_channels)
 
 
@@ -355,6 +375,8 @@ def _check_input(model, out, cfg: DecoderConfig) -> None:
     if cfg.kind == "tiny" and 2 ** (len(cfg.encoder_blocks) - 1) != factor:
         raise UserError(f"encoder_blocks={list(cfg.encoder_blocks)}: {model.path}'s VAE downsamples {factor}x: give "
                         f"{len(vae.config.block_out_channels)} stages")
+    if cfg.kind == "pruned":
+        pruned_shape(vae.config, cfg.keep, cfg.widths)  # bad widths: fail before sampling
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a directory")
@@ -379,12 +401,16 @@ def _write(model, vae, cfg: DecoderConfig, out: Path, *, source: artifact.Source
         cost = f"{d['compact']['macs'] / 1e6:.1f} MMAC per decode vs {d['original']['macs'] / 1e6:.1f} MMAC"
         notes = [f"compact VAE (AutoencoderTiny, width {cfg.channels}, decoder blocks {list(cfg.decoder_blocks)}): {cost}; it "
                  "decodes the diffusion latents as they are (scaling_factor 1)" if cfg.kind == "tiny" else
-                 f"compact VAE (the original AutoencoderKL with {cfg.keep:g} of each stage's channels: "
-                 f"{list(vae.config.block_out_channels)}): {cost}; the original's latent scaling"]
+                 f"compact VAE (the original AutoencoderKL with {_cut(cfg)}: {list(vae.config.block_out_channels)}): "
+                 f"{cost}; the original's latent scaling"]
         if not cfg.train_encoder:
             notes.append("the compact encoder was not trained (train_encoder=False): image-to-image would not work")
         return artifact.write_manifest(tmp, stage=STAGE, settings=cfg.to_dict(), source=source, components=comps,
                                        sampler=sampler, metrics=metrics, notes=notes)
+
+
+def _cut(cfg: DecoderConfig) -> str:
+    return "the widths given" if cfg.widths is not None else f"{cfg.keep:g} of each stage's channels"
 
 
 def summary(manifest: artifact.Manifest) -> str:

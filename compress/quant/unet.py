@@ -84,6 +84,8 @@ def _quantize_unet(unet, feeds_calib: Sequence[dict[str, Any]], cfg: QuantConfig
             g.reason = "; ".join(r for r in (reasons.get(n, ""), g.reason) if r)
             qgrid.layers[n] = g
     G.apply(unet, qgrid, ints)
+    if scheme == "w4":
+        G.round_floats_fp16(unet, qgrid)
     if scheme in ("w8a8", "w8a16"):
         qgrid.activations = choose_activations(unet, batches, sens_batches, scheme, order, cfg.act_snr_db, progress)
     return qgrid
@@ -97,4 +99,6 @@ def rtn_like(unet, qgrid: G.QuantGrid) -> G.QuantGrid:
     for n, g in qgrid.layers.items():
         out.layers[n], ints[n] = G.rtn(mods[n], n, g.bits, g.group_size)
     G.apply(unet, out, ints)
+    if G.floats_are_fp16(qgrid):
+        G.round_floats_fp16(unet, out)
     return out

@@ -181,6 +181,34 @@ def test_pruned_vae_keeps_whole_groupnorm_groups():
         assert small.decode(torch.zeros(1, 4, 8, 8)).sample.shape == (1, 3, 64, 64)
 
 
+def test_pruned_vae_per_stage_widths():
+    """``widths`` sets each stage's channels (the high-resolution stages wider, the rest at a runtime's channel block):
+    the most GroupNorm groups that divide every width and keep a group at least as wide as the original's narrowest;
+    the kept channels are the ones ``keep`` ranks first; widths the original cannot give are refused."""
+    import torch
+
+    from pocketfusion.checkpoint import load_model
+    from pocketfusion.compress.decoder import pruned_vae
+    from pocketfusion.compress.decoder.stage import pruned_shape
+
+    vae = load_model("demo").components["vae"]
+    small = pruned_vae(vae, 0.4, (6, 12, 16, 16))
+    assert list(small.config.block_out_channels) == [6, 12, 16, 16] and small.config.norm_num_groups == 2
+    assert pruned_shape(vae.config, 0.4, (6, 12, 24, 24)) == pruned_shape(vae.config, 0.4)  # = keep 0.375's
+    # the 64-wide stages keep the same 16 channels whichever way the cut is asked for (one index set per width)
+    by_keep = pruned_vae(vae, 0.25).state_dict()
+    for k, v in small.state_dict().items():
+        if v.shape[0] == 16 and by_keep[k].shape == v.shape:
+            assert torch.equal(v, by_keep[k]), k
+    with torch.no_grad():
+        assert small.decode(torch.zeros(1, 4, 8, 8)).sample.shape == (1, 3, 64, 64)
+    for widths, match in [((6, 12, 16), "4 stages"), ((6, 12, 16, 20), "equal widths"), ((20, 12, 16, 16), "cannot grow")]:
+        with pytest.raises(UserError, match=match):
+            pruned_vae(vae, 0.4, widths)
+    with pytest.raises(UserError, match="only for kind='pruned'"):
+        DecoderConfig(widths=(6, 12, 16, 16))
+
+
 def test_pruned_decoder_stage(tiny_sd, tmp_path):
     """``kind="pruned"``: an AutoencoderKL with half the channels, the original's latent scaling, trained to beat its
     own initialisation; plain diffusers loads it; a second decoder stage on it is refused."""
@@ -276,7 +304,9 @@ def test_cli_decoder(tiny_sd, tmp_path, capsys):
     assert rc == 0 and f"wrote {out}/" in printed and "PSNR vs the original decoder" in printed
     assert artifact.load_manifest(out).stage == "decoder"
     for argv, err in [(["--iterations", "0"], "iterations=0"), (["--channels", "-3"], "channels=-3"),
-                      (["--prompts", str(tmp_path / "nope.txt")], "error: --prompts"), (["--batch-size", "0"], "batch_size=0")]:
+                      (["--prompts", str(tmp_path / "nope.txt")], "error: --prompts"), (["--batch-size", "0"], "batch_size=0"),
+                      (["--kind", "pruned", "--widths", "6,x"], "--widths '6,x'"),
+                      (["--kind", "pruned", "--widths", "1,1"], "give one width per stage")]:
         assert main(["decoder", str(tiny_sd), *argv, "-o", str(tmp_path / "bad")]) == 2
         assert err in capsys.readouterr().err
     assert main(["decoder", str(out), "-o", str(tmp_path / "bad")]) == 2  # already compact

@@ -90,8 +90,15 @@ def test_grid_convention_after_every_method(scheme, method, caplog):
     assert "needed snapping" not in caplog.text  # GPTQ keeps ±qmax in every group itself (error compensated)
     assert set(qgrid.layers) == set(G.quantizable_layers(unet))
     assert_on_grid(unet, qgrid)
+    weights = {f"{n}.weight" for n in qgrid.layers}
+    others = {n: p.detach() for n, p in unet.named_parameters() if n not in weights}
+    on_fp16 = {n for n, p in others.items() if torch.equal(p.half().float(), p)}
     if scheme == "w4":
         assert any(g.group_size == 8 for g in qgrid.layers.values())  # group-wise layers exercised
+        # W4: biases and norms on fp16 values (a target stores them at half the bytes and computes the same)
+        assert G.floats_are_fp16(qgrid) and on_fp16 == set(others)
+    else:
+        assert not G.floats_are_fp16(qgrid) and on_fp16 != set(others)
     if scheme == "w8a8":
         acts = qgrid.activations["layers"]
         assert set(acts) == set(qgrid.layers) and all(a["bits"] in (8, 16) and len(a["range"]) == 2 for a in acts.values())

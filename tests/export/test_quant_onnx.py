@@ -117,6 +117,14 @@ def test_weights_are_stored_at_their_width_and_the_file_shrinks(exports, scheme,
     assert entry["size_bytes"] < fentry["size_bytes"] * 0.70
     v = entry["versus_fp32"]  # no calibration set: sizes only
     assert v["size_ratio_to_fp32_weights"] == entry["size_bytes"] / v["fp32_weight_bytes"] and "rel_rms" not in v
+    # W4: the grid put the biases and norms on fp16 values, and the file holds them so (each behind a Cast); W8 not
+    big = [t for t, _ in inits.values() if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) >= 64]
+    halves = [n for n, (t, _) in inits.items() if n.endswith(".fp16") and t.data_type == onnx.TensorProto.FLOAT16]
+    if bits == 4:
+        assert grid.settings["float_params"] == "fp16" and not big, [t.name for t in big]
+        assert entry["quantization"]["float_tensors_fp16"] == len(halves) > 0
+    else:
+        assert "float_params" not in grid.settings and not halves and entry["quantization"]["float_tensors_fp16"] == 0
 
 
 def test_w8a16_static_activations_keep_the_weight_integers(tiny_sd, tmp_path):
