@@ -5,7 +5,7 @@ layer's weight initializer is then replaced by *our* integers plus a ``Dequantiz
 feeds the original consumer (Conv / Gemm / MatMul), so the file holds int8 / int4 and the runtime
 dequantizes exactly the on-grid weights::
 
-    <layer>.weight.q (int8|int4) --DequantizeLinear(<layer>.weight.scale, axis, [block_size])--> Conv/Gemm/MatMul
+    q<i> (int8|int4) --DequantizeLinear(s<i>, axis, [block_size])--> [Cast] --> [Reshape] --> w<i> --> Conv/Gemm/MatMul
 
 Scales: 4-bit group (blocked) scales are stored as **fp16** initializers (``fp16_scale``): at groups of 32 an
 fp32 scale costs one more bit per weight. ``DequantizeLinear``'s output has its scale's type, so a ``Cast`` to
@@ -31,7 +31,10 @@ int4 (ONNX ``INT4``, packed two per byte) and blocked ``DequantizeLinear`` need 
 graph's default-domain opset is raised to 21 when any layer is 4-bit.
 
 The layer map (``export.layer_map``) records, while lowering, which initializer holds each
-layer's integers (``<layer>.weight.q``); ``read_integers`` reads them back through it.
+layer's integers; ``read_integers`` reads them back through it. Names are compact (``q<i>``, ``s<i>``, ``w<i>``:
+``i`` the layer's index in the grid; the float weight's own name is gone with it): the layer map, in the manifest,
+is what ties them to layers. Long names cost bytes at the demo's size (each is written six to eight times over a
+layer's nodes and tensors: 0.5 % of the fp32 weights over the U-Net's 132 layers, a W4 size target's margin).
 
 Static activation quantization (schemes w8a8 / w8a16): ``onnxruntime.quantization.quantize_static``
 in QDQ format on the lowered graph, restricted to the grid layers' nodes; onnxruntime recognises
@@ -51,8 +54,6 @@ from pocketfusion.export import layer_map as lm
 logger = logging.getLogger(__name__)
 
 INT4_OPSET = 21
-Q_SUFFIX = ".weight.q"
-SCALE_SUFFIX = ".weight.scale"
 
 
 @dataclass
@@ -199,7 +200,7 @@ def lower_weights(model, module, grid, *, fp16_scales: bool = True) -> tuple[obj
 
     Returns the model, ``{"int8": [...], "int4": [...], "scales_fp16": [...], "floats_fp16": [...],
     "fallbacks": {layer: reason}}`` and the
-    layer map ``{layer: "<layer>.weight.q"[+"<layer>#1.weight.q"...]}``.
+    layer map ``{layer: "q<i>"[+"q<i>_1"...]}`` (``i``: the layer's index in the grid; compact names, see below).
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -214,7 +215,7 @@ def lower_weights(model, module, grid, *, fp16_scales: bool = True) -> tuple[obj
     fallbacks: dict[str, str] = {}
     layer_map: dict[str, str] = {}
     new_nodes, new_inits, drop = [], [], set()
-    for layer, g in grid.layers.items():
+    for idx, (layer, g) in enumerate(grid.layers.items()):
         if not found[layer]:
             fallbacks[layer] = "weight not found among the graph's Conv/Gemm/MatMul initializers: kept fp32"
             continue
@@ -225,19 +226,22 @@ def lower_weights(model, module, grid, *, fp16_scales: bool = True) -> tuple[obj
         for k, init_name in enumerate(found[layer]):
             slot = slots[init_name]
             data, sc, attrs, reshape = _stored(q, scale, slot, g.group_size)
-            tag = layer if k == 0 else f"{layer}#{k}"
-            qn, sn = tag + Q_SUFFIX, tag + SCALE_SUFFIX
+            # compact names (the layer map says which layer each is): at the demo's size a layer's long names, written
+            # six to eight times over its nodes and tensors, cost as much as 4 % of its int4 weights
+            tag = f"{idx}" if k == 0 else f"{idx}_{k}"
+            qn, sn, w = f"q{tag}", f"s{tag}", f"w{tag}"  # integers, scale, the dequantized weight the op reads
             new_inits += [_int_tensor(data, g.bits, qn),
                           numpy_helper.from_array(np.ascontiguousarray(sc, dtype=np.float16 if half else np.float32), sn)]
-            out = init_name if reshape is None else init_name + ".dq"
-            dq_out = out + ".fp16" if half else out
-            new_nodes.append(helper.make_node("DequantizeLinear", [qn, sn], [dq_out], name=f"{tag}.weight.DequantizeLinear", **attrs))
+            out = w if reshape is None else w + "r"
+            dq_out = out + "h" if half else out
+            new_nodes.append(helper.make_node("DequantizeLinear", [qn, sn], [dq_out], name=f"dq{tag}", **attrs))
             if half:
-                new_nodes.append(helper.make_node("Cast", [dq_out], [out], name=f"{tag}.weight.Cast", to=TensorProto.FLOAT))
+                new_nodes.append(helper.make_node("Cast", [dq_out], [out], name=f"c{tag}", to=TensorProto.FLOAT))
             if reshape is not None:
-                shp = tag + ".weight.shape"
+                shp = f"r{tag}"
                 new_inits.append(numpy_helper.from_array(np.array(reshape, dtype=np.int64), shp))
-                new_nodes.append(helper.make_node("Reshape", [out, shp], [init_name], name=f"{tag}.weight.Reshape"))
+                new_nodes.append(helper.make_node("Reshape", [out, shp], [w], name=f"rs{tag}"))
+            _rename_input(slot.nodes, init_name, w)
             drop.add(init_name)
             names.append(qn)
         layer_map[layer] = lm.join(names)
@@ -247,7 +251,7 @@ def lower_weights(model, module, grid, *, fp16_scales: bool = True) -> tuple[obj
     keep = [i for i in graph.initializer if i.name not in drop]
     done["floats_fp16"] = []
     if floats_are_fp16(grid):  # the grid put the other float parameters on fp16 values: store them so
-        keep, casts, done["floats_fp16"] = _half_floats(keep, {i.name for i in graph.input})
+        keep, casts, done["floats_fp16"] = _half_floats(keep, {i.name for i in graph.input}, _consumers(graph))
         new_nodes += casts
     del graph.initializer[:]
     graph.initializer.extend(keep + new_inits)
@@ -405,10 +409,17 @@ def quantize_activations(model, grid, layer_map: dict[str, str], feeds: list[dic
 HALF_MIN_ELEMENTS = 64  # a smaller tensor saves less than its Cast node costs; Resize scales and such stay fp32
 
 
-def _half_floats(inits: list, inputs: set[str]) -> tuple[list, list, list[str]]:
+def _rename_input(nodes, old: str, new: str) -> None:
+    for n in nodes:
+        for i, x in enumerate(n.input):
+            if x == old:
+                n.input[i] = new
+
+
+def _half_floats(inits: list, inputs: set[str], consumers: dict[str, list]) -> tuple[list, list, list[str]]:
     """fp32 initializers of at least ``HALF_MIN_ELEMENTS`` values that fp16 holds exactly, as fp16 initializers +
-    ``Cast`` to float under their old names (onnxruntime folds the Cast when the session loads; the graph computes
-    the same numbers). Returns the initializers, the Cast nodes and the names converted."""
+    ``Cast`` to float (onnxruntime folds the Cast when the session loads; the graph computes the same numbers), under
+    compact names. Returns the initializers, the Cast nodes and the old names of those converted."""
     from onnx import TensorProto, helper, numpy_helper
 
     out, casts, names = [], [], []
@@ -417,8 +428,10 @@ def _half_floats(inits: list, inputs: set[str]) -> tuple[list, list, list[str]]:
             a = numpy_helper.to_array(t)
             h = a.astype(np.float16)
             if np.isfinite(h).all() and np.array_equal(h.astype(np.float32), a):
-                out.append(numpy_helper.from_array(h, t.name + ".fp16"))
-                casts.append(helper.make_node("Cast", [t.name + ".fp16"], [t.name], name=t.name + ".Cast", to=TensorProto.FLOAT))
+                j = len(names)
+                out.append(numpy_helper.from_array(h, f"h{j}"))
+                casts.append(helper.make_node("Cast", [f"h{j}"], [f"f{j}"], name=f"hc{j}", to=TensorProto.FLOAT))
+                _rename_input(consumers.get(t.name, []), t.name, f"f{j}")
                 names.append(t.name)
                 continue
         out.append(t)

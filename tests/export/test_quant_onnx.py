@@ -11,7 +11,7 @@ import onnx  # noqa: E402
 from pocketfusion.checkpoint import load_model  # noqa: E402
 from pocketfusion.compress.quant.grid import QuantGrid, rtn_grid  # noqa: E402
 from pocketfusion.export.base import TOLERANCE, ExportConfig  # noqa: E402
-from pocketfusion.export.quant_onnx import Q_SUFFIX, read_integers  # noqa: E402
+from pocketfusion.export.quant_onnx import read_integers  # noqa: E402
 from pocketfusion.export.testing import export_entry, save_quantized  # noqa: E402
 
 CFG = ExportConfig(targets=("onnx",), components=("unet",))
@@ -54,7 +54,7 @@ def test_artifact_holds_the_grid_integers_bit_for_bit(exports, scheme, bits):
     assert isinstance(grid, QuantGrid) and grid.scheme == scheme
     assert x.component.grid is not None and x.component.grid.scheme == scheme
     assert set(x.component.layer_map) == set(grid.layers)  # recorded at export time
-    assert all(v == f"{n}{Q_SUFFIX}" for n, v in x.component.layer_map.items())
+    assert list(x.component.layer_map.values()) == [f"q{i}" for i in range(len(grid.layers))]  # compact names
     want = grid.integers(x.model.components["unet"])
     got = read_integers(onnx.load(str(x.path)), x.component.layer_map)
     assert set(got) == set(grid.layers)
@@ -97,11 +97,11 @@ def test_weights_are_stored_at_their_width_and_the_file_shrinks(exports, scheme,
     fp32_weight_bytes = q_bytes = 0
     for name, layer in grid.layers.items():
         n = int(np.prod(layer.shape))
-        t, nbytes = inits[name + Q_SUFFIX]
+        t, nbytes = inits[x.component.layer_map[name]]
         assert nbytes == (n if bits == 8 else (n + 1) // 2), name  # packed: 1 byte / 2 values per byte
         fp32_weight_bytes += 4 * n
         q_bytes += nbytes + (2 if layer.group_size else 4) * layer.scale.numel()
-        t, nbytes = inits[name + ".weight.scale"]
+        t, nbytes = inits["s" + x.component.layer_map[name][1:]]
         assert nbytes == (2 if layer.group_size else 4) * layer.scale.numel(), name
     # no fp32 copy of a grid weight is left (in either layout)
     unet = x.model.components["unet"]
@@ -119,7 +119,8 @@ def test_weights_are_stored_at_their_width_and_the_file_shrinks(exports, scheme,
     assert v["size_ratio_to_fp32_weights"] == entry["size_bytes"] / v["fp32_weight_bytes"] and "rel_rms" not in v
     # W4: the grid put the biases and norms on fp16 values, and the file holds them so (each behind a Cast); W8 not
     big = [t for t, _ in inits.values() if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) >= 64]
-    halves = [n for n, (t, _) in inits.items() if n.endswith(".fp16") and t.data_type == onnx.TensorProto.FLOAT16]
+    q_scales = {"s" + x.component.layer_map[n][1:] for n in grid.layers}
+    halves = [n for n, (t, _) in inits.items() if t.data_type == onnx.TensorProto.FLOAT16 and n not in q_scales]
     if bits == 4:
         assert grid.settings["float_params"] == "fp16" and not big, [t.name for t in big]
         assert entry["quantization"]["float_tensors_fp16"] == len(halves) > 0
