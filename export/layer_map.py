@@ -8,7 +8,7 @@ that module's weight in the file:
 ==========  ==========================================================================================
 target      value
 ==========  ==========================================================================================
-onnx        the initializer (a grid layer: ``<layer>.weight.q``, the integers feeding a DequantizeLinear)
+onnx        the initializer (a grid layer: ``q<i>``, the integers feeding a DequantizeLinear)
 tflite      the tensor (a grid layer: ``<layer>.weight.q``; pieces of a weight the converter split)
 coreml      the MIL op (a grid layer: the ``constexpr_*`` op ``<const>_quantized``; else the ``const``)
 executorch  the key of the weight's bytes in the program's named data (XNNPACK: SHA-256 of the bytes)
