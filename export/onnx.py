@@ -8,6 +8,7 @@ map names each quantizable layer's initializer (the integers, for a grid layer).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -30,21 +31,25 @@ def _tensor_bytes(model) -> int:
 def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Exported:
     """Export ``spec.module`` to ``path`` with the legacy TorchScript-based exporter at ``cfg.onnx_opset``.
 
-    Weights go to an external data file (``<name>.onnx.data``) when the model exceeds the 2 GiB
-    protobuf limit. The graph is checked with ``onnx.checker`` (by path, so external data works).
+    With ``cfg.rewrite`` (the default) a diffusers model's plain attentions export as onnxruntime's fused
+    ``com.microsoft`` ``MultiHeadAttention`` (``export.ort_attention``). Weights go to an external data file
+    (``<name>.onnx.data``) when the model exceeds the 2 GiB protobuf limit. The graph is checked with
+    ``onnx.checker`` (by path, so external data works).
     With ``spec.grid`` the grid layers are lowered to int8 / int4 (the opset is raised to 21 when
     a layer is 4-bit) and ``info["quantization"]`` says what the file holds.
     """
     import torch
 
     from pocketfusion.compress.quant.grid import quantizable_layers
-    from pocketfusion.export import ort_paths, quant_onnx
+    from pocketfusion.export import ort_attention, ort_paths, quant_onnx
+    from pocketfusion.export.ort_attention import fused_attention
 
     onnx = require("onnx", "onnx")
     grid = spec.grid
     n_bytes = sum(p.numel() * p.element_size() for p in spec.module.parameters())
     external = n_bytes > _PROTOBUF_LIMIT * 0.9
     notes: list[str] = []
+    rewrites: list[str] = []
     quant = None
     layer_map: dict[str, str] = {}
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -52,12 +57,15 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
         tmp = tmpdir / path.name
         args = spec.example_args()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), (fused_attention(spec.module) if cfg.rewrite else contextlib.nullcontext(None)) as fused:
                 torch.onnx.export(
                     spec.module, args, str(tmp), input_names=[s.name for s in spec.inputs],
                     output_names=[s.name for s in spec.outputs], opset_version=cfg.onnx_opset, dynamo=False,
-                    do_constant_folding=True,
+                    do_constant_folding=True, custom_opsets={ort_attention.DOMAIN: 1},
                 )
+                if fused is not None and fused():
+                    rewrites.append(f"attention: {fused()} plain diffusers attentions as {ort_attention.DOMAIN} "
+                                    "MultiHeadAttention (onnxruntime's fused kernel; export.ort_attention)")
         except Exception as e:  # the exporter raises many types; name the component
             raise ExportError(f"onnx: {spec.name} failed to export ({type(e).__name__}: {str(e).splitlines()[0]})") from e
         if grid is not None:
@@ -94,7 +102,7 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
                 os.replace(f, path.parent / f.name)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    info = {"opset": opset, "nodes": n_nodes, "external_data": external, "rewrites": [], "notes": notes}
+    info = {"opset": opset, "nodes": n_nodes, "external_data": external, "rewrites": rewrites, "notes": notes}
     if quant is not None:
         info["quantization"] = quant
     return Exported(info, layer_map)

@@ -156,3 +156,29 @@ def test_guidance_embedded_unet_is_batch_1_with_a_guidance_input(tmp_path):
     assert p["rel_max"] < 1e-4, p
     feed = dict(spec.golden[0], guidance=np.full((1,), 7.5, dtype=np.float32))  # the scale changes the output
     assert not np.allclose(s.run(feed)["noise_pred"], s.run(spec.golden[0])["noise_pred"])
+
+
+def test_attention_exports_as_onnxruntime_fused_multihead_attention(onnx_export, tiny_sd, tmp_path):
+    """The U-Net's plain attentions become com.microsoft MultiHeadAttention (parity holds through onnxruntime's fused
+    kernel); the VAE's (group norm + residual) keep the stock form; --no-rewrite keeps every attention decomposed."""
+    import onnx
+
+    from pocketfusion.backends import exporter
+
+    m = artifact.load_manifest(onnx_export)
+    comps = m.metrics["components"]
+    graph = onnx.load(str(onnx_export / m.component("unet", "onnx").path))
+    n_mha = sum(n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft" for n in graph.graph.node)
+    unet = load_model(tiny_sd).unet
+    n_attn = sum(type(mod).__name__ == "Attention" for mod in unet.modules())
+    assert n_mha == n_attn > 0 and f"attention: {n_mha} plain diffusers attentions" in comps["onnx/unet"]["rewrites"][0]
+    assert comps["onnx/unet"]["parity"]["status"] == "pass"
+    vae = onnx.load(str(onnx_export / m.component("vae_decoder", "onnx").path))
+    assert not any(n.op_type == "MultiHeadAttention" for n in vae.graph.node)
+    spec = unet_spec(unet, seq_len=77)
+    path = tmp_path / "plain.onnx"
+    info = exporter("onnx").export_component(spec, path, ExportConfig(targets=("onnx",), rewrite=False)).info
+    assert info["rewrites"] == [] and not any(n.op_type == "MultiHeadAttention" for n in onnx.load(str(path)).graph.node)
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    assert all(isinstance(mod.processor, AttnProcessor2_0) for mod in unet.modules() if type(mod).__name__ == "Attention")
