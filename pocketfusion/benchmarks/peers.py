@@ -36,17 +36,22 @@ OPTIMUM = "optimum onnx (ORT)"
 
 def optimum_unet(model_dir: Path, work: Path, threads: int):
     """``optimum-cli export onnx`` of the pipeline; returns (feed -> U-Net output, export seconds)."""
-    import onnxruntime as ort
-
     out = work / "optimum"
     exe = Path(sys.executable).with_name("optimum-cli")
     cmd = [str(exe), "export", "onnx", "--model", str(model_dir), "--task", "text-to-image", str(out)]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
+    return optimum_runner(out / "unet" / "model.onnx", threads), seconds
+
+
+def optimum_runner(path: Path, threads: int):
+    """An onnxruntime session of optimum's U-Net export at ``path``, as a function of one of our U-Net feeds."""
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(out / "unet" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     types = {i.name: i.type for i in sess.get_inputs()}
 
     def run(feed):
@@ -55,7 +60,7 @@ def optimum_unet(model_dir: Path, work: Path, threads: int):
         f["timestep"] = t.astype(np.int64) if "int64" in types["timestep"] else t.astype(np.float32)
         return sess.run(None, f)[0]
 
-    return run, seconds
+    return run
 
 
 def export_runners(model, exp: Path, threads: int) -> tuple[dict, dict, artifact.Manifest, float]:

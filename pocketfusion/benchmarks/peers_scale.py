@@ -106,23 +106,6 @@ def _run_child(who: str, target: str, family: str, out: Path, timeout: int) -> d
     return res
 
 
-def _optimum_runner(path: Path, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    types = {i.name: i.type for i in sess.get_inputs()}
-
-    def run(feed):
-        f = {"sample": feed["sample"], "encoder_hidden_states": feed["encoder_hidden_states"]}
-        t = np.asarray(feed["timestep"][0])  # optimum exports the timestep as a scalar shared by the CFG pair
-        f["timestep"] = t.astype(np.int64) if "int64" in types["timestep"] else t.astype(np.float32)
-        return sess.run(None, f)[0]
-
-    return run
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="benchmarks/peers_scale.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,6 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     from pocketfusion import backends
+    from pocketfusion.benchmarks.peers import optimum_runner
     from pocketfusion.runtimes.base import load_session
     from pocketfusion.runtimes.timing import interleaved_latency
 
@@ -146,7 +130,7 @@ def main(argv=None) -> int:
     for t in targets:
         exports[t] = _run_child("ours", t, a.family, a.work / f"ours-{t}", a.timeout)
     feed = dict(np.load(a.work / f"ours-{targets[0]}" / "feed.npz"))
-    opt = _optimum_runner(a.work / "optimum" / exports["optimum"]["path"], a.threads)
+    opt = optimum_runner(a.work / "optimum" / exports["optimum"]["path"], a.threads)
     runners = {OPTIMUM: lambda: opt(feed)}
     ref = opt(feed)
     agreement = {}
