@@ -57,11 +57,12 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
         tmp = tmpdir / path.name
         args = spec.example_args()
         try:
-            with torch.no_grad(), (fused_attention(spec.module) if cfg.rewrite else contextlib.nullcontext(None)) as fused:
+            fuse = cfg.rewrite and ort_attention.has_candidates(spec.module)
+            with torch.no_grad(), (fused_attention(spec.module) if fuse else contextlib.nullcontext(None)) as fused:
                 torch.onnx.export(
                     spec.module, args, str(tmp), input_names=[s.name for s in spec.inputs],
                     output_names=[s.name for s in spec.outputs], opset_version=cfg.onnx_opset, dynamo=False,
-                    do_constant_folding=True, custom_opsets={ort_attention.DOMAIN: 1},
+                    do_constant_folding=True, custom_opsets={ort_attention.DOMAIN: 1} if fuse else None,
                 )
                 if fused is not None and fused():
                     rewrites.append(f"attention: {fused()} plain diffusers attentions as {ort_attention.DOMAIN} "

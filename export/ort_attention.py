@@ -47,11 +47,22 @@ class _MultiHeadAttention(torch.autograd.Function):
         return out
 
 
+def plain_module(attn) -> bool:
+    """Whether ``attn`` (a diffusers ``Attention``) has the plain form, whatever its inputs."""
+    return (attn.spatial_norm is None and attn.group_norm is None and not attn.norm_cross and attn.norm_q is None
+            and attn.norm_k is None and not attn.residual_connection and attn.to_q.out_features == attn.to_v.out_features)
+
+
 def plain(attn, hidden_states, attention_mask) -> bool:
     """Whether ``attn`` on these inputs is the plain form ``MultiHeadAttention`` computes."""
-    return (attention_mask is None and hidden_states.ndim == 3 and attn.spatial_norm is None and attn.group_norm is None
-            and not attn.norm_cross and attn.norm_q is None and attn.norm_k is None and not attn.residual_connection
-            and attn.to_q.out_features == attn.to_v.out_features)
+    return attention_mask is None and hidden_states.ndim == 3 and plain_module(attn)
+
+
+def has_candidates(module: torch.nn.Module) -> bool:
+    """Whether ``module`` holds a diffusers ``Attention`` of the plain form (else the export needs no custom opset)."""
+    from diffusers.models.attention_processor import Attention
+
+    return any(isinstance(m, Attention) and plain_module(m) for m in module.modules())
 
 
 class MhaAttnProcessor:
