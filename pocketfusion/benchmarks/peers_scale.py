@@ -14,7 +14,8 @@ FAMILY OUT``), so its peak RAM is its own and the parent never holds two exporte
 
 Then one process loads every export (``runtimes.base.load_session`` for ours, an onnxruntime ``InferenceSession``
 with the same thread count for optimum's), checks that each gives the same output as optimum's on one golden input
-(same weights: a relative error near float32's), and times them interleaved (``runtimes.timing.interleaved_latency``:
+(same weights: a relative error above ``AGREEMENT`` ends the run), and times them interleaved
+(``runtimes.timing.interleaved_latency``:
 warm-up, then ``--rounds`` round-robin rounds of ``--runs`` calls each). Exports are kept in ``--work`` and reused
 when there (delete the folder to export again).
 """
@@ -31,20 +32,17 @@ from pathlib import Path
 
 import numpy as np
 
-OPTIMUM = "optimum onnx (ORT)"
+from pocketfusion.benchmarks.peers import OPTIMUM
+from pocketfusion.benchmarks.scale import peak_rss_gib
+
 SEQ_LEN = 77
+AGREEMENT = 1e-4  # largest relative error of ours against optimum's output (same weights) before the timing is refused
 
 
 def _unet(family: str):
     from pocketfusion.benchmarks.scale import _build_unet
 
     return _build_unet(family, "fp32", "none", 32)[0]
-
-
-def _peak_rss_gib() -> float:
-    import resource
-
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024**2
 
 
 def export_ours(target: str, family: str, out: Path) -> dict:
@@ -88,7 +86,7 @@ def child(argv: list[str]) -> dict:
     who, target, family, out = argv[0], argv[1], argv[2], Path(argv[3])
     out.mkdir(parents=True, exist_ok=True)
     res = export_ours(target, family, out) if who == "ours" else export_optimum(family, out)
-    return {**res, "peak_rss_gib": _peak_rss_gib()}
+    return {**res, "peak_rss_gib": peak_rss_gib()}
 
 
 def _run_child(who: str, target: str, family: str, out: Path, timeout: int) -> dict:
@@ -138,6 +136,9 @@ def main(argv=None) -> int:
         s = load_session(a.work / f"ours-{t}" / exports[t]["path"], backends.backend(t).runtime, threads=a.threads)
         got = next(iter(s.run(feed).values()))
         agreement[t] = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12))
+        if agreement[t] > AGREEMENT:
+            raise SystemExit(f"error: pocketfusion {t} and optimum disagree (relative error {agreement[t]:.2e} > {AGREEMENT:g}): "
+                             "not timing different functions")
         runners[f"pocketfusion {t}"] = lambda s=s: s.run(feed)
     lat = interleaved_latency(runners, runs=a.runs, rounds=a.rounds, warmup=1, progress=True)
     med = {k: v["median_ms"] for k, v in lat.items()}
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
     result = {"family": a.family, "threads": a.threads, "runs": a.runs, "rounds": a.rounds, "median_ms": med,
               "speedup_vs_optimum": {k: med[OPTIMUM] / v for k, v in med.items()}, "rel_max_vs_optimum": agreement,
               "exports": exports, "samples_ms": {k: v["samples_ms"] for k, v in lat.items()},
-              "peak_rss_gib_timing": _peak_rss_gib(), "host": platform.processor() or platform.machine()}
+              "peak_rss_gib_timing": peak_rss_gib(), "host": platform.processor() or platform.machine()}
     if a.json:
         from pocketfusion.artifact import atomic_write_text
 

@@ -42,10 +42,15 @@ def _build_unet(family: str, dtype: str, quant: str, group_size: int):
     return unet, grid
 
 
-def child(argv: list[str]) -> dict:
-    """Export one target in this process: ``TARGET FAMILY OUT CHECK(0|1) DTYPE QUANT GROUP_SIZE``."""
+def peak_rss_gib() -> float:
+    """This process's peak resident memory (or a finished child's, if larger), GiB."""
     import resource
 
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024**2
+
+
+def child(argv: list[str]) -> dict:
+    """Export one target in this process: ``TARGET FAMILY OUT CHECK(0|1) DTYPE QUANT GROUP_SIZE``."""
     from pocketfusion.export.api import parity, torch_reference
     from pocketfusion.export.base import ExportConfig
     from pocketfusion.export.components import unet_spec
@@ -76,8 +81,7 @@ def child(argv: list[str]) -> dict:
             res["parity"] = parity(load_session(path, b.runtime), spec, torch_reference(spec))
         except Exception as e:
             res["parity"] = {"status": "not run", "reason": str(e).splitlines()[0]}
-    res["peak_rss_gib"] = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                              resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024**2
+    res["peak_rss_gib"] = peak_rss_gib()
     return res
 
 
