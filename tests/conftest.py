@@ -4,6 +4,45 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # Workers share the cores: one OpenMP thread each (torch reads this at import; the CLI subprocesses inherit it),
+    # or two spinning thread pools per core make small calls many times slower.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# pytest-xdist (the default run: ``-n auto``, pyproject's addopts) sends each group below to one worker, whole: a test
+# file, or the files that share a costly session fixture (each worker builds its own session fixtures: the mini
+# ExecuTorch exports, the native bundle). Groups start longest first (measured on a 2-core host, serial run), so the
+# last one to finish is a short one.
+_XDIST_GROUPS = {"tests/apps/": "apps", "tests/benchmarks/test_unet_profile.py": "apps"}
+_LONGEST_FIRST = ("apps", "tests/export/test_export_executorch.py", "tests/test_demo.py", "tests/export/test_quant_executorch.py",
+                  "tests/compress/test_quant.py", "tests/benchmarks/test_bench_quant.py", "tests/test_run_paths.py",
+                  "tests/export/test_export_tflite.py", "tests/export/test_quant_tflite.py", "tests/export/test_export_coreml.py")
+
+
+def _group(nodeid: str) -> str:
+    path = nodeid.split("::")[0]
+    return next((g for prefix, g in _XDIST_GROUPS.items() if path.startswith(prefix)), path)
+
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # plain pytest: one process, nothing to schedule
+    pass
+else:
+    class _GroupScheduling(LoadScopeScheduling):
+        """xdist's scope scheduling with ``_group`` as the scope, in collection order (which puts the longest first).
+        (xdist's own ``loadgroup`` does not group under pytest 9: it renames ``item._nodeid``, which pytest no longer
+        reads.)"""
+
+        def __init__(self, config, log=None):
+            config.option.loadscopereorder = False
+            super().__init__(config, log)
+
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    def pytest_xdist_make_scheduler(config, log):
+        return _GroupScheduling(config, log)
 
 
 def pytest_addoption(parser):
@@ -11,6 +50,8 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
+    rank = {g: i for i, g in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(_group(item.nodeid), len(rank)))  # stable: files keep their order otherwise
     if config.getoption("--runslow"):
         return
     skip = pytest.mark.skip(reason="slow: run with --runslow")
