@@ -52,15 +52,16 @@ def optimum_runner(path: Path, threads: int):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    types = {i.name: i.type for i in sess.get_inputs()}
+    int64 = "int64" in next(i.type for i in sess.get_inputs() if i.name == "timestep")
+    return lambda feed: sess.run(None, optimum_feed(feed, int64))[0]
 
-    def run(feed):
-        f = {"sample": feed["sample"], "encoder_hidden_states": feed["encoder_hidden_states"]}
-        t = np.asarray(feed["timestep"][0])  # optimum exports the timestep as a scalar shared by the CFG pair
-        f["timestep"] = t.astype(np.int64) if "int64" in types["timestep"] else t.astype(np.float32)
-        return sess.run(None, f)[0]
 
-    return run
+def optimum_feed(feed: dict, timestep_int64: bool) -> dict:
+    """One of our U-Net feeds as optimum's U-Net export takes it: the timestep a scalar shared by the CFG pair,
+    int64 or float as its graph declares."""
+    t = np.asarray(feed["timestep"][0])
+    return {"sample": feed["sample"], "encoder_hidden_states": feed["encoder_hidden_states"],
+            "timestep": t.astype(np.int64) if timestep_int64 else t.astype(np.float32)}
 
 
 def export_runners(model, exp: Path, threads: int) -> tuple[dict, dict, artifact.Manifest, float]:

@@ -2,7 +2,7 @@
 weights, seed 0, ~860 M parameters) against optimum's ONNX export of the same U-Net, in the same onnxruntime.
 
     python benchmarks/peers_scale.py [--targets onnx[,tflite,executorch]] [--family sd15] [--threads 2] [--runs 3]
-        [--rounds 3] [--work runs/peers-scale] [--json OUT]
+        [--rounds 3] [--work runs/peers-scale] [--profile] [--json OUT]
 
 Each export runs in its own child process (``python -m pocketfusion.benchmarks.peers_scale ours|optimum TARGET
 FAMILY OUT``), so its peak RAM is its own and the parent never holds two exporters' copies of the weights:
@@ -18,6 +18,10 @@ with the same thread count for optimum's), checks that each gives the same outpu
 (``runtimes.timing.interleaved_latency``:
 warm-up, then ``--rounds`` round-robin rounds of ``--runs`` calls each). Exports are kept in ``--work`` and reused
 when there (delete the folder to export again).
+
+``--profile`` then profiles the two ONNX graphs one after the other with onnxruntime's own per-node profiler
+(``benchmarks.unet_profile.profile``: kernel time per operator type, and the share of the call in the compute-bound
+Conv / Gemm / MatMul / attention kernels): where a call's time goes in each graph, so what a graph change can gain.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from pocketfusion.benchmarks.peers import OPTIMUM
 from pocketfusion.benchmarks.scale import peak_rss_gib
 
 SEQ_LEN = 77
+ATTENTION_OPS = ("MultiHeadAttention", "Softmax")  # the attention's score kernels, beside unet_profile's GEMM / conv ones
 AGREEMENT = 1e-4  # largest relative error of ours against optimum's output (same weights) before the timing is refused
 
 
@@ -114,6 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per export")
     ap.add_argument("--work", type=Path, default=Path("runs/peers-scale"))
+    ap.add_argument("--profile", action="store_true", help="then onnxruntime's per-operator profile of both ONNX graphs")
+    ap.add_argument("--profile-runs", type=int, default=2, help="profiled calls per graph (after one warm-up)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     from pocketfusion import backends
@@ -150,11 +157,42 @@ def main(argv=None) -> int:
               "speedup_vs_optimum": {k: med[OPTIMUM] / v for k, v in med.items()}, "rel_max_vs_optimum": agreement,
               "exports": exports, "samples_ms": {k: v["samples_ms"] for k, v in lat.items()},
               "peak_rss_gib_timing": peak_rss_gib(), "host": platform.processor() or platform.machine()}
+    if a.profile and "onnx" in targets:
+        del runners, opt, s  # one graph's session at a time from here
+        result["profile"] = profile_onnx(a.work / "optimum" / exports["optimum"]["path"], a.work / "ours-onnx" / exports["onnx"]["path"],
+                                         feed, threads=a.threads, runs=a.profile_runs)
     if a.json:
         from pocketfusion.artifact import atomic_write_text
 
         atomic_write_text(a.json, json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def profile_onnx(optimum_path: Path, ours_path: Path, feed: dict, *, threads: int, runs: int) -> dict:
+    """onnxruntime's per-operator profile of optimum's and our ONNX graph (``unet_profile.profile``), printed."""
+    import gc
+
+    import onnx
+
+    from pocketfusion.benchmarks.peers import optimum_feed
+    from pocketfusion.benchmarks.unet_profile import COMPUTE_OPS, profile
+
+    g = onnx.load(str(optimum_path), load_external_data=False).graph
+    int64 = next(i for i in g.input if i.name == "timestep").type.tensor_type.elem_type == onnx.TensorProto.INT64
+    del g
+    out = {}
+    for name, path, f in ((OPTIMUM, optimum_path, optimum_feed(feed, int64)), ("pocketfusion onnx", ours_path, feed)):
+        r = profile(Path(path), f, threads=threads, runs=runs, warmup=1)
+        gc.collect()
+        ops = r["ms_per_op_type"]
+        compute = sum(v for k, v in ops.items() if k in COMPUTE_OPS or k in ATTENTION_OPS)
+        r["compute_share"] = compute / r["kernel_ms"]
+        out[name] = r
+        print(f"{name}: {r['nodes']} nodes, kernels {r['kernel_ms']:.0f} ms a profiled call, {100 * r['compute_share']:.0f} % in "
+              f"Conv / Gemm / MatMul / attention; unprofiled {r['median_wall_ms']:.0f} ms")
+        for k, v in list(ops.items())[:8]:
+            print(f"    {k:<22} {v:9.0f} ms  {100 * v / r['kernel_ms']:4.1f} %  x{r['nodes_per_op_type'][k]}")
+    return out
 
 
 if __name__ == "__main__":

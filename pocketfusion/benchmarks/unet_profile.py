@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 _XNNPACK_COMPUTE = ("Convolution", "Deconvolution", "Fully Connected", "Batch Matrix Multiply", "Dynamic Fully Connected")
-_COMPUTE = ("Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm", "NchwcConv", "QLinearConv", "MatMulInteger",
+COMPUTE_OPS = ("Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm", "NchwcConv", "QLinearConv", "MatMulInteger",
             "ConvInteger", "MatMulNBits")
 
 
@@ -126,7 +126,7 @@ def measure(export_dir: Path, *, threads: int, runs: int, runtime: str = "onnxru
     feed = artifact.read_golden(artifact.resolve_path(export_dir, comp.golden))[0]
     if runtime == "onnxruntime":
         p = profile(path, feed, threads=threads, runs=runs)
-        compute = lambda op: op in _COMPUTE  # noqa: E731
+        compute = lambda op: op in COMPUTE_OPS  # noqa: E731
     else:
         p = profile_executorch(path, feed, threads=threads, runs=runs)
         compute = lambda op: op.startswith(_XNNPACK_COMPUTE)  # noqa: E731
