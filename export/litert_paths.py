@@ -77,31 +77,54 @@ def measure(paths: dict[str, Path], spec, *, rounds: int = 5, runs: int = 5) -> 
     return out
 
 
-def choose(path: Path, spec, wanted: str) -> dict:
+def choose(path: Path, spec, wanted: str, float_path: Path | None = None) -> dict:
     """Rewrite the lowered model at ``path`` (its ``.io.json`` beside it) into the path ``wanted`` (``dequantize`` /
     ``dynamic``), or for ``auto`` the faster one that holds the floor. Returns the manifest's record: ``chosen``,
-    ``why``, ``dynamic_weights`` and, when measured, the figures."""
+    ``why``, ``dynamic_weights`` and, when measured, the figures. With ``float_path`` (the converted float model, its
+    ``.io.json`` beside it) the float model is timed in the same round robin: ``versus_float`` is the chosen path's
+    speed against it, and a quantized model slower than its float source is logged as a warning."""
     path = Path(path)
     dyn = path.with_name(path.name + ".dynamic")
     n = make_dynamic(path, dyn) if wanted != "dequantize" else 0
     rec: dict = {"dynamic_weights": n}
     try:
+        chosen = None
         if wanted != "auto" or n == 0:
             chosen = wanted if n else "dequantize"
-            rec.update(chosen=chosen, why=f"forced (--tflite-weights {wanted})" if wanted != "auto"
-                       else "no int8 per-channel CONV_2D / FULLY_CONNECTED weight: nothing to run dynamically")
+            rec["why"] = (f"forced (--tflite-weights {wanted})" if wanted != "auto"
+                          else "no int8 per-channel CONV_2D / FULLY_CONNECTED weight: nothing to run dynamically")
         elif not spec.golden:
             chosen = "dequantize"
-            rec.update(chosen=chosen, why="no golden inputs to measure on: the exact weight-only path kept")
-        else:
+            rec["why"] = "no golden inputs to measure on: the exact weight-only path kept"
+        paths = {"dequantize": path}
+        if n:
             shutil.copyfile(str(path) + ".io.json", str(dyn) + ".io.json")
-            ms = measure({"dequantize": path, "dynamic": dyn}, spec)
+            paths["dynamic"] = dyn
+        if float_path is not None and spec.golden:
+            paths["float"] = Path(float_path)
+        ms = measure(paths, spec) if spec.golden and (chosen is None or "float" in paths) else {}
+        if chosen is None:
             speed = ms["dequantize"]["median_ms"] / ms["dynamic"]["median_ms"]
             snr = ms["dynamic"]["snr_db"]
             chosen = "dynamic" if speed > 1.0 and snr >= SNR_FLOOR_DB else "dequantize"
-            rec.update(chosen=chosen, measured=ms, snr_floor_db=SNR_FLOOR_DB,
+            rec.update(snr_floor_db=SNR_FLOOR_DB,
                        why=f"measured at export (one thread): dynamic {speed:.2f}x the speed of dequantize, output SNR "
                            f"{snr:.1f} dB against the {ms['dynamic']['against']} (floor {SNR_FLOOR_DB:g} dB)")
+        rec["chosen"] = chosen
+        if ms:
+            rec["measured"] = ms
+        if "float" in ms:
+            f, q = ms["float"], ms[chosen]
+            speed = f["median_ms"] / q["median_ms"]
+            rec["versus_float"] = {
+                "speed": round(speed, 3), "float_ms": f["median_ms"], "quantized_ms": q["median_ms"],
+                "delegate_partitions": {"float": f["delegate_partitions"], "quantized": q["delegate_partitions"]},
+                "note": "one thread, round robin at export on this host",
+            }
+            if speed < 1.0:
+                logger.warning("litert: the quantized %s runs at %.2fx its float model's speed here (%.3f vs %.3f ms a call; %d XNNPACK "
+                               "partitions against %d)", spec.name, speed, q["median_ms"], f["median_ms"],
+                               q["delegate_partitions"], f["delegate_partitions"])
         if chosen == "dynamic":
             dyn.replace(path)
         logger.info("litert weights: %s (%s)", chosen, rec["why"])

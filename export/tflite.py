@@ -161,15 +161,23 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
             model.export(str(tmp))
         del model
         quant = None
+        float_tmp = tmpdir / ("float-" + path.name)
         if spec.grid is not None:
+            shutil.copyfile(tmp, float_tmp)  # the on-grid float model: timed beside the quantized one (litert_paths.choose)
             quant, layer_map = quant_tflite.quantize(tmp, spec)
         else:
             layer_map = quant_tflite.weight_map(quant_tflite.read_model(tmp), spec.source_module, quantizable_layers(spec.source_module))
         sig_in, sig_out, ops = _read_back(tmp)
         io = map_io(spec, sig_in, sig_out)
         (tmpdir / (path.name + ".io.json")).write_text(json.dumps(io, indent=2) + "\n")
-        if quant is not None and quant["layers_int8"]:  # which kernels consume the int8 weights (export.litert_paths)
-            quant["litert"] = litert_paths.choose(tmp, spec, cfg.tflite_weights)
+        if quant is not None:  # which kernels consume the int8 weights (export.litert_paths), and the speed against float
+            shutil.copyfile(tmpdir / (path.name + ".io.json"), tmpdir / (float_tmp.name + ".io.json"))
+            quant["litert"] = litert_paths.choose(tmp, spec, cfg.tflite_weights, float_path=float_tmp)
+            vs = quant["litert"].get("versus_float")
+            if vs is not None:
+                quant["notes"].append(f"measured at export (one thread): {vs['speed']:.2f}x the float model's speed "
+                                      f"({vs['quantized_ms']:.3f} vs {vs['float_ms']:.3f} ms a call; XNNPACK partitions "
+                                      f"{vs['delegate_partitions']['quantized']} vs {vs['delegate_partitions']['float']})")
             if quant["litert"]["chosen"] == "dynamic":
                 quant.update(format=DYNAMIC_FORMAT, tolerance_key="tflite-qd8")
                 quant["notes"].append(f"{quant['litert']['dynamic_weights']} int8 weights feed their CONV_2D / FULLY_CONNECTED "

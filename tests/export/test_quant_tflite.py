@@ -57,6 +57,10 @@ def test_mixed_grid_is_held_bit_for_bit_and_runs(mixed):
     assert q["layers_int8"] == n8 and q["layers_int4"] == len(grid.layers) - n8
     grouped = [n for n, g in grid.layers.items() if g.group_size]
     assert q["layers_grouped"] == len(grouped) > 0
+    vs = q["litert"]["versus_float"]  # the float model timed beside the quantized one at export, one round robin
+    assert vs["float_ms"] > 0 and vs["quantized_ms"] > 0 and vs["speed"] == round(vs["float_ms"] / vs["quantized_ms"], 3)
+    assert set(q["litert"]["measured"]) == {"dequantize", "float"} and vs["delegate_partitions"]["float"] >= 1
+    assert any(n.startswith("measured at export (one thread): ") and "the float model's speed" in n for n in q["notes"])
     kinds = {(grid.layers[n].kind, grid.layers[n].shape[2:] if grid.layers[n].kind == "conv" else ()) for n in grouped}
     assert ("conv", (3, 3)) in kinds and ("conv", (1, 1)) in kinds and ("linear", ()) in kinds
 
