@@ -5,8 +5,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    # Workers share the cores: one OpenMP thread each (torch reads this at import; the CLI subprocesses inherit it),
-    # or two spinning thread pools per core make small calls many times slower.
+    # Workers share the cores: the CLI subprocesses they start get one OpenMP thread each (two spinning thread pools
+    # per core make small calls many times slower). The worker's own torch is already imported by a plugin by now, so
+    # its thread count stays the default: tests that need one thread ask for it (``torch_one_thread``).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # pytest-xdist (the default run: ``-n auto``, pyproject's addopts) sends each group below to one worker, whole: a test
