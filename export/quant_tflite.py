@@ -46,6 +46,7 @@ from pocketfusion.export import layer_map as lm
 logger = logging.getLogger(__name__)
 
 Q_SUFFIX = ".weight.q"
+GROUPED_NOTE = "group-wise int4 layers held"
 _WEIGHT_OPS = ("CONV_2D", "FULLY_CONNECTED")
 
 
@@ -425,14 +426,42 @@ def _follow(g: _Graph, ti: int, q: np.ndarray) -> tuple[np.ndarray, str] | None:
         cur = op.outputs[0]
 
 
-def read_integers(model, layer_map: dict[str, str]) -> dict[str, dict]:
+def _scales(model, tensor) -> np.ndarray:
+    """A weight tensor's scales: per-axis (``quantization.scale``) or LiteRT's block-wise (an fp16 tensor, (O, K/block))."""
+    s = _schema()
+    qp = tensor.quantization
+    if qp is not None and qp.detailsType == s.QuantizationDetails.BlockwiseQuantization:
+        st = model.subgraphs[0].tensors[qp.details.scales]
+        return np.frombuffer(bytes(model.buffers[st.buffer].data), dtype=np.float16).astype(np.float32).reshape(list(st.shape))
+    return np.asarray(qp.scale, dtype=np.float32)
+
+
+def _as_layer(q: np.ndarray, scale: np.ndarray, op: str, shape) -> tuple[np.ndarray, np.ndarray]:
+    """Integers (and scales) as the torch layer holds them, given the op that consumes them and the layer's
+    torch ``shape`` (needed for a convolution the dynamic path runs as a FULLY_CONNECTED: (O, kh*kw*I) weights,
+    block scales repeated per tap)."""
+    if op == "CONV_2D" or shape is None or len(shape) != 4 or q.ndim != 2:
+        return _torch_layout(q, op), scale.reshape(-1)
+    o, i, kh, kw = (int(v) for v in shape)
+    if q.shape != (o, kh * kw * i):
+        return q, scale.reshape(-1)
+    q = q.reshape(o, kh, kw, i).transpose(0, 3, 1, 2)
+    if scale.ndim == 2 and scale.shape[1] % (kh * kw) == 0:  # block scales, tap-major: one copy of the groups per tap
+        taps = scale.reshape(o, kh * kw, -1)
+        if (taps == taps[:, :1]).all():
+            scale = taps[:, 0]
+    return q, scale.reshape(-1)
+
+
+def read_integers(model, layer_map: dict[str, str], shapes: dict | None = None) -> dict[str, dict]:
     """The integers a lowered model holds for each layer of ``layer_map``, read back from the tensors
     it names: ``{layer: {"q": int8 array in torch layout, "scale": float32 array (flat, (O,) or
     (O * I/g,)), "bits", "op", "pieces"}}`` (layers whose tensors are not integer are left out).
 
     The stored integers are carried through the DEQUANTIZE / RESHAPE / TRANSPOSE chain to the
     consuming op, so the result is what that op computes with; the pieces of a weight the converter
-    split are put back together in the map's (row) order."""
+    split are put back together in the map's (row) order. ``shapes`` ({layer: torch weight shape}) puts back a
+    convolution that LiteRT's dynamic path (``export.litert_paths``) runs as a FULLY_CONNECTED."""
     s = _schema()
     g = _Graph.of(model)
     index = {t.name.decode(errors="replace"): i for i, t in enumerate(g.sg.tensors)}
@@ -451,8 +480,8 @@ def read_integers(model, layer_map: dict[str, str]) -> dict[str, dict]:
             held = _follow(g, ti, q.reshape(list(tensor.shape)))
             if held is None:
                 break
-            parts.append({"q": np.ascontiguousarray(_torch_layout(*held)), "bits": bits, "op": held[1],
-                          "scale": np.asarray(tensor.quantization.scale, dtype=np.float32)})
+            q, scale = _as_layer(held[0], _scales(model, tensor), held[1], (shapes or {}).get(layer))
+            parts.append({"q": np.ascontiguousarray(q), "bits": bits, "op": held[1], "scale": scale})
         else:
             out[layer] = {"q": np.concatenate([p["q"] for p in parts]), "scale": np.concatenate([p["scale"] for p in parts]),
                           "bits": parts[0]["bits"], "op": parts[0]["op"], "pieces": len(parts)}
@@ -464,12 +493,31 @@ def expected_scale(lg, factor: float = 1.0) -> np.ndarray:
     return (lg.scale.double().numpy().reshape(-1) * factor).astype(np.float32)
 
 
+def check_held(path: Path, spec, layer_map: dict[str, str], layers, folded: dict[str, float], moved=(), after: str = "lowering") -> None:
+    """Read the integers of ``layers`` back from the model at ``path`` through the layer map and check them against
+    ``spec.grid``'s: the same integers, and the grid's scales (times the converter's ``folded`` constant, unless the
+    layer's integer tensor is in ``moved``: its constant is applied to the op's input instead).
+
+    Raises:
+        ExportError: a layer does not hold the grid's integers and scales.
+    """
+    from pocketfusion.export.base import ExportError
+
+    grid, module = spec.grid, spec.source_module
+    back = read_integers(read_model(path), layer_map, {n: tuple(grid.layers[n].shape) for n in layers})
+    ints = grid.integers(module)
+    for layer in layers:
+        got = back.get(layer)
+        on_input = any(t in moved for t in lm.split(layer_map[layer]))
+        want_scale = expected_scale(grid.layers[layer], 1.0 if on_input else folded.get(layer, 1.0))
+        if got is None or not np.array_equal(got["q"], ints[layer].numpy()) or not np.array_equal(got["scale"], want_scale):
+            raise ExportError(f"tflite: {spec.name}: layer {layer} does not hold the grid's integers after {after}")
+
+
 def quantize(path: Path, spec) -> tuple[dict, dict[str, str]]:
     """Lower ``spec.grid`` into the converted model at ``path`` (rewritten in place), read the
     integers back through the layer map and check them; returns the manifest's ``quantization``
     entry and the layer map."""
-    from pocketfusion.export.base import ExportError
-
     grid, module = spec.grid, spec.source_module
     notes: list[str] = []
     model, rep, layer_map = lower_weights(read_model(path), module, grid)
@@ -477,13 +525,7 @@ def quantize(path: Path, spec) -> tuple[dict, dict[str, str]]:
     write_model(model, out)  # not in place: the read model's buffers are views of the mapped file
     del model
     os.replace(out, path)
-    back = read_integers(read_model(path), layer_map)
-    ints = grid.integers(module)
-    for layer in rep["int8"] + rep["int4"]:
-        got = back.get(layer)
-        want_scale = expected_scale(grid.layers[layer], rep["folded"].get(layer, 1.0))
-        if got is None or not np.array_equal(got["q"], ints[layer].numpy()) or not np.array_equal(got["scale"], want_scale):
-            raise ExportError(f"tflite: {spec.name}: layer {layer} does not hold the grid's integers after lowering")
+    check_held(path, spec, layer_map, rep["int8"] + rep["int4"], rep["folded"])
     if rep["folded"]:
         notes.append(
             f"{len(rep['folded'])} weights had a constant folded in by the converter (attention scale into to_q / to_k): "
@@ -499,7 +541,7 @@ def quantize(path: Path, spec) -> tuple[dict, dict[str, str]]:
         notes.append(f"{len(rep['split'])} weights split by the converter along output rows (GEGLU projections): one int tensor per piece")
     if rep["grouped"]:
         notes.append(
-            f"{rep['grouped']} group-wise int4 layers held as per-axis int4 rows (one row per output channel and group) "
+            f"{rep['grouped']} {GROUPED_NOTE} as per-axis int4 rows (one row per output channel and group) "
             "+ DEQUANTIZE / RESHAPE / TRANSPOSE: LiteRT has no weight-only block-wise int4"
         )
     fallbacks = dict(rep["fallbacks"])

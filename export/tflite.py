@@ -41,7 +41,8 @@ from pocketfusion.export.components import ComponentSpec
 logger = logging.getLogger(__name__)
 
 SIGNATURE = "serving_default"
-DYNAMIC_FORMAT = "INT8 per-axis weights fed to CONV_2D / FULLY_CONNECTED (dynamic int8 activations, XNNPACK qd8); INT4 + DEQUANTIZE"
+DYNAMIC_FORMAT = ("INT8 / INT4 per-axis and INT4 block-wise weights fed to CONV_2D / FULLY_CONNECTED (dynamic int8 "
+                  "activations, XNNPACK qd8); int4 convolutions as FULLY_CONNECTED over im2col patches")
 
 
 def io_json_path(path: Path) -> Path:
@@ -146,6 +147,7 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
         ExportError: the converter fails, or the converted signature disagrees with the spec.
     """
     from pocketfusion.compress.quant.grid import quantizable_layers
+    from pocketfusion.export import layer_map as lm
     from pocketfusion.export import litert_paths, quant_tflite
 
     path = Path(path)
@@ -172,16 +174,33 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
         (tmpdir / (path.name + ".io.json")).write_text(json.dumps(io, indent=2) + "\n")
         if quant is not None:  # which kernels consume the int8 weights (export.litert_paths), and the speed against float
             shutil.copyfile(tmpdir / (path.name + ".io.json"), tmpdir / (float_tmp.name + ".io.json"))
-            quant["litert"] = litert_paths.choose(tmp, spec, cfg.tflite_weights, float_path=float_tmp)
+            factors = {t: c for layer, c in quant["scale_factors"].items() for t in lm.split(layer_map[layer])}
+            quant["litert"] = litert_paths.choose(tmp, spec, cfg.tflite_weights, float_path=float_tmp, factors=factors)
             vs = quant["litert"].get("versus_float")
             if vs is not None:
                 quant["notes"].append(f"measured at export (one thread): {vs['speed']:.2f}x the float model's speed "
                                       f"({vs['quantized_ms']:.3f} vs {vs['float_ms']:.3f} ms a call; XNNPACK partitions "
                                       f"{vs['delegate_partitions']['quantized']} vs {vs['delegate_partitions']['float']})")
             if quant["litert"]["chosen"] == "dynamic":
+                dyn = quant["litert"]["dynamic"]
+                held = [n for n in spec.grid.layers if n not in quant["fallbacks"]]
+                quant_tflite.check_held(tmp, spec, layer_map, held, quant["scale_factors"], moved=dyn["input_factors"],
+                                        after="the dynamic path's rewrite")
                 quant.update(format=DYNAMIC_FORMAT, tolerance_key="tflite-qd8")
-                quant["notes"].append(f"{quant['litert']['dynamic_weights']} int8 weights feed their CONV_2D / FULLY_CONNECTED "
-                                      f"directly: XNNPACK quantizes the activations per row on every call ({quant['litert']['why']})")
+                quant["notes"] = [n for n in quant["notes"] if quant_tflite.GROUPED_NOTE not in n]
+                quant["notes"].append(f"{quant['litert']['dynamic_weights']} integer weights ({dyn['int8']} int8, {dyn['int4']} int4, "
+                                      f"{dyn['grouped']} of them block-wise) feed their CONV_2D / FULLY_CONNECTED directly: XNNPACK "
+                                      f"quantizes the activations per row on every call ({quant['litert']['why']})")
+                if dyn["convs_as_fc"]:
+                    quant["notes"].append(f"{dyn['convs_as_fc']} convolutions with int4 weights run as FULLY_CONNECTED "
+                                          f"({dyn['im2col']} of them over im2col patches): XNNPACK has no dynamic int4 convolution")
+                if dyn["input_factors"]:
+                    quant["notes"].append(f"{len(dyn['input_factors'])} block-wise weights had a constant folded in by the converter: "
+                                          "LiteRT's block scales are fp16, so the grid's scales are stored and the constant multiplies "
+                                          "the op's input")
+                if dyn["kept"]:
+                    quant["notes"].append(f"{len(dyn['kept'])} int4 weights keep their DEQUANTIZE ("
+                                          + "; ".join(sorted(set(dyn["kept"].values()))) + ")")
                 _, _, ops = _read_back(tmp)
         size = tmp.stat().st_size
         os.replace(tmpdir / (path.name + ".io.json"), io_json_path(path))

@@ -25,15 +25,20 @@ from pocketfusion.runtimes.base import load_session  # noqa: E402
 # the dynamic path (export.litert_paths) is tested on a copy of the same file below
 CFG = ExportConfig(targets=("tflite",), components=("unet",), tflite_weights="dequantize")
 GROUP = 8  # the tiny U-Net is 8-32 channels wide: groups of 8 make most 4-bit layers group-wise
+BLOCK = 32  # ... and groups of 32 where the input channels allow: the block size LiteRT's XNNPACK kernels take
 
 
 def mixed_grid(unet) -> QuantGrid:
-    """Every third layer at 8 bits, the rest at 4 (group-wise where the input channels allow)."""
+    """Every third layer at 8 bits, the rest at 4: group-wise where the input channels allow (groups of 32, else 8),
+    but per channel for the stride-2 convolutions (so the dynamic path's strided im2col is exercised)."""
     grid = QuantGrid("w4", "rtn", settings={"group_size": GROUP})
     ints = {}
     for k, (name, mod) in enumerate(quantizable_layers(unet).items()):
         bits = 8 if k % 3 == 0 else 4
-        grid.layers[name], ints[name] = rtn(mod, name, bits, layer_group_size(mod, bits, GROUP))
+        gs = layer_group_size(mod, bits, BLOCK) or layer_group_size(mod, bits, GROUP)
+        if getattr(mod, "stride", (1,))[0] > 1:
+            gs = None
+        grid.layers[name], ints[name] = rtn(mod, name, bits, gs)
     apply(unet, grid, ints)
     return grid
 
@@ -135,30 +140,57 @@ def _spec(mixed):
     return unet_spec(comps["unet"], seq_len=comps["tokenizer"].model_max_length)
 
 
-def test_dynamic_path_feeds_the_grids_int8_weights_to_the_ops(mixed, tmp_path):
-    """``make_dynamic``: every int8 per-channel weight feeds its CONV_2D / FULLY_CONNECTED directly (no DEQUANTIZE),
-    int4 layers keep theirs, the integers read back are still the grid's, and LiteRT runs it within the qd8
-    tolerance of the exact path (not identical: the activations are int8)."""
-    from pocketfusion.export import litert_paths
-    from pocketfusion.export.quant_tflite import _Graph
-
-    grid, layer_map = mixed.grid, mixed.component.layer_map
-    dst = tmp_path / "dyn.tflite"
-    n = litert_paths.make_dynamic(mixed.path, dst)
-    g = _Graph.of(read_model(dst))
-    int8 = {i for i, t in enumerate(g.sg.tensors) if t.name.decode().endswith(Q_SUFFIX) and t.type == 9}  # INT8
-    direct = {op.inputs[1] for i, op in enumerate(g.sg.operators) if g.op(i) in ("CONV_2D", "FULLY_CONNECTED")}
-    assert n == len(int8) > 0 and int8 <= direct
-    dq_in = [g.sg.tensors[op.inputs[0]].type for i, op in enumerate(g.sg.operators) if g.op(i) == "DEQUANTIZE"]
-    assert dq_in and all(t != 9 for t in dq_in)  # the int4 layers keep theirs
-    got, want = read_integers(read_model(dst), layer_map), grid.integers(mixed.model.components["unet"])
-    assert set(got) == set(grid.layers) and all(np.array_equal(got[k]["q"], want[k].numpy()) for k in grid.layers)
-
+def test_dynamic_path_feeds_every_integer_weight_to_its_op(mixed, tmp_path):
+    """``make_dynamic``: every int8 weight and every int4 weight whose groups XNNPACK takes feeds a FULLY_CONNECTED /
+    CONV_2D directly (no DEQUANTIZE): int4 convolutions as FULLY_CONNECTED (k x k and strided ones over im2col
+    patches), groups of 32 as LiteRT block-wise weights with the grid's scales. The integers read back are still the
+    grid's, fewer delegate partitions, and LiteRT runs it within the qd8 tolerance of the exact path (not identical:
+    the activations are int8)."""
     import shutil
+    from types import SimpleNamespace
+
+    from pocketfusion.export import litert_paths
+    from pocketfusion.export.quant_tflite import _Graph, check_held
+
+    grid, layer_map, q = mixed.grid, mixed.component.layer_map, mixed.entry["quantization"]
+    unet = mixed.model.components["unet"]
+    factors = {t: c for layer, c in q["scale_factors"].items() for t in lm.split(layer_map[layer])}
+    dst = tmp_path / "dyn.tflite"
+    rep = litert_paths.make_dynamic(mixed.path, dst, factors)
+    g = _Graph.of(read_model(dst))
+    ints = {t.name.decode(): (i, t.type) for i, t in enumerate(g.sg.tensors) if t.name.decode().endswith(Q_SUFFIX)}
+    direct = {op.inputs[1] for i, op in enumerate(g.sg.operators) if g.op(i) in ("CONV_2D", "FULLY_CONNECTED")}
+    kept = {ints[name][0] for name in rep["kept"]}
+    assert {i for i, _ in ints.values()} - kept <= direct
+    dq_in = {op.inputs[0] for i, op in enumerate(g.sg.operators) if g.op(i) == "DEQUANTIZE"}
+    assert dq_in == kept  # only the kept layers keep a DEQUANTIZE
+    assert rep["int8"] == sum(t == 9 for _, t in ints.values()) > 0  # INT8
+    assert rep["int4"] + len(rep["kept"]) == sum(t == 17 for _, t in ints.values())  # INT4
+    assert set(rep["kept"].values()) == {"group of 8: XNNPACK's block-wise kernels take blocks of a multiple of 32"}
+
+    by_tensor = {t: n for n, v in layer_map.items() for t in lm.split(v)}
+    moved = [by_tensor[t] for t in ints if t not in rep["kept"]]
+    four = [n for n in moved if grid.layers[n].bits == 4]
+    convs = [n for n in four if grid.layers[n].kind == "conv"]
+    patches = [n for n in convs if grid.layers[n].shape[2:] != (1, 1) or dict(unet.named_modules())[n].stride != (1, 1)]
+    # block-wise: more than one group of 32 per output channel (one group is a per-channel scale)
+    assert rep["grouped"] == sum(grid.layers[n].group_size == BLOCK < grid.layers[n].shape[1] for n in four) > 0
+    assert rep["convs_as_fc"] == len(convs) > rep["im2col"] == len(patches) > 0
+    assert any(dict(unet.named_modules())[n].stride == (2, 2) for n in patches)  # a strided im2col
+    assert set(rep["input_factors"]) <= set(factors)
+    fc_weights = {g.sg.operators[i].inputs[1] for i in range(len(g.sg.operators)) if g.op(i) == "FULLY_CONNECTED"}
+    assert {ints[n + Q_SUFFIX][0] for n in convs if n + Q_SUFFIX in ints} <= fc_weights
+
+    spec = SimpleNamespace(name="unet", grid=grid, source_module=unet)
+    held = list(grid.layers)
+    check_held(dst, spec, layer_map, held, q["scale_factors"], moved=rep["input_factors"])  # raises if not the grid's
+    got = read_integers(read_model(dst), layer_map, {n: tuple(grid.layers[n].shape) for n in held})
+    want = grid.integers(unet)
+    assert set(got) == set(grid.layers) and all(np.array_equal(got[k]["q"], want[k].numpy()) for k in grid.layers)
 
     shutil.copyfile(str(mixed.path) + ".io.json", str(dst) + ".io.json")
     exact, dyn = load_session(mixed.path, "tflite", threads=1), load_session(dst, "tflite", threads=1)
-    assert "XNNPACK" in dyn.device
+    assert "XNNPACK" in dyn.device and dyn.delegate_partitions < exact.delegate_partitions
     for feed in _spec(mixed).golden:
         a, b = exact.run(feed)["noise_pred"], dyn.run(feed)["noise_pred"]
         rel = np.abs(a - b).max() / np.abs(a).max()
@@ -178,7 +210,9 @@ def test_choose_measures_both_paths_and_applies_the_rule(mixed, tmp_path):
     assert set(ms) == {"dequantize", "dynamic"} and ms["dequantize"]["against"] == "dequantize path, golden inputs"
     assert ms["dequantize"]["snr_db"] == float("inf") and ms["dynamic"]["snr_db"] < 200
     fast = ms["dynamic"]["median_ms"] < ms["dequantize"]["median_ms"]
-    assert rec["chosen"] == ("dynamic" if fast and ms["dynamic"]["snr_db"] >= litert_paths.SNR_FLOOR_DB else "dequantize")
+    floor = litert_paths.snr_floor(ms["dequantize"]["snr_db"])
+    assert floor == litert_paths.SNR_FLOOR_DB and rec["dynamic"]["int8"] + rec["dynamic"]["int4"] == rec["dynamic_weights"] > 0
+    assert rec["chosen"] == ("dynamic" if fast and ms["dynamic"]["snr_db"] >= floor else "dequantize")
     assert (src.read_bytes() != before) == (rec["chosen"] == "dynamic")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.tflite", "unet.tflite.io.json"]  # nothing left behind
 
