@@ -5,10 +5,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    # Workers share the cores: the CLI subprocesses they start get one OpenMP thread each (two spinning thread pools
-    # per core make small calls many times slower). The worker's own torch is already imported by a plugin by now, so
-    # its thread count stays the default: tests that need one thread ask for it (``torch_one_thread``).
+    # Workers share the cores: each gets one thread (two spinning thread pools per core make small calls many times
+    # slower). OMP_NUM_THREADS reaches the CLI subprocesses the tests start; the worker's own torch is already imported
+    # by a plugin by now, so it is told directly.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
 
 # pytest-xdist (the default run: ``-n auto``, pyproject's addopts) sends each group below to one worker, whole: a test
 # file, or the files that share a costly session fixture (each worker builds its own session fixtures: the mini
