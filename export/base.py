@@ -38,7 +38,7 @@ TOLERANCE.update({"onnx-a16": 1e-2, "onnx-a8": 0.25, "tflite-a16": 1e-2, "tflite
 # from calibration (w8a8: "-a8"). Measured (RTN grids, rel_max vs the on-grid PyTorch U-Net):
 # demo U-Net qd8 3.8e-2 (w8; worst golden feed, t=1), tiny fixture U-Nets 2.3e-2 (w8) / 2.6e-2 (w4).
 TOLERANCE.update({"executorch-qd8": 0.1, "executorch-a8": 0.25})
-# LiteRT's dynamic path for W8 weights (export.litert_paths) runs the same XNNPACK qd8 kernels.
+# LiteRT's dynamic path (export.litert_paths) runs the same XNNPACK qd8 kernels.
 TOLERANCE["tflite-qd8"] = TOLERANCE["executorch-qd8"]
 
 EXECUTORCH_ACTIVATIONS = ("grid", "dynamic")
@@ -69,7 +69,7 @@ class ExportConfig:
     either way): ``"qdq"`` keeps its QDQ fusions (DequantizeLinear on every call; 4-bit MatMuls fused into
     MatMulNBits), ``"fold"`` dequantizes the weights once when the session loads (fp32 kernels, fp32 weights in
     memory); ``"auto"`` times both on the golden inputs at export and keeps the faster (``export.ort_paths``).
-    ``tflite_weights``: how LiteRT consumes a W8 grid's int8 weights: ``"dequantize"`` (DEQUANTIZE, fp32 kernels: the
+    ``tflite_weights``: how LiteRT consumes a grid's int8 / int4 weights: ``"dequantize"`` (DEQUANTIZE, fp32 kernels: the
     on-grid numbers), ``"dynamic"`` (fed to the op directly: XNNPACK's qd8 kernels, int8 activations per call);
     ``"auto"`` times both at export and keeps ``dynamic`` when faster and above the quality floor (``export.litert_paths``).
     """
@@ -86,7 +86,7 @@ class ExportConfig:
     executorch_activations: str = "grid"  # or "dynamic"
     executorch_profile_runs: int = 4
     onnx_weights: str = "auto"  # a weight-only quantized ONNX graph in onnxruntime: "auto" (measured), "fold", "qdq"
-    tflite_weights: str = "auto"  # a W8 grid's int8 weights in LiteRT: "auto" (measured), "dequantize", "dynamic"
+    tflite_weights: str = "auto"  # a grid's integer weights in LiteRT: "auto" (measured), "dequantize", "dynamic"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))

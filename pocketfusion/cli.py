@@ -346,8 +346,9 @@ def _add_export(sub) -> None:
                    help="a weight-only quantized ONNX U-Net in onnxruntime: fold (dequantize once at load), qdq (on every "
                         "call; 4-bit MatMulNBits), auto (both timed at export, the faster kept; recorded in the manifest)")
     p.add_argument("--tflite-weights", choices=("auto", "dequantize", "dynamic"), default="auto",
-                   help="a W8 U-Net's int8 weights in LiteRT: dequantize (fp32 kernels, the on-grid numbers), dynamic (fed "
-                        "to the ops: XNNPACK int8 kernels, activations quantized per call), auto (both timed and checked "
+                   help="a quantized U-Net's integer weights in LiteRT: dequantize (fp32 kernels, the on-grid numbers), dynamic "
+                        "(fed to the ops: XNNPACK int8 / int4 kernels, activations quantized per call; int4 convolutions "
+                        "over im2col patches), auto (both timed and checked "
                         "against a quality floor at export; recorded in the manifest)")
     p.add_argument("--no-rewrite", action="store_true", help="skip the delegation rewrites (for comparison)")
     p.add_argument("--no-parity", action="store_true", help="skip running the exports against PyTorch")
