@@ -42,6 +42,9 @@ _OPS = ("CONV_2D", "FULLY_CONNECTED")
 # XNNPACK's delegate (ai-edge-litert 2.3) took CONCATENATION of 4 inputs and not of 9 (then each im2col ran outside it:
 # 19 partitions on the demo U-Net instead of 3); its block-wise kernels take blocks of a multiple of 32.
 MAX_CONCAT = 4
+# About how long ``measure`` may take (seconds) before it uses fewer feeds and timed calls: the demo U-Net's full
+# measurement takes about 1 s; a full-size SD-1.5 U-Net on one thread takes ~20 s a call.
+MEASURE_BUDGET_S = 60.0
 BLOCK_MULTIPLE = 32
 
 
@@ -258,23 +261,39 @@ def _im2col(g, op, kh: int, kw: int, tag: str) -> tuple[list, int]:
     return ops, taps[0][0]
 
 
-def measure(paths: dict[str, Path], spec, *, rounds: int = 5, runs: int = 5) -> dict[str, dict]:
+def measure(paths: dict[str, Path], spec, *, rounds: int = 5, runs: int = 5, budget_s: float = MEASURE_BUDGET_S) -> dict[str, dict]:
     """Per-call ms of each model in ``paths`` (one thread, round robin on the first golden input) and its output
     SNR against the fp32 model's on (at most 64 of) the spec's held-out feeds; without held-out feeds, against the
-    ``dequantize`` model's on the golden inputs. Every model needs its ``.io.json`` beside it."""
+    ``dequantize`` model's on the golden inputs. Every model needs its ``.io.json`` beside it.
+
+    A first call of each model (the warm-up) sizes the job: where ``rounds`` x ``runs`` calls and 64 feeds would
+    not fit in about ``budget_s`` (a full-size U-Net takes seconds a call), fewer feeds (at least 4) and fewer
+    timed calls (at least 2 rounds of one) are used; ``feeds`` and ``timed_calls`` say how many."""
+    import time
+
     from pocketfusion.export.components import heldout_pairs, session_output_error
     from pocketfusion.runtimes.litert import LiteRTSession
     from pocketfusion.runtimes.timing import interleaved_latency
 
     sessions = {n: LiteRTSession(p, threads=1) for n, p in paths.items()}
-    if spec.heldout:  # the same feeds and measure as export.api.measured_versus_fp32: the manifest's held-out SNR
-        pairs, against = heldout_pairs(spec), "fp32 model, held-out feeds"
-    else:
-        pairs, against = [(f, sessions["dequantize"].run(f)) for f in spec.golden], "dequantize path, golden inputs"
-    out = {n: {"snr_db": round(session_output_error(s, pairs)["snr_db"], 2), "against": against, "feeds": len(pairs),
-               "delegate_partitions": s.delegate_partitions} for n, s in sessions.items()}
     feed = spec.golden[0]
-    lat = interleaved_latency({n: (lambda s=s: s.run(feed)) for n, s in sessions.items()}, runs=runs, rounds=rounds)
+    every = 0.0  # one call of every model
+    for s in sessions.values():
+        t0 = time.perf_counter()
+        s.run(feed)
+        every += time.perf_counter() - t0
+    calls = int(budget_s / 2 / max(every, 1e-9))  # half the budget for the error, half for the timing
+    warmup = 3
+    if rounds * runs > calls:
+        rounds, runs, warmup = max(2, calls), 1, 0
+    max_feeds = max(4, min(64, calls))
+    if spec.heldout:  # the same feeds and measure as export.api.measured_versus_fp32: the manifest's held-out SNR
+        pairs, against = heldout_pairs(spec, max_feeds), "fp32 model, held-out feeds"
+    else:
+        pairs, against = [(f, sessions["dequantize"].run(f)) for f in spec.golden[:max_feeds]], "dequantize path, golden inputs"
+    out = {n: {"snr_db": round(session_output_error(s, pairs)["snr_db"], 2), "against": against, "feeds": len(pairs),
+               "delegate_partitions": s.delegate_partitions, "timed_calls": rounds * runs} for n, s in sessions.items()}
+    lat = interleaved_latency({n: (lambda s=s: s.run(feed)) for n, s in sessions.items()}, runs=runs, rounds=rounds, warmup=warmup)
     for n in out:
         out[n]["median_ms"] = round(lat[n]["median_ms"], 4)
     return out

@@ -216,6 +216,10 @@ def test_choose_measures_both_paths_and_applies_the_rule(mixed, tmp_path):
     assert (src.read_bytes() != before) == (rec["chosen"] == "dynamic")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.tflite", "unet.tflite.io.json"]  # nothing left behind
 
+    assert all(m["timed_calls"] == 25 for m in ms.values())  # the tiny model fits the budget: every call
+    small = litert_paths.measure({"dequantize": src}, spec, budget_s=0.0)["dequantize"]  # as a full-size model would
+    assert small["timed_calls"] == 2 and small["feeds"] == min(4, len(spec.golden)) and small["median_ms"] > 0
+
     for wanted in ("dequantize", "dynamic"):
         src = _copy_export(mixed, tmp_path)
         rec = litert_paths.choose(src, spec, wanted)
