@@ -191,6 +191,10 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
                 quant["notes"].append(f"{quant['litert']['dynamic_weights']} integer weights ({dyn['int8']} int8, {dyn['int4']} int4, "
                                       f"{dyn['grouped']} of them block-wise) feed their CONV_2D / FULLY_CONNECTED directly: XNNPACK "
                                       f"quantizes the activations per row on every call ({quant['litert']['why']})")
+                if dyn["grouped"]:
+                    quant["notes"].append("block-wise int4 weights need a LiteRT that reads the schema's BlockwiseQuantization "
+                                          "(ai-edge-litert 2.3 here); for an older TFLite runtime export with "
+                                          "--tflite-weights dequantize")
                 if dyn["convs_as_fc"]:
                     quant["notes"].append(f"{dyn['convs_as_fc']} convolutions with int4 weights run as FULLY_CONNECTED "
                                           f"({dyn['im2col']} of them over im2col patches): XNNPACK has no dynamic int4 convolution")
