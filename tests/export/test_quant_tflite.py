@@ -197,6 +197,47 @@ def test_dynamic_path_feeds_every_integer_weight_to_its_op(mixed, tmp_path):
         assert 0 < rel < TOLERANCE["tflite-qd8"], rel
 
 
+def test_dynamic_path_moves_a_folded_constant_to_the_input(mixed, tmp_path):
+    """A block-wise layer whose stored scales carry a constant the converter folded in (as the attention scale in
+    to_q / to_k): the product is not fp16-exact, so the dynamic path stores the grid's scales and multiplies the op's
+    input by the constant. Made here by folding a constant into one block-wise layer of a copy of the exact model;
+    the dynamic model then computes what that copy computes, within the qd8 tolerance."""
+    import shutil
+
+    from pocketfusion.export import litert_paths
+    from pocketfusion.export.quant_tflite import _Graph, write_model
+
+    grid, layer_map = mixed.grid, mixed.component.layer_map
+    layer = next(n for n, g in grid.layers.items() if g.bits == 4 and g.kind == "linear" and g.group_size == BLOCK < g.shape[1])
+    name, c = layer_map[layer], 0.4518010000164589
+    model = read_model(mixed.path)
+    g = _Graph.of(model)
+    t = next(t for t in g.sg.tensors if t.name.decode() == name)
+    want = expected_scale(grid.layers[layer])
+    t.quantization.scale = expected_scale(grid.layers[layer], c)  # q * (s * c): the layer now computes c times its output
+    assert not np.array_equal(t.quantization.scale.astype(np.float16).astype(np.float32), t.quantization.scale)
+    src, dst = tmp_path / "folded.tflite", tmp_path / "dyn.tflite"
+    write_model(model, src)
+    rep = litert_paths.make_dynamic(src, dst, {name: c})
+    assert rep["input_factors"] == {name: c} and name not in rep["kept"]
+
+    g = _Graph.of(read_model(dst))
+    ops = list(enumerate(g.sg.operators))
+    fc = next(op for i, op in ops if g.op(i) == "FULLY_CONNECTED" and g.sg.tensors[op.inputs[1]].name.decode() == name)
+    mul = next(op for i, op in ops if g.op(i) == "MUL" and op.outputs[0] == fc.inputs[0])
+    k = next(i for i in mul.inputs if g.sg.tensors[i].name.decode().endswith(".input.factor"))
+    assert np.frombuffer(bytes(g.model.buffers[g.sg.tensors[k].buffer].data), np.float32).tolist() == [np.float32(c)]
+    got = read_integers(read_model(dst), {layer: name}, {layer: tuple(grid.layers[layer].shape)})[layer]
+    assert np.array_equal(got["scale"], want) and np.array_equal(got["q"], grid.integers(mixed.model.components["unet"])[layer].numpy())
+
+    for p in (src, dst):
+        shutil.copyfile(str(mixed.path) + ".io.json", str(p) + ".io.json")
+    a, b = load_session(src, "tflite", threads=1), load_session(dst, "tflite", threads=1)
+    for feed in _spec(mixed).golden:
+        x, y = a.run(feed)["noise_pred"], b.run(feed)["noise_pred"]
+        assert np.abs(x - y).max() / np.abs(x).max() < TOLERANCE["tflite-qd8"]
+
+
 def test_choose_measures_both_paths_and_applies_the_rule(mixed, tmp_path):
     """``auto`` times both paths and scores the dynamic one; it keeps ``dynamic`` exactly when it is faster and above
     the floor, and rewrites the file only then; a forced path is applied without measuring."""
