@@ -493,6 +493,31 @@ def expected_scale(lg, factor: float = 1.0) -> np.ndarray:
     return (lg.scale.double().numpy().reshape(-1) * factor).astype(np.float32)
 
 
+def compact_names(path: Path, layer_map: dict[str, str]) -> dict[str, str]:
+    """Rename the tensors of the model at ``path`` (rewritten in place) to ``t<i>``, except the graph's inputs and
+    outputs and the integer tensors the layer map names (``<layer>.weight.q``); returns the layer map with the new
+    names. The converter names every tensor by its full module path: 0.40 MB of the demo U-Net's 7.75 MB fp32 file,
+    a quarter of its W4 file. Nothing reads those names (signatures map their own names to tensor indices)."""
+    model = read_model(path)
+    keep = {n for v in layer_map.values() for n in lm.split(v) if n.endswith(Q_SUFFIX)}
+    renamed: dict[str, str] = {}
+    for k, sg in enumerate(model.subgraphs):
+        io = set(sg.inputs) | set(sg.outputs)
+        for i, t in enumerate(sg.tensors):
+            old = t.name.decode(errors="replace") if t.name is not None else ""
+            if i in io or old in keep:
+                continue
+            new = f"t{i}" if k == 0 else f"s{k}t{i}"
+            if k == 0:
+                renamed[old] = new
+            t.name = new.encode()
+    out = path.with_name(path.name + ".names")
+    write_model(model, out)  # not in place: the read model's buffers are views of the mapped file
+    del model
+    os.replace(out, path)
+    return {layer: lm.join(renamed.get(n, n) for n in lm.split(v)) for layer, v in layer_map.items()}
+
+
 def check_held(path: Path, spec, layer_map: dict[str, str], layers, folded: dict[str, float], moved=(), after: str = "lowering") -> None:
     """Read the integers of ``layers`` back from the model at ``path`` through the layer map and check them against
     ``spec.grid``'s: the same integers, and the grid's scales (times the converter's ``folded`` constant, unless the

@@ -206,6 +206,7 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
                     quant["notes"].append(f"{len(dyn['kept'])} int4 weights keep their DEQUANTIZE ("
                                           + "; ".join(sorted(set(dyn["kept"].values()))) + ")")
                 _, _, ops = _read_back(tmp)
+        layer_map = quant_tflite.compact_names(tmp, layer_map)
         size = tmp.stat().st_size
         os.replace(tmpdir / (path.name + ".io.json"), io_json_path(path))
         os.replace(tmp, path)
