@@ -36,13 +36,19 @@ def test_layer_map_names_every_weight_tensor(sd15):
     """A float export's layer map: each quantizable layer -> the tensor(s) holding its weight (or a folded copy)."""
     from pocketfusion.compress.quant.grid import quantizable_layers
     from pocketfusion.export import layer_map as lm
-    from pocketfusion.export.quant_tflite import read_model
+    from pocketfusion.export.quant_tflite import read_model, weight_map
 
     spec, path, info = sd15
     layer_map = info["_layer_map"]
     assert set(layer_map) == set(quantizable_layers(spec.source_module))
-    names = {t.name.decode() for t in read_model(path).subgraphs[0].tensors}
+    model = read_model(path)
+    names = {t.name.decode() for t in model.subgraphs[0].tensors}
     assert all(n in names for v in layer_map.values() for n in lm.split(v))
+    # names are compact (t<i>) but for the graph's inputs and outputs, and the map still points at each layer's weight
+    sg = model.subgraphs[0]
+    io = set(sg.inputs) | set(sg.outputs)
+    assert all(t.name.decode() == f"t{i}" for i, t in enumerate(sg.tensors) if i not in io)
+    assert weight_map(model, spec.source_module, list(layer_map)) == layer_map
 
 
 def test_io_json_maps_spec_names_to_signature(sd15):
