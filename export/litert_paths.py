@@ -251,7 +251,7 @@ def _im2col(g, op, kh: int, kw: int, tag: str) -> tuple[list, int]:
             if len(part) == 1:
                 joined.append(part[0])
                 continue
-            width = sum(n for _, n in part)
+            width = sum(channels for _, channels in part)
             t = g.add_tensor(f"{tag}.im2col.cat{level}.{k}", [n, ho, wo, width], F32)
             opts = S.ConcatenationOptionsT()
             opts.axis = 3

@@ -80,6 +80,14 @@ def write_model(model, path: Path) -> None:
         model_modifier.ModelModifier(model)._serialize_model(model, packed, serialize_to_path=str(path))  # noqa: SLF001
 
 
+def write_model_over(model, path: Path) -> None:
+    """Replace the file ``model`` was read from: written beside it, then renamed over it (not in place: the read
+    model's buffers are views of the mapped file)."""
+    out = path.with_name(path.name + ".new")
+    write_model(model, out)
+    os.replace(out, path)
+
+
 def _tensor_array(tensor, buffers) -> np.ndarray | None:
     s = _schema()
     data = buffers[tensor.buffer].data if tensor.buffer < len(buffers) else None
@@ -511,10 +519,7 @@ def compact_names(path: Path, layer_map: dict[str, str]) -> dict[str, str]:
             if k == 0:
                 renamed[old] = new
             t.name = new.encode()
-    out = path.with_name(path.name + ".names")
-    write_model(model, out)  # not in place: the read model's buffers are views of the mapped file
-    del model
-    os.replace(out, path)
+    write_model_over(model, path)
     return {layer: lm.join(renamed.get(n, n) for n in lm.split(v)) for layer, v in layer_map.items()}
 
 
@@ -546,10 +551,8 @@ def quantize(path: Path, spec) -> tuple[dict, dict[str, str]]:
     grid, module = spec.grid, spec.source_module
     notes: list[str] = []
     model, rep, layer_map = lower_weights(read_model(path), module, grid)
-    out = path.with_name(path.name + ".q")
-    write_model(model, out)  # not in place: the read model's buffers are views of the mapped file
+    write_model_over(model, path)
     del model
-    os.replace(out, path)
     check_held(path, spec, layer_map, rep["int8"] + rep["int4"], rep["folded"])
     if rep["folded"]:
         notes.append(
