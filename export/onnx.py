@@ -41,7 +41,7 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
     import torch
 
     from pocketfusion.compress.quant.grid import quantizable_layers
-    from pocketfusion.export import ort_attention, ort_paths, quant_onnx
+    from pocketfusion.export import ort_attention, ort_paths, quant_onnx, winograd
     from pocketfusion.export.ort_attention import fused_attention
 
     onnx = require("onnx", "onnx")
@@ -51,7 +51,9 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
     notes: list[str] = []
     rewrites: list[str] = []
     quant = None
+    wino = None
     layer_map: dict[str, str] = {}
+    wino_mode = cfg.onnx_winograd if cfg.rewrite else "off"
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         tmp = tmpdir / path.name
@@ -72,6 +74,7 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
         if grid is not None:
             model, quant, layer_map = quant_onnx.quantize(onnx.load(str(tmp)), spec, cfg, tmpdir)
             notes += quant["notes"]
+            wino = winograd.rewrite(model, wino_mode)  # a grid's convolutions too: their integers stay in the file
             external = _tensor_bytes(model) > _PROTOBUF_LIMIT * 0.9
             for f in tmpdir.iterdir():
                 if f.is_file():
@@ -88,6 +91,7 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
         else:
             model = onnx.load(str(tmp))
             layer_map = quant_onnx.weight_map(model, spec.source_module, quantizable_layers(spec.source_module))
+            wino = winograd.rewrite(model, wino_mode)  # the layer map's weights stay: the Winograd graphs read them
             if external:
                 onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                                 location=path.name + ".data", size_threshold=1024)
@@ -103,7 +107,14 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
                 os.replace(f, path.parent / f.name)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+    if wino and wino["convs"]:
+        rewrites.append(f"winograd: {wino['convs']} 3x3 convolutions as "
+                        + ", ".join(f"{k} x{v}" for k, v in sorted(wino["rewritten"].items()))
+                        + f" ({wino['mode']}; export.winograd): their weights take {wino['runtime_weight_bytes']['winograd'] / 1e6:.1f} MB "
+                        f"at run time against {wino['runtime_weight_bytes']['direct'] / 1e6:.1f} MB")
     info = {"opset": opset, "nodes": n_nodes, "external_data": external, "rewrites": rewrites, "notes": notes}
+    if wino is not None:
+        info["winograd"] = wino
     if quant is not None:
         info["quantization"] = quant
     return Exported(info, layer_map)

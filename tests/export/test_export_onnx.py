@@ -182,3 +182,19 @@ def test_attention_exports_as_onnxruntime_fused_multihead_attention(onnx_export,
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     assert all(isinstance(mod.processor, AttnProcessor2_0) for mod in unet.modules() if type(mod).__name__ == "Attention")
+
+
+def test_winograd_choice_is_measured_and_recorded(onnx_export):
+    """``--onnx-winograd auto`` (the default) timed every distinct 3x3 convolution shape of the U-Net at export and
+    recorded each choice with its figures; the manifest's rewrite line names what was rewritten, if anything."""
+    m = artifact.load_manifest(onnx_export)
+    w = m.metrics["components"]["onnx/unet"]["winograd"]
+    assert w["mode"] == "auto" and w["shapes"]
+    for shape in w["shapes"]:
+        ms = shape["measured"]
+        assert "direct" in ms and len(ms) >= 2 and all(v["median_ms"] > 0 for v in ms.values())
+        best = min(ms, key=lambda k: ms[k]["median_ms"])
+        assert shape["chosen"] in ("direct", best)
+    assert w["convs"] == sum(s["convs"] for s in w["shapes"] if s["chosen"] != "direct")
+    lines = [r for r in m.metrics["components"]["onnx/unet"]["rewrites"] if r.startswith("winograd:")]
+    assert len(lines) == (1 if w["convs"] else 0)
