@@ -115,5 +115,69 @@ def test_auto_keeps_the_direct_convolution_where_winograd_is_slower():
 
 
 def test_config_checks_the_mode():
-    with pytest.raises(UserError, match="--onnx-winograd must be one of auto, on, off"):
-        ExportConfig(onnx_winograd="always")
+    with pytest.raises(UserError, match="--winograd must be one of auto, on, off"):
+        ExportConfig(winograd="always")
+
+
+class _Net(__import__("torch").nn.Module):
+    """Two stride-1 3x3 convs (16x16 and 8x8 maps) around a strided one: what every target's rewrite can take."""
+
+    def __init__(self):
+        import torch
+        from torch import nn
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 4, 3, padding=1, stride=2),
+                                 nn.Conv2d(4, 4, 3, padding=1, bias=False))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("target", ["onnx", "tflite", "executorch"])
+def test_every_target_writes_the_winograd_form_with_parity(target, tmp_path):
+    """``--winograd on`` rewrites the two stride-1 convs as F(4, 3) in each target's file (the ONNX graph builds U
+    from the file's weights; the XNNPACK targets store U), records it, and the runtime's output matches PyTorch's."""
+    import torch
+
+    from pocketfusion import backends
+    from pocketfusion.artifact import TensorSpec
+    from pocketfusion.export.components import ComponentSpec
+    from pocketfusion.runtimes.base import load_session
+
+    b = backends.backend(target)
+    pytest.importorskip(b.export_probe)
+    pytest.importorskip(b.runtime_probe)
+    x = np.random.default_rng(4).standard_normal((1, 8, 16, 16)).astype(np.float32)
+    module = _Net().eval()
+    with torch.no_grad():
+        ref = module(torch.from_numpy(x)).numpy()
+    spec = ComponentSpec("unet", module, (TensorSpec("sample", x.shape, "float32"),),
+                         (TensorSpec("noise_pred", ref.shape, "float32"),), [{"sample": x}], source="net")
+    path = tmp_path / f"net{backends.backend(target).extension}"
+    info = backends.exporter(target).export_component(spec, path, ExportConfig(targets=(target,), winograd="on")).info
+    assert info["winograd"]["convs"] == 2 and info["winograd"]["rewritten"] == {"F(4,3)": 2}
+    assert any(r.startswith("winograd: 2 3x3 convolutions as F(4,3) x2 (on;") for r in info["rewrites"])
+    got = next(iter(load_session(path, backends.backend(target).runtime).run({"sample": x}).values()))
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+    assert all(type(m).__name__ == "Conv2d" for m in module.net if "Conv" in type(m).__name__)  # the caller's module
+    if target == "onnx":
+        ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+        assert ops.count("Einsum") == 2 and ops.count("DepthToSpace") == 2
+    off = backends.exporter(target).export_component(spec, tmp_path / f"off{path.suffix}",
+                                                     ExportConfig(targets=(target,), winograd="off")).info
+    assert off["winograd"]["convs"] == 0 and not any(r.startswith("winograd") for r in off["rewrites"])
+
+
+def test_xnnpack_auto_takes_only_large_maps_with_many_channels():
+    from torch import nn
+
+    big, small = nn.Conv2d(128, 128, 3, padding=1), nn.Conv2d(64, 128, 3, padding=1)
+    assert winograd.xnnpack_tile(big, (2, 128, 32, 32), "auto") == 4
+    assert winograd.xnnpack_tile(big, (2, 128, 16, 16), "auto") is None  # a small map
+    assert winograd.xnnpack_tile(small, (2, 64, 64, 64), "auto") is None  # few channels
+    assert winograd.xnnpack_tile(nn.Conv2d(128, 128, 3, padding=1, stride=2), (2, 128, 64, 64), "on") is None
+    assert winograd.xnnpack_tile(nn.Conv2d(128, 128, 1), (2, 128, 64, 64), "on") is None
+    assert winograd.xnnpack_tile(small, (1, 64, 8, 8), "on") == 4 and winograd.xnnpack_tile(small, (1, 64, 4, 4), "on") == 2
+    assert winograd.xnnpack_tile(big, (2, 128, 32, 32), "off") is None
