@@ -53,7 +53,7 @@ class ParityError(UserError):
 
 
 ONNX_WEIGHTS = ("auto", "fold", "qdq")
-ONNX_WINOGRAD = ("auto", "on", "off")
+WINOGRAD = ("auto", "on", "off")
 TFLITE_WEIGHTS = ("auto", "dequantize", "dynamic")
 
 
@@ -70,10 +70,12 @@ class ExportConfig:
     either way): ``"qdq"`` keeps its QDQ fusions (DequantizeLinear on every call; 4-bit MatMuls fused into
     MatMulNBits), ``"fold"`` dequantizes the weights once when the session loads (fp32 kernels, fp32 weights in
     memory); ``"auto"`` times both on the golden inputs at export and keeps the faster (``export.ort_paths``).
-    ``onnx_winograd``: 3x3 convolutions as Winograd F(4, 3) / F(2, 3) graphs of onnxruntime's own kernels
-    (``export.winograd``; fewer multiplies, more weight memory at run time, the file unchanged): ``"auto"`` times
-    each distinct convolution shape at export and rewrites the shapes where it is faster, ``"on"`` rewrites every
-    one that fits, ``"off"`` none. Off with ``rewrite`` off.
+    ``winograd``: 3x3 convolutions as Winograd F(4, 3) / F(2, 3) (``export.winograd``: fewer multiplies, more weight
+    bytes). ONNX: graphs of onnxruntime's own kernels built from the file's weights (the file unchanged, the weights
+    up to 4x the memory at run time); ``"auto"`` times each distinct shape at export and rewrites where faster.
+    ExecuTorch / TFLite (float exports): a module rewrite whose transformed weights are stored (the file grows);
+    ``"auto"`` takes only large maps with many channels (``winograd.xnnpack_tile``). ``"on"``: every convolution that
+    fits; ``"off"``: none. Off with ``rewrite`` off.
     ``tflite_weights``: how LiteRT consumes a grid's int8 / int4 weights: ``"dequantize"`` (DEQUANTIZE, fp32 kernels: the
     on-grid numbers), ``"dynamic"`` (fed to the op directly: XNNPACK's qd8 kernels, int8 activations per call);
     ``"auto"`` times both at export and keeps ``dynamic`` when faster and above the quality floor (``export.litert_paths``).
@@ -91,7 +93,7 @@ class ExportConfig:
     executorch_activations: str = "grid"  # or "dynamic"
     executorch_profile_runs: int = 4
     onnx_weights: str = "auto"  # a weight-only quantized ONNX graph in onnxruntime: "auto" (measured), "fold", "qdq"
-    onnx_winograd: str = "auto"  # 3x3 convolutions as Winograd F(m, 3) in ONNX: "auto" (measured per shape), "on", "off"
+    winograd: str = "auto"  # 3x3 convolutions as Winograd F(m, 3): "auto" (ONNX: measured per shape), "on", "off"
     tflite_weights: str = "auto"  # a grid's integer weights in LiteRT: "auto" (measured), "dequantize", "dynamic"
 
     def __post_init__(self) -> None:
@@ -116,8 +118,8 @@ class ExportConfig:
                             f"got {self.executorch_activations!r}")
         if self.onnx_weights not in ONNX_WEIGHTS:
             raise UserError(f"--onnx-weights must be one of {', '.join(ONNX_WEIGHTS)}, got {self.onnx_weights!r}")
-        if self.onnx_winograd not in ONNX_WINOGRAD:
-            raise UserError(f"--onnx-winograd must be one of {', '.join(ONNX_WINOGRAD)}, got {self.onnx_winograd!r}")
+        if self.winograd not in WINOGRAD:
+            raise UserError(f"--winograd must be one of {', '.join(WINOGRAD)}, got {self.winograd!r}")
         if self.tflite_weights not in TFLITE_WEIGHTS:
             raise UserError(f"--tflite-weights must be one of {', '.join(TFLITE_WEIGHTS)}, got {self.tflite_weights!r}")
         if self.executorch_profile_runs < 0:

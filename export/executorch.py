@@ -80,6 +80,7 @@ class Lowered:
     rewrites: list[str]
     module: object
     quant: dict | None = None  # with a grid: plans, integers, scales, PT2E readback, simulated output
+    winograd: dict | None = None  # the Winograd rewrite's record (export.winograd.apply_xnnpack_), with rewrites
 
 
 def _structural_copy(module):
@@ -89,12 +90,15 @@ def _structural_copy(module):
     return copy.deepcopy(module, memo=shared)
 
 
-def lower(module, example_args, *, rewrite: bool = True, grid=None, calibration=(), prefix: str = "unet.") -> Lowered:
+def lower(module, example_args, *, rewrite: bool = True, grid=None, calibration=(), prefix: str = "unet.",
+          winograd: str = "off") -> Lowered:
     """Lower ``module`` for ExecuTorch with the XNNPACK partitioner.
 
     With ``rewrite``, a deep copy of ``module`` gets ``apply_xnnpack_rewrites_`` (the caller's
     module is never changed) and the exported graph gets ``apply_graph_rewrites_``. The delegation
-    summary is ``delegation_summary`` of the lowered edge program.
+    summary is ``delegation_summary`` of the lowered edge program. Without a grid, the copy's 3x3
+    convolutions also become Winograd F(m, 3) where ``winograd`` (a ``--winograd`` mode) says so
+    (``export.winograd.apply_xnnpack_``).
 
     With ``grid`` (a ``compress.quant.grid.QuantGrid`` whose layer names are relative to
     ``module.<prefix>``), the grid's layers are lowered into XNNPACK's quantized kernels
@@ -108,12 +112,19 @@ def lower(module, example_args, *, rewrite: bool = True, grid=None, calibration=
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
+    from pocketfusion.export import winograd as wg
     from pocketfusion.export.rewrites import apply_graph_rewrites_, apply_xnnpack_rewrites_
 
     rewrites: list[str] = []
+    wino = None
     if rewrite:
         module = _structural_copy(module)
         rewrites = apply_xnnpack_rewrites_(module, fuse_upsample_conv=grid is None)
+        if grid is None:  # a grid's convolutions keep its integers
+            wino = wg.apply_xnnpack_(module, example_args, winograd)
+            wino.pop("originals")
+            if line := wg.rewrite_line(wino, "in the file"):
+                rewrites.append(line)
     module = module.eval()
     qinfo = None
     target = module
@@ -140,7 +151,7 @@ def lower(module, example_args, *, rewrite: bool = True, grid=None, calibration=
         with qe.dynamic_conv_nhwc_fix():
             edge = to_edge_transform_and_lower(ep, partitioner=[qe.merging_partitioner()])
     delegation = delegation_summary(edge)
-    return Lowered(edge.to_executorch(), delegation, rewrites, module, qinfo)
+    return Lowered(edge.to_executorch(), delegation, rewrites, module, qinfo, wino)
 
 
 def profile_outside_share(pte_path: str | Path, feeds: list, runs: int = _PROFILE_RUNS) -> dict:
@@ -262,7 +273,7 @@ def _lower_spec(spec: ComponentSpec, cfg: ExportConfig, notes: list[str]) -> Low
             notes.append("executorch_activations=dynamic: the grid's static 8-bit activations lowered as dynamic int8")
         kwargs = {"grid": spec.grid, "calibration": calib, "prefix": spec.source + "."}
     try:
-        return lower(spec.module, spec.example_args(), rewrite=cfg.rewrite, **kwargs)
+        return lower(spec.module, spec.example_args(), rewrite=cfg.rewrite, winograd=cfg.winograd, **kwargs)
     except Exception as e:  # torch.export / partitioner raise many types; name the component
         first = str(e).splitlines()[0] if str(e) else ""
         raise ExportError(f"executorch: {spec.name} failed to lower ({type(e).__name__}: {first})") from e
@@ -374,4 +385,6 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
                      f"{q['layers_float']} float; activations {q['activations']['dynamic-int8']} dynamic / "
                      f"{q['activations']['static-int8']} static int8; ops outside delegates run on portable kernels")
     info.update(delegation=delegation, outside_delegate_runtime_share=share, rewrites=rewrites, notes=notes)
+    if lowered.winograd is not None:
+        info["winograd"] = lowered.winograd
     return Exported(info, layer_map)

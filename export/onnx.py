@@ -53,7 +53,7 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
     quant = None
     wino = None
     layer_map: dict[str, str] = {}
-    wino_mode = cfg.onnx_winograd if cfg.rewrite else "off"
+    wino_mode = cfg.winograd if cfg.rewrite else "off"
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         tmp = tmpdir / path.name
@@ -95,6 +95,8 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
             if external:
                 onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                                 location=path.name + ".data", size_threshold=1024)
+            elif wino["convs"]:
+                onnx.save_model(model, str(tmp))
             del model
         onnx.checker.check_model(str(tmp), full_check=False)
         opset = {o.domain or "ai.onnx": o.version for o in onnx.load(str(tmp), load_external_data=False).opset_import}
@@ -107,11 +109,8 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
                 os.replace(f, path.parent / f.name)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    if wino and wino["convs"]:
-        rewrites.append(f"winograd: {wino['convs']} 3x3 convolutions as "
-                        + ", ".join(f"{k} x{v}" for k, v in sorted(wino["rewritten"].items()))
-                        + f" ({wino['mode']}; export.winograd): their weights take {wino['runtime_weight_bytes']['winograd'] / 1e6:.1f} MB "
-                        f"at run time against {wino['runtime_weight_bytes']['direct'] / 1e6:.1f} MB")
+    if line := winograd.rewrite_line(wino, "at run time"):
+        rewrites.append(line)
     info = {"opset": opset, "nodes": n_nodes, "external_data": external, "rewrites": rewrites, "notes": notes}
     if wino is not None:
         info["winograd"] = wino

@@ -13,7 +13,9 @@ shapes and dtypes against the component spec and writes ``<path>.io.json`` besid
 which ``pocketfusion.runtimes.litert`` uses to accept and return the spec's names.
 
 litert-torch 0.10.0 converts every fixture family's U-Net, the CLIP text encoder and the VAE
-decoder as they are, with errors around 1e-6: no op rewrite is needed, so ``rewrites`` is empty.
+decoder as they are, with errors around 1e-6: no op rewrite is needed for conversion. The one rewrite is for speed:
+large 3x3 convolutions of a float export as Winograd F(4, 3) (``export.winograd.xnnpack_swapped``, ``--winograd``),
+the only entry ``rewrites`` can have.
 
 A component with a quantization grid (``spec.grid``) is converted on its grid (fp32) and then lowered
 to weight-only int8 / int4 with exactly the grid's integers (``pocketfusion.export.quant_tflite``);
@@ -140,7 +142,7 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
     """Convert ``spec.module`` with litert-torch into ``path`` and write ``<path>.io.json`` beside it.
 
     Returns the layer map and JSON-able facts: ``signature``, ``io`` (the name mapping), ``ops`` (builtin op counts),
-    ``rewrites`` (always empty: no rewrite is needed, see the module docstring) and ``notes``.
+    ``rewrites`` (the Winograd line, if any), ``winograd`` and ``notes``.
     ``cfg.tflite_weights``: how a W8 grid's int8 weights are consumed (``export.litert_paths``).
 
     Raises:
@@ -148,11 +150,13 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
     """
     from pocketfusion.compress.quant.grid import quantizable_layers
     from pocketfusion.export import layer_map as lm
-    from pocketfusion.export import litert_paths, quant_tflite
+    from pocketfusion.export import litert_paths, quant_tflite, winograd
 
     path = Path(path)
+    mode = cfg.winograd if cfg.rewrite and spec.grid is None else "off"  # a grid's convolutions keep its integers
     try:
-        model = _convert(spec.module, spec.example_args())
+        with winograd.xnnpack_swapped(spec.module, spec.example_args(), mode) as wino:
+            model = _convert(spec.module, spec.example_args())
     except Exception as e:  # the converter raises many types; name the component
         raise ExportError(f"tflite: {spec.name} failed to convert ({_first_line(e)})") from e
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,7 +217,8 @@ def export_component(spec: ComponentSpec, path: Path, cfg: ExportConfig) -> Expo
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     logger.info("tflite: %s -> %s (%d bytes, %d ops)", spec.name, path, size, sum(ops.values()))
-    info = {"signature": SIGNATURE, "io": io, "ops": ops, "rewrites": [], "notes": []}
+    line = winograd.rewrite_line(wino, "in the file")
+    info = {"signature": SIGNATURE, "io": io, "ops": ops, "rewrites": [line] if line else [], "notes": [], "winograd": wino}
     if quant is not None:
         info["notes"] += quant["notes"]
         info["quantization"] = quant

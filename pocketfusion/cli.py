@@ -101,7 +101,7 @@ def cmd_export(args) -> int:
     cfg = ExportConfig(
         targets=targets, components=components, onnx_opset=args.opset, coreml_deployment_target=args.coreml_target,
         coreml_precision=args.coreml_precision, max_delegates=args.max_delegates, rewrite=not args.no_rewrite,
-        onnx_weights=args.onnx_weights, onnx_winograd=args.onnx_winograd, tflite_weights=args.tflite_weights,
+        onnx_weights=args.onnx_weights, winograd=args.winograd, tflite_weights=args.tflite_weights,
         check_parity=not args.no_parity, executorch_activations=args.executorch_activations,
     )
     model = _load(args)
@@ -345,10 +345,11 @@ def _add_export(sub) -> None:
     p.add_argument("--onnx-weights", choices=("auto", "fold", "qdq"), default="auto",
                    help="a weight-only quantized ONNX U-Net in onnxruntime: fold (dequantize once at load), qdq (on every "
                         "call; 4-bit MatMulNBits), auto (both timed at export, the faster kept; recorded in the manifest)")
-    p.add_argument("--onnx-winograd", choices=("auto", "on", "off"), default="auto",
-                   help="3x3 convolutions in ONNX as Winograd F(4,3) / F(2,3) graphs (fewer multiplies; their weights take "
-                        "up to 4x the memory at run time, the file is unchanged): auto (each shape timed at export, rewritten "
-                        "where faster; recorded in the manifest), on (every one that fits), off")
+    p.add_argument("--winograd", choices=("auto", "on", "off"), default="auto",
+                   help="3x3 convolutions as Winograd F(4,3) / F(2,3): fewer multiplies for more weight bytes (ONNX: up to 4x "
+                        "the memory at run time, the file unchanged; ExecuTorch / TFLite: a larger file). auto: ONNX times each "
+                        "shape at export and keeps the faster form, ExecuTorch / TFLite take only maps >= 32 a side with >= 128 "
+                        "channels; on: every one that fits; off. Recorded in the manifest")
     p.add_argument("--tflite-weights", choices=("auto", "dequantize", "dynamic"), default="auto",
                    help="a quantized U-Net's integer weights in LiteRT: dequantize (fp32 kernels, the on-grid numbers), dynamic "
                         "(fed to the ops: XNNPACK int8 / int4 kernels, activations quantized per call; int4 convolutions "
