@@ -15,12 +15,12 @@ output transform    ``Transpose`` -> ``(N, O, (m+2)^2, T^2)``, ``MatMul`` by ``A
                     ``DepthToSpace(m, CRD)`` -> ``(N, O, H, W)``, plus the bias
 ==================  ==========================================================================================
 
-``U`` is computed in the graph from the convolution's own weight (one ``Einsum`` with ``G x G``), so the file
-keeps the 3x3 weights (and a quantized graph its grid's integers, through its ``DequantizeLinear``): onnxruntime
-folds the transform when the session loads (one ``Einsum`` a conv, so the load's peak holds one new tensor a
-conv: 9.2 GB at full size, against 19 GB for a Reshape / MatMul / Transpose chain). The cost is memory at run time:
-``U`` holds ``(m+2)^2 / 9`` times the weight's floats (4x for F(4, 3), 1.78x for F(2, 3)); the report gives the
-bytes. The transforms' constants are exact in float64 and rounded once to float32: measured error of one
+``U`` is computed in the graph from the convolution's own weight (one ``Einsum`` with ``G x G``), so the file keeps
+the 3x3 weights (and a quantized graph its grid's integers, through its ``DequantizeLinear``): onnxruntime folds the
+transform when the session loads (one ``Einsum`` a conv, so the load's peak holds one new tensor a conv: 8.7 GiB at
+full size, against 19.3 GiB for a Reshape / MatMul / Transpose chain; 4.5 GiB direct). The cost is memory at run
+time: ``U`` holds ``(m+2)^2 / 9`` times the weight's floats (4x for F(4, 3), 1.78x for F(2, 3)); the report gives
+the bytes. The transforms' constants are exact in float64 and rounded once to float32: measured error of one
 convolution against the direct one, relative to its largest output, about 1e-5 for F(4, 3) and 5e-7 for F(2, 3).
 
 Whether it pays depends on the shape: at SD-1.5's full size (batch 2, 64^2 latents, 2 threads, onnxruntime 1.32 on
