@@ -156,7 +156,8 @@ def test_too_many_blobs_is_an_export_error(monkeypatch, tmp_path):
     spec = unet_spec(tiny_unet("sd15"), seq_len=8)
     fake = {"delegate_blobs": 12, "backends": {"XnnpackBackend": 12}, "ops_outside": {"aten.native_group_norm.default": 11},
             "n_ops_outside": 11}
-    monkeypatch.setattr(et_exporter, "lower", lambda module, args, rewrite=True: et_exporter.Lowered(None, dict(fake), [], module))
+    monkeypatch.setattr(et_exporter, "lower",
+                        lambda module, args, rewrite=True, winograd="off": et_exporter.Lowered(None, dict(fake), [], module))
     with pytest.raises(ExportError, match=r"12 XNNPACK delegate blobs.*limit 8.*native_group_norm.default x11"):
         et_exporter.export_component(spec, tmp_path / "unet.pte", CFG)
     assert not list(tmp_path.iterdir())
