@@ -312,10 +312,7 @@ def rewrite(model, mode: str = "auto", *, threads: int = 1) -> dict:
             nodes, inits = subgraph(cand.node, x_shape, w_shape, m, f"/winograd{cand.index}", shared)
             replace[cand.index] = nodes
             new_inits += inits
-            report["rewritten"][f"F({m},3)"] = report["rewritten"].get(f"F({m},3)", 0) + 1
-            n_w = int(np.prod(w_shape))
-            report["runtime_weight_bytes"]["direct"] += 4 * n_w
-            report["runtime_weight_bytes"]["winograd"] += 4 * n_w // 9 * (m + 2) ** 2
+            _tally(report, "runtime_weight_bytes", m, 4 * int(np.prod(w_shape)))
     if replace:
         kept = []
         for i, nd in enumerate(g.node):
@@ -323,8 +320,17 @@ def rewrite(model, mode: str = "auto", *, threads: int = 1) -> dict:
         del g.node[:]
         g.node.extend(kept)
         g.initializer.extend(new_inits)
-    report["convs"] = sum(report["rewritten"].values())
     return report
+
+
+def _tally(report: dict, bytes_key: str, m: int, weight_bytes: int) -> None:
+    """Count one convolution rewritten as F(m, 3) in ``report``: by tile size, in ``convs``, and its weight's bytes
+    direct / as ``U`` (``(m+2)^2`` values for every 9) under ``bytes_key``."""
+    key = f"F({m},3)"
+    report["rewritten"][key] = report["rewritten"].get(key, 0) + 1
+    report["convs"] += 1
+    report[bytes_key]["direct"] += weight_bytes
+    report[bytes_key]["winograd"] += weight_bytes // 9 * (m + 2) ** 2
 
 
 # --- the XNNPACK targets (ExecuTorch, TFLite): the same transform as a module rewrite before lowering -----------------
@@ -404,6 +410,7 @@ def plan_xnnpack(module, example_args, mode: str) -> dict[str, int]:
     if mode == "off":
         return {}
     shapes: dict[str, tuple[int, ...]] = {}
+
     def record(name):
         def hook(mod, args) -> None:  # a pre-hook that returned a value would replace the conv's inputs
             shapes.setdefault(name, tuple(args[0].shape))
@@ -420,30 +427,20 @@ def plan_xnnpack(module, example_args, mode: str) -> dict[str, int]:
     return {k: m for k, m in plan.items() if m}
 
 
-def _swap(module, name: str, new) -> object:
-    parent, _, attr = name.rpartition(".")
-    owner = module.get_submodule(parent) if parent else module
-    old = getattr(owner, attr)
-    setattr(owner, attr, new)
-    return old
-
-
 def apply_xnnpack_(module, example_args, mode: str) -> dict:
     """Replace ``module``'s planned 3x3 convolutions (``plan_xnnpack``) by ``WinogradConv2d``, in place. Returns the
     manifest's record: ``mode``, the convs rewritten by tile size, and those convs' weight bytes in the file before
     and after; under ``originals`` (not JSON: pop it) the replaced modules by name."""
+    from pocketfusion.export.rewrites import _swap
+
     report: dict = {"mode": mode, "convs": 0, "rewritten": {}, "weight_bytes": {"direct": 0, "winograd": 0}}
-    cls = _torch_module() if mode != "off" else None
     originals = {}
-    for name, m in plan_xnnpack(module, example_args, mode).items():
-        conv = module.get_submodule(name)
-        originals[name] = _swap(module, name, cls(conv, m))
-        key = f"F({m},3)"
-        report["rewritten"][key] = report["rewritten"].get(key, 0) + 1
-        n_w = conv.weight.numel() * conv.weight.element_size()
-        report["weight_bytes"]["direct"] += n_w
-        report["weight_bytes"]["winograd"] += n_w // 9 * (m + 2) ** 2
-    report["convs"] = sum(report["rewritten"].values())
+    plan = plan_xnnpack(module, example_args, mode)
+    cls = _torch_module() if plan else None
+    for name, m in plan.items():
+        conv = originals[name] = module.get_submodule(name)
+        _swap(module, name, cls(conv, m))
+        _tally(report, "weight_bytes", m, conv.weight.numel() * conv.weight.element_size())
     report["originals"] = originals
     return report
 
@@ -452,6 +449,8 @@ def apply_xnnpack_(module, example_args, mode: str) -> dict:
 def xnnpack_swapped(module, example_args, mode: str):
     """``apply_xnnpack_`` on ``module`` for the block (no copy of the weights), the original convolutions put back
     after; yields the report."""
+    from pocketfusion.export.rewrites import _swap
+
     report = apply_xnnpack_(module, example_args, mode)
     originals = report.pop("originals")
     try:
